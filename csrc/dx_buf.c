@@ -1,0 +1,66 @@
+#include "dx_buf.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* An emptied buffer larger than this gives its memory back, so that one
+ * large message does not pin megabytes to an otherwise idle connection. */
+#define DX_BUF_KEEP 4096
+
+uint8_t *dx_buf_reserve(dx_buf *b, size_t extra) {
+  if (b->cap - b->len >= extra) return b->data + b->len;
+  size_t used = b->len - b->off;
+  if (b->off > 0 && b->cap - used >= extra) {
+    memmove(b->data, b->data + b->off, used);
+    b->off = 0;
+    b->len = used;
+    return b->data + b->len;
+  }
+  if (extra > SIZE_MAX / 2 - used) return NULL;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < used + extra) cap *= 2;
+  uint8_t *p;
+  if (b->off == 0) {
+    p = realloc(b->data, cap);
+    if (!p) return NULL;
+  } else {
+    p = malloc(cap);
+    if (!p) return NULL;
+    if (used) memcpy(p, b->data + b->off, used);
+    free(b->data);
+  }
+  b->data = p;
+  b->cap = cap;
+  b->off = 0;
+  b->len = used;
+  return b->data + b->len;
+}
+
+int dx_buf_append(dx_buf *b, const void *p, size_t n) {
+  if (n == 0) return 0;
+  uint8_t *dst = dx_buf_reserve(b, n);
+  if (!dst) return -1;
+  memcpy(dst, p, n);
+  b->len += n;
+  return 0;
+}
+
+void dx_buf_consume(dx_buf *b, size_t n) {
+  b->off += n;
+  if (b->off >= b->len) {
+    b->off = b->len = 0;
+    if (b->cap > DX_BUF_KEEP) dx_buf_free(b);
+  }
+}
+
+void dx_buf_clear(dx_buf *b) { b->off = b->len = 0; }
+
+void dx_buf_free(dx_buf *b) {
+  free(b->data);
+  b->data = NULL;
+  b->off = b->len = b->cap = 0;
+}
+
+void dx_buf_shrink(dx_buf *b) {
+  if (b->off == b->len) dx_buf_free(b);
+}

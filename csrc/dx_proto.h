@@ -1,0 +1,165 @@
+/*
+ * dx_proto: the RFC 6455 connection state machine, without I/O.
+ *
+ * Bytes read from the peer go in with dx_proto_feed(); events come out of
+ * dx_proto_next() until it returns DX_EV_NONE. Send calls append framed
+ * bytes to the engine's output buffer (p->out), which the host writes to its
+ * transport whenever it likes; many sends between two writes leave in one
+ * write (corking).
+ *
+ * The engine owns every rule of the base protocol: frame validity, masking by
+ * role, fragmentation, control frames, UTF-8 of text messages, size limits and
+ * the closing handshake. The host only moves bytes and decides when to drop
+ * the TCP connection (after DX_EV_CLOSE or DX_EV_ERROR, or a timeout).
+ */
+#ifndef DX_PROTO_H
+#define DX_PROTO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dx_buf.h"
+#include "dx_frame.h"
+#include "dx_pmd.h"
+
+enum dx_role { DX_ROLE_SERVER = 0, DX_ROLE_CLIENT = 1 };
+
+enum dx_state {
+  DX_STATE_OPEN = 0,
+  DX_STATE_CLOSING, /* we sent a close frame and wait for the peer's */
+  DX_STATE_CLOSED   /* both close frames exchanged, or the connection failed */
+};
+
+enum dx_event_type {
+  DX_EV_NONE = 0, /* nothing more until more bytes are fed */
+  DX_EV_MESSAGE,  /* a whole text or binary message */
+  DX_EV_FRAGMENT, /* streaming mode: the next piece of a message */
+  DX_EV_PING,
+  DX_EV_PONG,
+  DX_EV_CLOSE, /* the closing handshake finished (or the peer started it) */
+  DX_EV_ERROR  /* the peer broke the protocol; a close frame was queued */
+};
+
+/* Close codes the engine sends when the peer misbehaves. */
+#define DX_CLOSE_NORMAL 1000
+#define DX_CLOSE_GOING_AWAY 1001
+#define DX_CLOSE_PROTOCOL 1002
+#define DX_CLOSE_UNSUPPORTED 1003
+#define DX_CLOSE_NO_STATUS 1005 /* reported, never sent */
+#define DX_CLOSE_ABNORMAL 1006  /* reported, never sent */
+#define DX_CLOSE_INVALID_DATA 1007
+#define DX_CLOSE_POLICY 1008
+#define DX_CLOSE_TOO_BIG 1009
+#define DX_CLOSE_INTERNAL 1011
+
+typedef struct dx_config {
+  int role;             /* DX_ROLE_SERVER or DX_ROLE_CLIENT */
+  uint64_t max_frame;   /* largest frame payload accepted; 0 = max_message */
+  uint64_t max_message; /* largest message (after inflation); default 16 MiB */
+  int streaming;        /* deliver DX_EV_FRAGMENT pieces instead of whole messages */
+  int auto_pong;        /* answer pings by itself (default 1) */
+} dx_config;
+
+#define DX_DEFAULT_MAX_MESSAGE (16u << 20)
+
+typedef struct dx_event {
+  int type;          /* enum dx_event_type */
+  int opcode;        /* MESSAGE, FRAGMENT: DX_OP_TEXT or DX_OP_BINARY */
+  int first, fin;    /* FRAGMENT: first and last piece of its message */
+  const uint8_t *data; /* payload, or close reason (UTF-8) */
+  size_t len;
+  int code;    /* CLOSE: the peer's code (1005 if it sent none);
+                  ERROR: the code sent to the peer */
+  int by_peer; /* CLOSE: 1 if the peer started the closing handshake */
+} dx_event;
+
+/* Send errors (negative returns of the dx_proto_send* family). */
+#define DX_E_NOMEM (-1)
+#define DX_E_STATE (-2)    /* closing or closed: nothing more may be sent */
+#define DX_E_SEQUENCE (-3) /* fragment order: CONT without a message, or a new
+                              message while a fragmented one is open */
+#define DX_E_ARG (-4)      /* bad opcode, control payload > 125, bad close code */
+
+typedef struct dx_proto dx_proto;
+
+typedef struct dx_proto_stats {
+  uint64_t frames_in, frames_out, messages_in, messages_out;
+} dx_proto_stats;
+
+struct dx_proto {
+  dx_config cfg;
+  int state;
+  int close_by_peer;  /* who started the closing handshake */
+  int close_sent;     /* a close frame is in out (or written) */
+  dx_buf out;         /* bytes to write to the peer */
+  /* Called when out goes from empty to non-empty, so a host can schedule a
+   * write without polling (the loop marks the socket for flushing). */
+  void (*on_output)(void *ud);
+  void *on_output_ud;
+  dx_pmd *pmd; /* permessage-deflate, when negotiated (owned) */
+
+  /* --- receive side (private) --- */
+  uint8_t *in;       /* bytes fed and not yet parsed (caller's memory) */
+  size_t in_len;
+  uint8_t hdr[DX_FRAME_HEADER_MAX]; /* a header split across reads */
+  uint8_t hdr_len;
+  dx_frame_header fh; /* the frame whose payload is arriving */
+  uint64_t fh_left;   /* payload bytes of fh still to come */
+  int in_frame;       /* parsing a payload (fh valid) */
+  unsigned mask_off;  /* key offset for the next payload byte */
+  int msg_opcode;     /* TEXT/BINARY of the open message, 0 when none */
+  int msg_compressed; /* RSV1 set on the message's first frame */
+  int msg_first_out;  /* streaming: next FRAGMENT is the first */
+  uint64_t msg_size;  /* payload bytes of the open message so far */
+  uint32_t utf8;      /* UTF-8 validator state for the open text message */
+  dx_buf msg;         /* reassembly of a message or of a control frame */
+  dx_buf ctl;         /* control frame payload split across reads */
+  dx_buf zin;         /* inflated bytes (compressed messages) */
+  int failed;         /* a protocol error was reported; input is ignored */
+  int pending_close_event; /* close frame parsed, event not yet delivered */
+  uint16_t peer_close_code;
+
+  /* --- send side (private) --- */
+  int send_opcode; /* opcode of an open fragmented outgoing message, or 0 */
+  int send_compressed;
+  dx_proto_stats stats;
+};
+
+void dx_proto_init(dx_proto *p, const dx_config *cfg);
+void dx_proto_release(dx_proto *p); /* frees buffers and the pmd */
+
+/* Give the engine n bytes from the peer. The bytes must stay valid, and may be
+ * modified (unmasked in place), until dx_proto_next() returns DX_EV_NONE;
+ * whatever is left unparsed then is copied into the engine, so the host can
+ * reuse one receive buffer for every connection. */
+void dx_proto_feed(dx_proto *p, uint8_t *data, size_t n);
+
+/* Next event, or DX_EV_NONE when the fed bytes are used up. Pointers in ev
+ * stay valid until the next call to dx_proto_next or dx_proto_feed. */
+int dx_proto_next(dx_proto *p, dx_event *ev);
+
+/* Send a message (opcode TEXT or BINARY, fin 1), or the pieces of one: the
+ * first with its opcode and fin 0, the rest with DX_OP_CONT. compress asks for
+ * permessage-deflate (ignored when not negotiated); it is decided by the
+ * message's first piece. Returns 0 or a DX_E_* code. */
+int dx_proto_send(dx_proto *p, int opcode, const void *data, size_t n, int fin, int compress);
+int dx_proto_ping(dx_proto *p, const void *data, size_t n);
+int dx_proto_pong(dx_proto *p, const void *data, size_t n);
+/* Start (or answer) the closing handshake. code 0 sends an empty close frame;
+ * otherwise code must be valid on the wire and code+reason fit in 125 bytes. */
+int dx_proto_close(dx_proto *p, unsigned code, const char *reason, size_t n);
+/* Queue a frame encoded elsewhere (dx_frame_encode), e.g. one broadcast frame
+ * written to many connections. Server role only (clients must mask). */
+int dx_proto_send_raw(dx_proto *p, const void *frame, size_t n);
+
+/* Bytes waiting in out. */
+static inline size_t dx_proto_pending(const dx_proto *p) { return dx_buf_size(&p->out); }
+
+/* Human-readable text for a DX_E_* code. */
+const char *dx_proto_strerror(int err);
+
+/* Set by the host to draw masking keys (client role). Returns 0 on success.
+ * Defaults to OpenSSL RAND_bytes. */
+int dx_random(uint8_t *out, size_t n);
+
+#endif

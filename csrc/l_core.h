@@ -1,0 +1,35 @@
+/*
+ * Shared declarations of the duplex.core Lua binding. Each l_*.c file owns
+ * one concern and adds its functions to the module table on top of the stack.
+ */
+#ifndef DX_L_CORE_H
+#define DX_L_CORE_H
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "dx_proto.h"
+
+#define DX_ENGINE_MT "duplex.engine"
+
+void dx_open_engine(lua_State *L);    /* l_engine.c: engine objects, frame encoding */
+void dx_open_handshake(lua_State *L); /* l_handshake.c: HTTP upgrade, both roles */
+void dx_open_util(lua_State *L);      /* l_util.c: utf8, mask, random, sha1/base64 */
+void dx_open_loop(lua_State *L);      /* l_loop.c: event loop, timers, coroutines */
+void dx_open_socket(lua_State *L);    /* l_socket.c: TCP/TLS sockets */
+void dx_open_pmd(lua_State *L);       /* l_pmd.c: permessage-deflate negotiation */
+
+/* The engine behind a duplex.engine userdata (raises a Lua error otherwise). */
+dx_proto *dx_check_engine(lua_State *L, int idx);
+
+/* Feed n bytes read from the peer to the engine at stack index idx and move
+ * every resulting event into the engine's event queue (popped by
+ * engine:next()). The engine is done with data when this returns, so the
+ * caller may reuse one receive buffer for all connections. Returns the number
+ * of events now queued. */
+int dx_engine_feed(lua_State *L, int idx, uint8_t *data, size_t n);
+
+/* Add the functions in l to the table at the top of the stack. */
+static inline void dx_setfuncs(lua_State *L, const luaL_Reg *l) { luaL_setfuncs(L, l, 0); }
+
+#endif
