@@ -114,7 +114,10 @@ struct dx_proto {
   uint32_t utf8;      /* UTF-8 validator state for the open text message */
   dx_buf msg;         /* reassembly of a message or of a control frame */
   dx_buf ctl;         /* control frame payload split across reads */
-  dx_buf zin;         /* inflated bytes (compressed messages) */
+  dx_buf zin;         /* inflated piece of a compressed message (streaming) */
+  dx_buf pend;        /* fed bytes kept when feed is called before next()
+                         used up the previous ones */
+  int release_msg;    /* msg/ctl were handed out: clear them on the next call */
   int failed;         /* a protocol error was reported; input is ignored */
   int pending_close_event; /* close frame parsed, event not yet delivered */
   uint16_t peer_close_code;
@@ -122,6 +125,7 @@ struct dx_proto {
   /* --- send side (private) --- */
   int send_opcode; /* opcode of an open fragmented outgoing message, or 0 */
   int send_compressed;
+  dx_buf zout;     /* compressed payload of the frame being sent */
   dx_proto_stats stats;
 };
 

@@ -1,0 +1,478 @@
+/*
+ * The RFC 6455 state machine. Reading: dx_proto_next() walks the fed bytes a
+ * frame header, then a payload chunk, at a time; every rule about which
+ * frame may come when is checked in check_header(), every rule about close
+ * frames in on_close(). Writing: queue_frame() is the one place that frames
+ * (and masks) outgoing bytes.
+ */
+#include "dx_proto.h"
+
+#include <openssl/rand.h>
+#include <string.h>
+
+#include "dx_mask.h"
+#include "dx_utf8.h"
+
+/* An announced frame length is not trusted for preallocation beyond this:
+ * a peer that claims 16 MiB and sends nothing must not cost 16 MiB. */
+#define DX_PREALLOC_MAX (1u << 20)
+
+void dx_proto_init(dx_proto *p, const dx_config *cfg) {
+  memset(p, 0, sizeof *p);
+  p->cfg = *cfg;
+  if (p->cfg.max_message == 0) p->cfg.max_message = DX_DEFAULT_MAX_MESSAGE;
+  if (p->cfg.max_frame == 0 || p->cfg.max_frame > p->cfg.max_message)
+    p->cfg.max_frame = p->cfg.max_message;
+  p->state = DX_STATE_OPEN;
+}
+
+void dx_proto_release(dx_proto *p) {
+  dx_buf_free(&p->out);
+  dx_buf_free(&p->msg);
+  dx_buf_free(&p->ctl);
+  dx_buf_free(&p->zin);
+  dx_buf_free(&p->pend);
+  dx_buf_free(&p->zout);
+  if (p->pmd) dx_pmd_free(p->pmd);
+  p->pmd = NULL;
+  p->on_output = NULL;
+  p->in = NULL;
+  p->in_len = 0;
+}
+
+int dx_random(uint8_t *out, size_t n) { return RAND_bytes(out, (int)n) == 1 ? 0 : -1; }
+
+const char *dx_proto_strerror(int err) {
+  switch (err) {
+  case 0: return "success";
+  case DX_E_NOMEM: return "out of memory";
+  case DX_E_STATE: return "connection is closing or closed";
+  case DX_E_SEQUENCE: return "fragment out of sequence";
+  case DX_E_ARG: return "invalid argument";
+  default: return "unknown error";
+  }
+}
+
+/* ------------------------------------------------------------------ send */
+
+static int queue_frame(dx_proto *p, int fin, int rsv, int opcode, const uint8_t *data,
+                       size_t n) {
+  int masked = p->cfg.role == DX_ROLE_CLIENT;
+  size_t hsize = dx_frame_header_size(n, masked);
+  int was_empty = dx_buf_size(&p->out) == 0;
+  uint8_t *dst = dx_buf_reserve(&p->out, hsize + n);
+  if (!dst) return DX_E_NOMEM;
+  uint8_t key[4];
+  if (masked && dx_random(key, 4) != 0) return DX_E_NOMEM;
+  dx_frame_encode(dst, fin, rsv, opcode, n, masked ? key : NULL);
+  if (n) {
+    if (masked) dx_mask_copy(dst + hsize, data, n, key, 0);
+    else memcpy(dst + hsize, data, n);
+  }
+  p->out.len += hsize + n;
+  p->stats.frames_out++;
+  if (was_empty && p->on_output) p->on_output(p->on_output_ud);
+  return 0;
+}
+
+int dx_proto_send(dx_proto *p, int opcode, const void *data, size_t n, int fin, int compress) {
+  if (p->state != DX_STATE_OPEN || p->close_sent) return DX_E_STATE;
+  int compressed;
+  if (opcode == DX_OP_TEXT || opcode == DX_OP_BINARY) {
+    if (p->send_opcode) return DX_E_SEQUENCE;
+    compressed = compress && p->pmd != NULL;
+  } else if (opcode == DX_OP_CONT) {
+    if (!p->send_opcode) return DX_E_SEQUENCE;
+    compressed = p->send_compressed;
+  } else {
+    return DX_E_ARG;
+  }
+  const uint8_t *payload = data;
+  int rsv = 0;
+  if (compressed) {
+    dx_buf_clear(&p->zout);
+    if (dx_pmd_deflate(p->pmd, data, n, fin, &p->zout) != DX_PMD_OK) return DX_E_NOMEM;
+    payload = dx_buf_head(&p->zout);
+    n = dx_buf_size(&p->zout);
+    if (opcode != DX_OP_CONT) rsv = DX_RSV1;
+  }
+  int rc = queue_frame(p, fin, rsv, opcode, payload, n);
+  if (compressed) dx_buf_consume(&p->zout, dx_buf_size(&p->zout));
+  if (rc) return rc;
+  if (opcode != DX_OP_CONT) {
+    p->send_opcode = opcode;
+    p->send_compressed = compressed;
+  }
+  if (fin) {
+    p->send_opcode = 0;
+    p->send_compressed = 0;
+    p->stats.messages_out++;
+  }
+  return 0;
+}
+
+static int send_control(dx_proto *p, int opcode, const void *data, size_t n) {
+  if (n > DX_CONTROL_MAX) return DX_E_ARG;
+  if (p->close_sent) return DX_E_STATE;
+  return queue_frame(p, 1, 0, opcode, data, n);
+}
+
+int dx_proto_ping(dx_proto *p, const void *data, size_t n) {
+  if (p->state != DX_STATE_OPEN) return DX_E_STATE;
+  return send_control(p, DX_OP_PING, data, n);
+}
+
+int dx_proto_pong(dx_proto *p, const void *data, size_t n) {
+  if (p->state != DX_STATE_OPEN) return DX_E_STATE;
+  return send_control(p, DX_OP_PONG, data, n);
+}
+
+/* The close frame itself, whoever started the handshake. */
+static int send_close_frame(dx_proto *p, unsigned code, const char *reason, size_t n) {
+  uint8_t payload[DX_CONTROL_MAX];
+  size_t len = 0;
+  if (code) {
+    payload[0] = (uint8_t)(code >> 8);
+    payload[1] = (uint8_t)code;
+    memcpy(payload + 2, reason, n);
+    len = 2 + n;
+  }
+  int rc = send_control(p, DX_OP_CLOSE, payload, len);
+  if (rc == 0) p->close_sent = 1;
+  return rc;
+}
+
+int dx_proto_close(dx_proto *p, unsigned code, const char *reason, size_t n) {
+  if (p->state != DX_STATE_OPEN || p->close_sent) return DX_E_STATE;
+  if (code == 0 && n > 0) return DX_E_ARG;
+  if (code && !dx_close_code_valid(code)) return DX_E_ARG;
+  if (n > DX_CONTROL_MAX - 2) return DX_E_ARG;
+  if (n && !dx_utf8_valid((const uint8_t *)reason, n)) return DX_E_ARG;
+  int rc = send_close_frame(p, code, reason, n);
+  if (rc) return rc;
+  p->state = DX_STATE_CLOSING;
+  p->close_by_peer = 0;
+  return 0;
+}
+
+int dx_proto_send_raw(dx_proto *p, const void *frame, size_t n) {
+  if (p->cfg.role != DX_ROLE_SERVER) return DX_E_ARG;
+  if (p->state != DX_STATE_OPEN || p->close_sent) return DX_E_STATE;
+  if (p->send_opcode) return DX_E_SEQUENCE;
+  int was_empty = dx_buf_size(&p->out) == 0;
+  if (dx_buf_append(&p->out, frame, n)) return DX_E_NOMEM;
+  p->stats.frames_out++;
+  p->stats.messages_out++;
+  if (was_empty && p->on_output) p->on_output(p->on_output_ud);
+  return 0;
+}
+
+/* --------------------------------------------------------------- receive */
+
+void dx_proto_feed(dx_proto *p, uint8_t *data, size_t n) {
+  if (p->in_len == 0) {
+    p->in = data;
+    p->in_len = n;
+    return;
+  }
+  /* The previous bytes are not used up: keep them in order, in our memory. */
+  if (p->in != dx_buf_head(&p->pend) || dx_buf_size(&p->pend) == 0) {
+    dx_buf_clear(&p->pend);
+    if (dx_buf_append(&p->pend, p->in, p->in_len)) goto nomem;
+  } else {
+    /* in already points into pend: drop the consumed prefix */
+    p->pend.off = p->pend.len - p->in_len;
+  }
+  if (dx_buf_append(&p->pend, data, n)) goto nomem;
+  p->in = dx_buf_head(&p->pend);
+  p->in_len = dx_buf_size(&p->pend);
+  return;
+nomem:
+  p->failed = 1;
+  p->in_len = 0;
+}
+
+/* Report a protocol violation: queue our close frame and stop reading. */
+static int fail(dx_proto *p, dx_event *ev, int code, const char *reason) {
+  if (!p->close_sent) send_close_frame(p, (unsigned)code, reason, strlen(reason));
+  p->failed = 1;
+  p->state = DX_STATE_CLOSED;
+  p->in_len = 0;
+  ev->type = DX_EV_ERROR;
+  ev->code = code;
+  ev->data = (const uint8_t *)reason;
+  ev->len = strlen(reason);
+  return DX_EV_ERROR;
+}
+
+/* Every rule about which frame may arrive when. Returns 0 or a close code,
+ * with *why set. */
+static int check_header(dx_proto *p, const dx_frame_header *h, const char **why) {
+  int op = h->opcode;
+  if (!dx_opcode_is_known(op)) return *why = "reserved opcode", DX_CLOSE_PROTOCOL;
+  if (h->rsv) {
+    /* Only permessage-deflate's RSV1, only on a message's first frame. */
+    int rsv1_ok = h->rsv == DX_RSV1 && p->pmd && (op == DX_OP_TEXT || op == DX_OP_BINARY);
+    if (!rsv1_ok) return *why = "reserved bits set", DX_CLOSE_PROTOCOL;
+  }
+  if (p->cfg.role == DX_ROLE_SERVER && !h->masked)
+    return *why = "client frame not masked", DX_CLOSE_PROTOCOL;
+  if (p->cfg.role == DX_ROLE_CLIENT && h->masked)
+    return *why = "server frame masked", DX_CLOSE_PROTOCOL;
+  if (dx_opcode_is_control(op)) {
+    if (!h->fin) return *why = "fragmented control frame", DX_CLOSE_PROTOCOL;
+    if (h->len > DX_CONTROL_MAX) return *why = "control frame too long", DX_CLOSE_PROTOCOL;
+    return 0;
+  }
+  if (op == DX_OP_CONT && !p->msg_opcode)
+    return *why = "continuation frame without a message", DX_CLOSE_PROTOCOL;
+  if (op != DX_OP_CONT && p->msg_opcode)
+    return *why = "new message inside a fragmented one", DX_CLOSE_PROTOCOL;
+  if (h->len > p->cfg.max_frame) return *why = "frame too big", DX_CLOSE_TOO_BIG;
+  int compressed = op == DX_OP_CONT ? p->msg_compressed : (h->rsv & 4) != 0;
+  uint64_t sofar = op == DX_OP_CONT ? p->msg_size : 0;
+  if (!compressed && h->len > p->cfg.max_message - sofar)
+    return *why = "message too big", DX_CLOSE_TOO_BIG;
+  return 0;
+}
+
+/* Read a frame header from the input (possibly completing one split across
+ * reads). Returns 1 when fh holds a new header, 0 when more bytes are needed,
+ * or an event type when the header is bad. */
+static int read_header(dx_proto *p, dx_event *ev) {
+  int rc;
+  if (p->hdr_len == 0) {
+    rc = dx_frame_parse(p->in, p->in_len, &p->fh);
+    if (rc > 0) {
+      p->in += rc;
+      p->in_len -= (size_t)rc;
+    }
+  } else {
+    size_t old = p->hdr_len;
+    size_t take = DX_FRAME_HEADER_MAX - old;
+    if (take > p->in_len) take = p->in_len;
+    memcpy(p->hdr + old, p->in, take);
+    rc = dx_frame_parse(p->hdr, old + take, &p->fh);
+    if (rc > 0) {
+      size_t used = (size_t)rc - old;
+      p->in += used;
+      p->in_len -= used;
+      p->hdr_len = 0;
+    } else if (rc == DX_FRAME_NEED_MORE) {
+      p->hdr_len = (uint8_t)(old + take);
+      p->in_len = 0;
+      return 0;
+    }
+  }
+  if (rc == DX_FRAME_NEED_MORE) {
+    memcpy(p->hdr, p->in, p->in_len);
+    p->hdr_len = (uint8_t)p->in_len;
+    p->in_len = 0;
+    return 0;
+  }
+  if (rc < 0) return fail(p, ev, DX_CLOSE_PROTOCOL, "invalid frame length");
+  const char *why = NULL;
+  int code = check_header(p, &p->fh, &why);
+  if (code) return fail(p, ev, code, why);
+  p->in_frame = 1;
+  p->fh_left = p->fh.len;
+  p->mask_off = 0;
+  p->stats.frames_in++;
+  if (!dx_opcode_is_control(p->fh.opcode) && p->fh.opcode != DX_OP_CONT) {
+    p->msg_opcode = p->fh.opcode;
+    p->msg_compressed = (p->fh.rsv & 4) != 0;
+    p->msg_size = 0;
+    p->msg_first_out = 1;
+    p->utf8 = DX_UTF8_ACCEPT;
+  }
+  return 1;
+}
+
+/* Take the next payload chunk of the current frame out of the input,
+ * unmasked in place. */
+static uint8_t *take_payload(dx_proto *p, size_t *n) {
+  size_t avail = p->in_len < p->fh_left ? p->in_len : (size_t)p->fh_left;
+  uint8_t *chunk = p->in;
+  if (p->fh.masked && avail) p->mask_off = dx_mask(chunk, avail, p->fh.key, p->mask_off);
+  p->in += avail;
+  p->in_len -= avail;
+  p->fh_left -= avail;
+  *n = avail;
+  return chunk;
+}
+
+static int on_close(dx_proto *p, dx_event *ev, const uint8_t *data, size_t n) {
+  unsigned code = DX_CLOSE_NO_STATUS;
+  if (n == 1) return fail(p, ev, DX_CLOSE_PROTOCOL, "close frame with a 1-byte payload");
+  if (n >= 2) {
+    code = ((unsigned)data[0] << 8) | data[1];
+    if (!dx_close_code_valid(code)) return fail(p, ev, DX_CLOSE_PROTOCOL, "invalid close code");
+    if (!dx_utf8_valid(data + 2, n - 2))
+      return fail(p, ev, DX_CLOSE_INVALID_DATA, "close reason is not valid UTF-8");
+  }
+  if (p->state == DX_STATE_OPEN) {
+    /* The peer started: echo its code (RFC 6455 §5.5.1). */
+    p->close_by_peer = 1;
+    send_close_frame(p, n >= 2 ? code : 0, NULL, 0);
+  }
+  p->state = DX_STATE_CLOSED;
+  p->in_len = 0; /* nothing after a close frame is read */
+  ev->type = DX_EV_CLOSE;
+  ev->code = (int)code;
+  ev->by_peer = p->close_by_peer;
+  ev->data = n > 2 ? data + 2 : NULL;
+  ev->len = n > 2 ? n - 2 : 0;
+  return DX_EV_CLOSE;
+}
+
+/* A control frame's payload, once complete. */
+static int on_control(dx_proto *p, dx_event *ev, const uint8_t *data, size_t n) {
+  switch (p->fh.opcode) {
+  case DX_OP_PING:
+    if (p->cfg.auto_pong && p->state == DX_STATE_OPEN && !p->close_sent)
+      send_control(p, DX_OP_PONG, data, n);
+    ev->type = DX_EV_PING;
+    break;
+  case DX_OP_PONG:
+    ev->type = DX_EV_PONG;
+    break;
+  default:
+    return on_close(p, ev, data, n);
+  }
+  ev->data = data;
+  ev->len = n;
+  return ev->type;
+}
+
+static int read_control(dx_proto *p, dx_event *ev) {
+  size_t n;
+  uint8_t *chunk = take_payload(p, &n);
+  if (p->fh_left == 0 && dx_buf_size(&p->ctl) == 0) {
+    p->in_frame = 0;
+    return on_control(p, ev, chunk, n);
+  }
+  if (dx_buf_append(&p->ctl, chunk, n)) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
+  if (p->fh_left) return DX_EV_NONE;
+  p->in_frame = 0;
+  p->release_msg = 1;
+  return on_control(p, ev, dx_buf_head(&p->ctl), dx_buf_size(&p->ctl));
+}
+
+/* Check new message bytes against the size limit and, for text, UTF-8 (as
+ * they arrive: a bad byte fails the connection at once). */
+static int check_data(dx_proto *p, dx_event *ev, const uint8_t *data, size_t n, int last) {
+  if (n > p->cfg.max_message - p->msg_size)
+    return fail(p, ev, DX_CLOSE_TOO_BIG, "message too big");
+  p->msg_size += n;
+  if (p->msg_opcode == DX_OP_TEXT) {
+    if (dx_utf8_feed(&p->utf8, data, n) != 0)
+      return fail(p, ev, DX_CLOSE_INVALID_DATA, "invalid UTF-8 in text message");
+    if (last && !dx_utf8_complete(p->utf8))
+      return fail(p, ev, DX_CLOSE_INVALID_DATA, "text message ends inside a UTF-8 sequence");
+  }
+  return 0;
+}
+
+static int inflate_error(dx_proto *p, dx_event *ev, int rc) {
+  if (rc == DX_PMD_TOOBIG) return fail(p, ev, DX_CLOSE_TOO_BIG, "message too big");
+  if (rc == DX_PMD_DATA) return fail(p, ev, DX_CLOSE_INVALID_DATA, "invalid compressed data");
+  return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
+}
+
+static void message_done(dx_proto *p) {
+  p->msg_opcode = 0;
+  p->msg_compressed = 0;
+  p->stats.messages_in++;
+}
+
+/* Streaming mode: every chunk is handed out as it comes. */
+static int read_data_streaming(dx_proto *p, dx_event *ev, uint8_t *chunk, size_t n, int last) {
+  const uint8_t *data = chunk;
+  if (p->msg_compressed) {
+    dx_buf_clear(&p->zin);
+    int rc = dx_pmd_inflate(p->pmd, chunk, n, last, &p->zin, p->cfg.max_message);
+    if (rc) return inflate_error(p, ev, rc);
+    data = dx_buf_head(&p->zin);
+    n = dx_buf_size(&p->zin);
+  }
+  if (n == 0 && !last) return DX_EV_NONE;
+  if (check_data(p, ev, data, n, last)) return DX_EV_ERROR;
+  ev->type = DX_EV_FRAGMENT;
+  ev->opcode = p->msg_opcode;
+  ev->first = p->msg_first_out;
+  ev->fin = last;
+  ev->data = data;
+  ev->len = n;
+  p->msg_first_out = 0;
+  if (last) message_done(p);
+  return DX_EV_FRAGMENT;
+}
+
+static int read_data(dx_proto *p, dx_event *ev) {
+  size_t n;
+  int whole_frame = p->fh_left <= p->in_len;
+  uint8_t *chunk = take_payload(p, &n);
+  int frame_done = p->fh_left == 0;
+  int last = frame_done && p->fh.fin;
+  if (frame_done) p->in_frame = 0;
+  if (p->cfg.streaming) return read_data_streaming(p, ev, chunk, n, last);
+
+  size_t before = dx_buf_size(&p->msg);
+  if (p->msg_compressed) {
+    int rc = dx_pmd_inflate(p->pmd, chunk, n, last, &p->msg, p->cfg.max_message);
+    if (rc) return inflate_error(p, ev, rc);
+  } else if (last && whole_frame && before == 0) {
+    /* The common case: a whole message in one frame inside this read. It
+     * is handed out from the caller's buffer, without a copy. */
+    if (check_data(p, ev, chunk, n, 1)) return DX_EV_ERROR;
+    message_done(p);
+    ev->type = DX_EV_MESSAGE;
+    ev->opcode = p->fh.opcode;
+    ev->data = chunk;
+    ev->len = n;
+    return DX_EV_MESSAGE;
+  } else {
+    size_t ahead = frame_done ? 0 : p->fh_left < DX_PREALLOC_MAX ? p->fh_left : DX_PREALLOC_MAX;
+    if (n + ahead > 0) {
+      if (!dx_buf_reserve(&p->msg, n + ahead)) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
+      memcpy(p->msg.data + p->msg.len, chunk, n);
+      p->msg.len += n;
+    }
+  }
+  size_t after = dx_buf_size(&p->msg);
+  if (check_data(p, ev, dx_buf_head(&p->msg) + before, after - before, last)) return DX_EV_ERROR;
+  if (!last) return DX_EV_NONE;
+  int opcode = p->msg_opcode;
+  message_done(p);
+  p->release_msg = 1;
+  ev->type = DX_EV_MESSAGE;
+  ev->opcode = opcode;
+  ev->data = dx_buf_head(&p->msg);
+  ev->len = after;
+  return DX_EV_MESSAGE;
+}
+
+int dx_proto_next(dx_proto *p, dx_event *ev) {
+  memset(ev, 0, sizeof *ev);
+  if (p->release_msg) {
+    /* The last event pointed into msg or ctl; their bytes are done with. */
+    dx_buf_consume(&p->msg, dx_buf_size(&p->msg));
+    dx_buf_consume(&p->ctl, dx_buf_size(&p->ctl));
+    p->release_msg = 0;
+  }
+  for (;;) {
+    if (p->failed || p->state == DX_STATE_CLOSED) p->in_len = 0;
+    if (p->in_len == 0 && !(p->in_frame && p->fh_left == 0)) break;
+    if (!p->in_frame) {
+      int rc = read_header(p, ev);
+      if (rc == 0) break;
+      if (rc != 1) return rc;
+    }
+    int type = dx_opcode_is_control(p->fh.opcode) ? read_control(p, ev) : read_data(p, ev);
+    if (type != DX_EV_NONE) return type;
+  }
+  /* Input used up: nothing may point into the caller's buffer any more. */
+  p->in_len = 0;
+  if (dx_buf_size(&p->pend)) dx_buf_consume(&p->pend, dx_buf_size(&p->pend));
+  return DX_EV_NONE;
+}

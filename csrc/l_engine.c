@@ -1,0 +1,358 @@
+/*
+ * duplex.engine: the sans-I/O protocol engine as a Lua object.
+ *
+ * Events are moved out of the C engine as soon as bytes are fed and kept in
+ * a queue (the userdata's user value), so the caller's receive buffer is free
+ * again when feeding returns, whatever the Lua side does next. Each message
+ * becomes exactly one Lua string.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "l_core.h"
+
+typedef struct engine {
+  dx_proto p;
+  lua_Integer qhead, qtail; /* queue slots [qhead, qtail) in the user value */
+  uint8_t *scratch;         /* writable copy of fed Lua strings (unmasking) */
+  size_t scratch_cap;
+} engine;
+
+/* Slots per queued event: kind, data, and up to three details. */
+#define SLOTS 5
+
+static engine *check(lua_State *L, int idx) {
+  engine *e = luaL_checkudata(L, idx, DX_ENGINE_MT);
+  if (!e->p.cfg.max_message) luaL_error(L, "engine is released");
+  return e;
+}
+
+dx_proto *dx_check_engine(lua_State *L, int idx) { return &check(L, idx)->p; }
+
+static uint64_t opt_size(lua_State *L, int t, const char *key, uint64_t def) {
+  lua_getfield(L, t, key);
+  lua_Integer v = luaL_optinteger(L, -1, (lua_Integer)def);
+  if (v < 0) luaL_error(L, "option '%s' must be a non-negative integer", key);
+  lua_pop(L, 1);
+  return (uint64_t)v;
+}
+
+static int opt_bool(lua_State *L, int t, const char *key, int def) {
+  int v = lua_getfield(L, t, key) == LUA_TNIL ? def : lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* core.engine{ role = "server"|"client", max_message =, max_frame =,
+ *              streaming = false, auto_pong = true } */
+static int l_engine_new(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  static const char *const roles[] = {"server", "client", NULL};
+  lua_getfield(L, 1, "role");
+  dx_config cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.role = luaL_checkoption(L, -1, NULL, roles) == 0 ? DX_ROLE_SERVER : DX_ROLE_CLIENT;
+  lua_pop(L, 1);
+  cfg.max_message = opt_size(L, 1, "max_message", DX_DEFAULT_MAX_MESSAGE);
+  if (cfg.max_message == 0) luaL_error(L, "option 'max_message' must be positive");
+  cfg.max_frame = opt_size(L, 1, "max_frame", 0);
+  cfg.streaming = opt_bool(L, 1, "streaming", 0);
+  cfg.auto_pong = opt_bool(L, 1, "auto_pong", 1);
+  engine *e = lua_newuserdatauv(L, sizeof *e, 1);
+  memset(e, 0, sizeof *e);
+  dx_proto_init(&e->p, &cfg);
+  e->qhead = e->qtail = 1;
+  lua_createtable(L, SLOTS * 4, 0);
+  lua_setiuservalue(L, -2, 1);
+  luaL_setmetatable(L, DX_ENGINE_MT);
+  return 1;
+}
+
+static const char *kind_name(int opcode) { return opcode == DX_OP_TEXT ? "text" : "binary"; }
+
+/* Push one event's values (kind first); returns how many. */
+static int push_event(lua_State *L, const dx_event *ev) {
+  switch (ev->type) {
+  case DX_EV_MESSAGE:
+    lua_pushstring(L, kind_name(ev->opcode));
+    lua_pushlstring(L, (const char *)ev->data, ev->len);
+    return 2;
+  case DX_EV_FRAGMENT:
+    lua_pushliteral(L, "fragment");
+    lua_pushlstring(L, (const char *)ev->data, ev->len);
+    lua_pushstring(L, kind_name(ev->opcode));
+    lua_pushboolean(L, ev->first);
+    lua_pushboolean(L, ev->fin);
+    return 5;
+  case DX_EV_PING:
+  case DX_EV_PONG:
+    lua_pushstring(L, ev->type == DX_EV_PING ? "ping" : "pong");
+    lua_pushlstring(L, (const char *)ev->data, ev->len);
+    return 2;
+  case DX_EV_CLOSE:
+    lua_pushliteral(L, "close");
+    lua_pushlstring(L, ev->data ? (const char *)ev->data : "", ev->len);
+    lua_pushinteger(L, ev->code);
+    lua_pushboolean(L, ev->by_peer);
+    return 4;
+  default: /* DX_EV_ERROR */
+    lua_pushliteral(L, "error");
+    lua_pushlstring(L, (const char *)ev->data, ev->len);
+    lua_pushinteger(L, ev->code);
+    return 3;
+  }
+}
+
+int dx_engine_feed(lua_State *L, int idx, uint8_t *data, size_t n) {
+  idx = lua_absindex(L, idx);
+  engine *e = check(L, idx);
+  lua_getiuservalue(L, idx, 1);
+  int q = lua_gettop(L);
+  dx_proto_feed(&e->p, data, n);
+  dx_event ev;
+  while (dx_proto_next(&e->p, &ev) != DX_EV_NONE) {
+    int k = push_event(L, &ev);
+    lua_Integer base = e->qtail;
+    for (int i = k; i >= 1; i--) lua_rawseti(L, q, base + i - 1);
+    for (int i = k; i < SLOTS; i++) {
+      lua_pushnil(L);
+      lua_rawseti(L, q, base + i);
+    }
+    e->qtail += SLOTS;
+  }
+  lua_pop(L, 1);
+  return (int)((e->qtail - e->qhead) / SLOTS);
+}
+
+/* e:feed(data) -> number of events queued */
+static int l_feed(lua_State *L) {
+  engine *e = check(L, 1);
+  size_t n;
+  const char *s = luaL_checklstring(L, 2, &n);
+  /* Lua strings are immutable and the engine unmasks in place. */
+  if (n > e->scratch_cap) {
+    void *p = realloc(e->scratch, n);
+    if (!p) return luaL_error(L, "out of memory");
+    e->scratch = p;
+    e->scratch_cap = n;
+  }
+  if (n) memcpy(e->scratch, s, n);
+  lua_pushinteger(L, dx_engine_feed(L, 1, e->scratch, n));
+  if (e->scratch_cap > 65536) {
+    free(e->scratch);
+    e->scratch = NULL;
+    e->scratch_cap = 0;
+  }
+  return 1;
+}
+
+/* e:next() -> kind, data, ... | nil */
+static int l_next(lua_State *L) {
+  engine *e = check(L, 1);
+  if (e->qhead == e->qtail) return 0;
+  lua_getiuservalue(L, 1, 1);
+  int q = lua_gettop(L);
+  lua_Integer base = e->qhead;
+  int k = 0;
+  for (int i = 0; i < SLOTS; i++) {
+    if (lua_rawgeti(L, q, base + i) == LUA_TNIL) {
+      lua_pop(L, 1);
+      break;
+    }
+    k++;
+  }
+  for (int i = 0; i < SLOTS; i++) {
+    lua_pushnil(L);
+    lua_rawseti(L, q, base + i);
+  }
+  e->qhead += SLOTS;
+  if (e->qhead == e->qtail) e->qhead = e->qtail = 1;
+  return k;
+}
+
+/* e:queued() -> number of events waiting in the queue */
+static int l_queued(lua_State *L) {
+  engine *e = check(L, 1);
+  lua_pushinteger(L, (e->qtail - e->qhead) / SLOTS);
+  return 1;
+}
+
+static int push_result(lua_State *L, int rc) {
+  if (rc == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (rc == DX_E_ARG) return luaL_error(L, "%s", dx_proto_strerror(rc));
+  luaL_pushfail(L);
+  lua_pushstring(L, dx_proto_strerror(rc));
+  return 2;
+}
+
+static const char *const kinds[] = {"text", "binary", "continuation", NULL};
+static const int kind_opcodes[] = {DX_OP_TEXT, DX_OP_BINARY, DX_OP_CONT};
+
+/* e:send(data [, kind = "text" [, fin = true [, compress = false]]])
+ * kind "continuation" continues a message started with fin = false. */
+static int l_send(lua_State *L) {
+  engine *e = check(L, 1);
+  size_t n;
+  const char *s = luaL_checklstring(L, 2, &n);
+  int op = kind_opcodes[luaL_checkoption(L, 3, "text", kinds)];
+  int fin = lua_isnoneornil(L, 4) ? 1 : lua_toboolean(L, 4);
+  int compress = lua_toboolean(L, 5);
+  return push_result(L, dx_proto_send(&e->p, op, s, n, fin, compress));
+}
+
+static int l_ping(lua_State *L) {
+  engine *e = check(L, 1);
+  size_t n;
+  const char *s = luaL_optlstring(L, 2, "", &n);
+  if (n > DX_CONTROL_MAX) return luaL_argerror(L, 2, "ping payload longer than 125 bytes");
+  return push_result(L, dx_proto_ping(&e->p, s, n));
+}
+
+static int l_pong(lua_State *L) {
+  engine *e = check(L, 1);
+  size_t n;
+  const char *s = luaL_optlstring(L, 2, "", &n);
+  if (n > DX_CONTROL_MAX) return luaL_argerror(L, 2, "pong payload longer than 125 bytes");
+  return push_result(L, dx_proto_pong(&e->p, s, n));
+}
+
+/* e:close([code [, reason]]) starts the closing handshake. */
+static int l_close(lua_State *L) {
+  engine *e = check(L, 1);
+  lua_Integer code = luaL_optinteger(L, 2, 0);
+  size_t n;
+  const char *reason = luaL_optlstring(L, 3, "", &n);
+  if (code != 0 && (code < 0 || !dx_close_code_valid((unsigned)code)))
+    return luaL_argerror(L, 2, "close code may not be sent (valid: 1000-1003, 1007-1014, 3000-4999)");
+  if (n > DX_CONTROL_MAX - 2) return luaL_argerror(L, 3, "close reason longer than 123 bytes");
+  if (code == 0 && n > 0) return luaL_argerror(L, 3, "a close reason needs a close code");
+  return push_result(L, dx_proto_close(&e->p, (unsigned)code, reason, n));
+}
+
+/* e:send_raw(frame): a frame from core.encode_frame, e.g. one broadcast. */
+static int l_send_raw(lua_State *L) {
+  engine *e = check(L, 1);
+  size_t n;
+  const char *s = luaL_checklstring(L, 2, &n);
+  if (e->p.cfg.role != DX_ROLE_SERVER)
+    return luaL_error(L, "send_raw: client frames must be masked one by one");
+  return push_result(L, dx_proto_send_raw(&e->p, s, n));
+}
+
+/* e:data_to_send() -> bytes to write to the peer (taken out of the engine) */
+static int l_data_to_send(lua_State *L) {
+  engine *e = check(L, 1);
+  size_t n = dx_buf_size(&e->p.out);
+  lua_pushlstring(L, (const char *)dx_buf_head(&e->p.out), n);
+  dx_buf_consume(&e->p.out, n);
+  return 1;
+}
+
+static int l_pending(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)dx_proto_pending(&check(L, 1)->p));
+  return 1;
+}
+
+static const char *state_name(int state) {
+  return state == DX_STATE_OPEN ? "open" : state == DX_STATE_CLOSING ? "closing" : "closed";
+}
+
+static int l_state(lua_State *L) {
+  lua_pushstring(L, state_name(check(L, 1)->p.state));
+  return 1;
+}
+
+static int l_role(lua_State *L) {
+  lua_pushstring(L, check(L, 1)->p.cfg.role == DX_ROLE_SERVER ? "server" : "client");
+  return 1;
+}
+
+static int l_stats(lua_State *L) {
+  engine *e = check(L, 1);
+  lua_createtable(L, 0, 6);
+  lua_pushinteger(L, (lua_Integer)e->p.stats.frames_in);
+  lua_setfield(L, -2, "frames_in");
+  lua_pushinteger(L, (lua_Integer)e->p.stats.frames_out);
+  lua_setfield(L, -2, "frames_out");
+  lua_pushinteger(L, (lua_Integer)e->p.stats.messages_in);
+  lua_setfield(L, -2, "messages_in");
+  lua_pushinteger(L, (lua_Integer)e->p.stats.messages_out);
+  lua_setfield(L, -2, "messages_out");
+  lua_pushboolean(L, e->p.pmd != NULL);
+  lua_setfield(L, -2, "deflate");
+  return 1;
+}
+
+static int l_release(lua_State *L) {
+  engine *e = luaL_checkudata(L, 1, DX_ENGINE_MT);
+  if (e->p.cfg.max_message) {
+    dx_proto_release(&e->p);
+    e->p.cfg.max_message = 0;
+  }
+  free(e->scratch);
+  e->scratch = NULL;
+  e->scratch_cap = 0;
+  return 0;
+}
+
+static int l_tostring(lua_State *L) {
+  engine *e = luaL_checkudata(L, 1, DX_ENGINE_MT);
+  if (!e->p.cfg.max_message) lua_pushfstring(L, "duplex.engine (released): %p", (void *)e);
+  else
+    lua_pushfstring(L, "duplex.engine (%s, %s): %p",
+                    e->p.cfg.role == DX_ROLE_SERVER ? "server" : "client",
+                    state_name(e->p.state), (void *)e);
+  return 1;
+}
+
+/* core.encode_frame(data [, kind = "text" [, fin = true]]) -> an unmasked
+ * (server) frame to hand to many engines with send_raw. */
+static int l_encode_frame(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  static const char *const names[] = {"text", "binary", "continuation", "ping", "pong", NULL};
+  static const int ops[] = {DX_OP_TEXT, DX_OP_BINARY, DX_OP_CONT, DX_OP_PING, DX_OP_PONG};
+  int op = ops[luaL_checkoption(L, 2, "text", names)];
+  int fin = lua_isnoneornil(L, 3) ? 1 : lua_toboolean(L, 3);
+  if (dx_opcode_is_control(op) && n > DX_CONTROL_MAX)
+    return luaL_argerror(L, 1, "control frame payload longer than 125 bytes");
+  uint8_t hdr[DX_FRAME_HEADER_MAX];
+  size_t h = dx_frame_encode(hdr, fin, 0, op, n, NULL);
+  luaL_Buffer b;
+  char *out = luaL_buffinitsize(L, &b, h + n);
+  memcpy(out, hdr, h);
+  memcpy(out + h, s, n);
+  luaL_pushresultsize(&b, h + n);
+  return 1;
+}
+
+/* core.close_code_valid(code) -> may this code be sent in a close frame? */
+static int l_close_code_valid(lua_State *L) {
+  lua_Integer code = luaL_checkinteger(L, 1);
+  lua_pushboolean(L, code >= 0 && code <= 65535 && dx_close_code_valid((unsigned)code));
+  return 1;
+}
+
+void dx_open_engine(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"feed", l_feed},       {"next", l_next},         {"queued", l_queued},
+      {"send", l_send},       {"ping", l_ping},         {"pong", l_pong},
+      {"close", l_close},     {"send_raw", l_send_raw}, {"data_to_send", l_data_to_send},
+      {"pending", l_pending}, {"state", l_state},       {"role", l_role},
+      {"stats", l_stats},     {"release", l_release},   {NULL, NULL}};
+  static const luaL_Reg meta[] = {
+      {"__gc", l_release}, {"__close", l_release}, {"__tostring", l_tostring}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"engine", l_engine_new},
+                                   {"encode_frame", l_encode_frame},
+                                   {"close_code_valid", l_close_code_valid},
+                                   {NULL, NULL}};
+  luaL_newmetatable(L, DX_ENGINE_MT);
+  luaL_setfuncs(L, meta, 0);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  luaL_setfuncs(L, funcs, 0);
+}
