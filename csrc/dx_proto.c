@@ -134,7 +134,7 @@ static int send_close_frame(dx_proto *p, unsigned code, const char *reason, size
   if (code) {
     payload[0] = (uint8_t)(code >> 8);
     payload[1] = (uint8_t)code;
-    memcpy(payload + 2, reason, n);
+    if (n) memcpy(payload + 2, reason, n);
     len = 2 + n;
   }
   int rc = send_control(p, DX_OP_CLOSE, payload, len);

@@ -6,6 +6,8 @@
  */
 #include "l_core.h"
 
+__attribute__((visibility("default"))) int luaopen_duplex_core(lua_State *L);
+
 int luaopen_duplex_core(lua_State *L) {
   lua_newtable(L);
   dx_open_util(L);

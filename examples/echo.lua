@@ -1,0 +1,66 @@
+-- An echo server: every message goes back with its type.
+--   lua5.4 examples/echo.lua --port 9001 [--host 127.0.0.1] [--path /]
+--        [--tls-cert cert.pem --tls-key key.pem] [--max-size BYTES]
+--        [--deflate] [--ping-interval SECONDS (0 = off)]
+local root = arg[0]:match("^(.*)/examples/[^/]*$") or "."
+package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
+package.cpath = root .. "/lua/?.so;" .. package.cpath
+
+local duplex = require "duplex"
+
+local function usage(msg)
+  io.stderr:write((msg and msg .. "\n" or "") .. [[
+usage: lua5.4 examples/echo.lua --port N [--host H] [--path P]
+       [--tls-cert FILE --tls-key FILE] [--max-size BYTES] [--deflate]
+       [--ping-interval SECONDS]
+]])
+  os.exit(2)
+end
+
+local opts = { port = 9001, host = "127.0.0.1", path = "/" }
+local i = 1
+while i <= #arg do
+  local a, v = arg[i], arg[i + 1]
+  if a == "--port" then opts.port = tonumber(v) or usage("bad --port")
+  elseif a == "--host" then opts.host = v
+  elseif a == "--path" then opts.path = v
+  elseif a == "--tls-cert" then opts.cert = v
+  elseif a == "--tls-key" then opts.key = v
+  elseif a == "--max-size" then opts.max_message = tonumber(v) or usage("bad --max-size")
+  elseif a == "--ping-interval" then opts.ping_interval = tonumber(v) or usage("bad --ping-interval")
+  elseif a == "--deflate" then opts.deflate = true; i = i - 1
+  elseif a == "--help" or a == "-h" then usage()
+  else usage("unknown option " .. tostring(a)) end
+  i = i + 2
+end
+if (opts.cert == nil) ~= (opts.key == nil) then usage("--tls-cert and --tls-key go together") end
+
+local server, err = duplex.listen {
+  host = opts.host,
+  port = opts.port,
+  path = opts.path ~= "/" and opts.path or nil,
+  tls = opts.cert and { cert = opts.cert, key = opts.key } or nil,
+  max_message = opts.max_message,
+  ping_interval = opts.ping_interval,
+  deflate = opts.deflate,
+  handler = function(ws)
+    for message, kind in ws:messages() do
+      if not ws:send(message, kind) then break end
+    end
+  end,
+}
+if not server then
+  io.stderr:write("echo: ", err, "\n")
+  os.exit(1)
+end
+
+local function stop()
+  server:shutdown(2)
+  duplex.stop()
+end
+duplex.signal("INT", stop)
+duplex.signal("TERM", stop)
+
+print("echo server listening on " .. server:url(opts.path))
+io.stdout:flush()
+duplex.run()

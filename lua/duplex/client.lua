@@ -1,0 +1,174 @@
+--- The WebSocket client: URL to open connection, through an HTTP proxy and
+--- TLS when asked, following redirects only when asked.
+local core = require "duplex.core"
+local url = require "duplex.url"
+local WebSocket = require "duplex.websocket"
+
+local now = core.now
+
+local client = {}
+
+client.defaults = {
+  timeout = 10,            -- seconds for TCP connect + TLS + handshake
+  max_header_size = 8192,
+  max_message = 16 << 20,
+  follow_redirects = false, -- or the number of redirects to follow (true = 5)
+}
+
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local function base64(s)
+  return ((s:gsub(".", function(c)
+    local b, bits = c:byte(), ""
+    for i = 8, 1, -1 do bits = bits .. ((b >> (i - 1)) & 1) end
+    return bits
+  end) .. "0000"):gsub("%d%d%d?%d?%d?%d?", function(x)
+    if #x < 6 then return "" end
+    local n = tonumber(x, 2)
+    return B64:sub(n + 1, n + 1)
+  end) .. ({ "", "==", "=" })[#s % 3 + 1])
+end
+
+local function unescape(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+local function left(deadline) return math.max(0, deadline - now()) end
+
+-- Ask an HTTP proxy for a tunnel (RFC 9110 §9.3.6 CONNECT).
+local function proxy_tunnel(sock, proxy, u, deadline)
+  local authority = (u.host:find(":", 1, true) and "[" .. u.host .. "]" or u.host) .. ":" .. u.port
+  local req = { "CONNECT " .. authority .. " HTTP/1.1", "Host: " .. authority }
+  if proxy.userinfo then
+    local user, pass = proxy.userinfo:match("^([^:]*):?(.*)$")
+    req[#req + 1] = "Proxy-Authorization: Basic " .. base64(unescape(user) .. ":" .. unescape(pass))
+  end
+  sock:write(table.concat(req, "\r\n") .. "\r\n\r\n")
+  local buf = ""
+  while not buf:find("\r\n\r\n", 1, true) do
+    if #buf > 8192 then return nil, "proxy response too large" end
+    local data, err = sock:read(nil, left(deadline))
+    if not data then return nil, "proxy CONNECT failed: " .. tostring(err) end
+    buf = buf .. data
+  end
+  local status, reason = buf:match("^HTTP/1%.[01] (%d%d%d) ?([^\r\n]*)")
+  if status ~= "200" then
+    return nil, "proxy refused CONNECT: " .. tostring(status) .. " " .. tostring(reason)
+  end
+  return true
+end
+
+local default_tls -- one client context (system CA store) per Lua state
+
+local function tls_context(opts)
+  local tls = opts.tls or {}
+  if tls.context then return tls.context end
+  if tls.ca == nil and tls.verify ~= false then
+    if not default_tls then
+      local ctx, err = core.tls_context { mode = "client", verify = true }
+      if not ctx then return nil, err end
+      default_tls = ctx
+    end
+    return default_tls
+  end
+  return core.tls_context { mode = "client", ca = tls.ca, verify = tls.verify ~= false }
+end
+
+local function open_transport(u, opts, deadline)
+  local proxy = opts.proxy and url.parse(opts.proxy)
+  if opts.proxy and not proxy then return nil, "invalid proxy URL: " .. tostring(opts.proxy) end
+  local target = proxy or u
+  local sock, err = core.connect { host = target.host, port = target.port, timeout = left(deadline) }
+  if not sock then return nil, string.format("connect to %s:%d failed: %s", target.host, target.port, err) end
+  if proxy then
+    local ok, perr = proxy_tunnel(sock, proxy, u, deadline)
+    if not ok then sock:close(); return nil, perr end
+  end
+  if u.secure then
+    local ctx, cerr = tls_context(opts)
+    if not ctx then sock:close(); return nil, "TLS setup failed: " .. tostring(cerr) end
+    local servername = opts.tls and opts.tls.servername or u.host
+    local ok, terr = sock:starttls(ctx, { servername = servername }, left(deadline))
+    if not ok then sock:close(); return nil, "TLS handshake failed: " .. tostring(terr) end
+  end
+  return sock
+end
+
+local function deflate_offer(opts)
+  if not opts.deflate then return nil end
+  local offer = type(opts.deflate) == "table" and opts.deflate or { client_max_window_bits = true }
+  return core.pmd_offer(offer), offer
+end
+
+local function handshake(sock, u, opts, deadline)
+  local ext_header, offer = deflate_offer(opts)
+  local hc = core.handshake_client {
+    host = u.host, port = u.port, secure = u.secure, target = u.target,
+    origin = opts.origin, protocols = opts.protocols, extensions = ext_header,
+    headers = opts.headers, max_header_size = opts.max_header_size,
+  }
+  sock:write(hc:request())
+  local res
+  while not res do
+    local data, err = sock:read(nil, left(deadline))
+    if not data then
+      return nil, err == "timeout" and "handshake timed out" or "connection closed during handshake: " .. tostring(err)
+    end
+    local r, herr, rejected = hc:feed(data)
+    if herr then return nil, herr, rejected end
+    res = r
+  end
+  local pmd_params
+  if offer then
+    for _, e in ipairs(res.extensions or {}) do
+      if e.name == "permessage-deflate" then
+        local p, perr = core.pmd_check_response(res.extensions, offer)
+        if not p then return nil, "handshake failed: " .. tostring(perr) end
+        pmd_params = p
+      end
+    end
+  end
+  local engine = core.engine {
+    role = "client", max_message = opts.max_message, max_frame = opts.max_frame,
+    streaming = opts.streaming,
+  }
+  if pmd_params then core.pmd_attach(engine, "client", pmd_params, offer) end
+  sock:attach(engine)
+  local rest = hc:rest()
+  if #rest > 0 then engine:feed(rest) end
+  local ip, port = sock:peer()
+  return WebSocket.new(sock, engine, opts, {
+    response = res, protocol = res.protocol, extensions = res.headers["sec-websocket-extensions"],
+    deflate = pmd_params ~= nil, remote_address = ip, remote_port = port, url = u,
+  })
+end
+
+local REDIRECT = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }
+
+--- Open a WebSocket connection. Returns the connection, or nil and a message
+--- naming what failed (and, for a refused handshake, the response).
+---@param target string ws:// or wss:// URL
+---@param opts table|nil see README "duplex.connect"
+function client.connect(target, opts)
+  opts = opts or {}
+  for k, v in pairs(client.defaults) do if opts[k] == nil then opts[k] = v end end
+  local redirects = opts.follow_redirects == true and 5 or tonumber(opts.follow_redirects) or 0
+  local u, perr = url.parse(target)
+  if not u then return nil, perr end
+  while true do
+    if u.scheme ~= "ws" and u.scheme ~= "wss" then return nil, "not a WebSocket URL: " .. target end
+    local deadline = now() + opts.timeout
+    local sock, err = open_transport(u, opts, deadline)
+    if not sock then return nil, err end
+    local ws, herr, res = handshake(sock, u, opts, deadline)
+    if ws then return ws end
+    sock:close()
+    local location = res and res.headers and res.headers.location
+    if not (res and REDIRECT[res.status] and location and redirects > 0) then return nil, herr, res end
+    redirects = redirects - 1
+    local nu = url.parse(url.resolve(u, location))
+    if not nu then return nil, "invalid redirect Location: " .. location end
+    u = nu
+  end
+end
+
+return client

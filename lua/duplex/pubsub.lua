@@ -1,0 +1,133 @@
+--- Topics (rooms) in one process: subscribe connections, publish once.
+---
+--- publish() encodes the frame once and queues the same bytes on every
+--- subscriber. A subscriber whose send buffer is over max_backlog never holds
+--- up the others: it is closed (policy "close", code 1008) or misses the
+--- message (policy "drop", counted in ws.dropped and reported to on_drop).
+local core = require "duplex.core"
+
+local pubsub = {}
+
+---@class duplex.Hub
+local Hub = {}
+Hub.__index = Hub
+
+---@param opts {max_backlog: integer|nil, overflow: "close"|"drop"|nil, on_drop: function|nil, broker: table|nil}|nil
+---@return duplex.Hub
+function pubsub.new(opts)
+  opts = opts or {}
+  local overflow = opts.overflow or "close"
+  if overflow ~= "close" and overflow ~= "drop" then
+    error("pubsub.new: overflow must be \"close\" or \"drop\"", 2)
+  end
+  local hub = setmetatable({
+    topics = {},      -- topic -> { [ws] = true }
+    counts = {},      -- topic -> number of subscribers
+    of = setmetatable({}, { __mode = "k" }), -- ws -> { [topic] = true }
+    max_backlog = opts.max_backlog or (1 << 20),
+    overflow = overflow,
+    on_drop = opts.on_drop,
+    stats = { published = 0, delivered = 0, dropped = 0, closed = 0 },
+  }, Hub)
+  if opts.broker then hub:attach_broker(opts.broker) end
+  return hub
+end
+
+function Hub:subscribe(ws, topic)
+  local subs = self.topics[topic]
+  if not subs then
+    subs = {}
+    self.topics[topic] = subs
+    self.counts[topic] = 0
+    if self.broker then self.broker:subscribe(topic) end
+  end
+  if subs[ws] then return end
+  subs[ws] = true
+  self.counts[topic] = self.counts[topic] + 1
+  local mine = self.of[ws]
+  if not mine then mine = {}; self.of[ws] = mine end
+  mine[topic] = true
+end
+
+function Hub:unsubscribe(ws, topic)
+  local subs = self.topics[topic]
+  if not subs or not subs[ws] then return end
+  subs[ws] = nil
+  local n = self.counts[topic] - 1
+  self.counts[topic] = n
+  if self.of[ws] then self.of[ws][topic] = nil end
+  if n == 0 then
+    self.topics[topic] = nil
+    self.counts[topic] = nil
+    if self.broker then self.broker:unsubscribe(topic) end
+  end
+end
+
+--- Remove a connection from every topic (call when it ends).
+function Hub:unsubscribe_all(ws)
+  local mine = self.of[ws]
+  if not mine then return end
+  for topic in pairs(mine) do self:unsubscribe(ws, topic) end
+  self.of[ws] = nil
+end
+
+function Hub:subscribers(topic) return self.counts[topic] or 0 end
+
+local function overflow(self, ws, topic)
+  if self.overflow == "close" then
+    self.stats.closed = self.stats.closed + 1
+    ws:_slow_consumer("subscriber backlog over max_backlog on topic " .. tostring(topic))
+    self:unsubscribe_all(ws)
+  else
+    self.stats.dropped = self.stats.dropped + 1
+    ws.dropped = (ws.dropped or 0) + 1
+    if self.on_drop then self.on_drop(ws, topic) end
+  end
+end
+
+--- Deliver to this process's subscribers only. Returns the number reached.
+function Hub:deliver(topic, message, kind)
+  local subs = self.topics[topic]
+  if not subs then return 0 end
+  local frame = core.encode_frame(message, kind or "text")
+  local limit, n = self.max_backlog, 0
+  for ws in pairs(subs) do
+    if ws.state ~= "open" then
+      self:unsubscribe(ws, topic)
+    elseif ws:buffered() > limit then
+      overflow(self, ws, topic)
+    elseif ws.role == "server" then
+      if ws:send_frame(frame) then n = n + 1 end
+    elseif ws:send(message, kind) then -- client frames are masked one by one
+      n = n + 1
+    end
+  end
+  self.stats.delivered = self.stats.delivered + n
+  return n
+end
+
+--- Publish to every subscriber of topic, here and, with a broker, on the
+--- other nodes. Returns the number of local subscribers reached.
+---@param topic string
+---@param message string
+---@param kind "text"|"binary"|nil
+function Hub:publish(topic, message, kind)
+  if type(topic) ~= "string" or type(message) ~= "string" then
+    error("publish: topic and message must be strings", 2)
+  end
+  self.stats.published = self.stats.published + 1
+  -- Local subscribers never wait for the broker, and never lose messages
+  -- while it is away; the broker drops our own messages when they come back.
+  if self.broker then self.broker:publish(topic, message, kind or "text") end
+  return self:deliver(topic, message, kind)
+end
+
+--- Relay topics through a broker (duplex.redis): messages published on any
+--- node reach subscribers on every node.
+function Hub:attach_broker(broker)
+  self.broker = broker
+  broker:on_message(function(topic, message, kind) self:deliver(topic, message, kind) end)
+  for topic in pairs(self.topics) do broker:subscribe(topic) end
+end
+
+return pubsub

@@ -1,0 +1,55 @@
+--- The loop as the rest of the Lua layer sees it: blocking calls from the
+--- main chunk, the one sweep timer that drives heartbeats and close deadlines.
+local core = require "duplex.core"
+
+local runtime = {}
+
+--- Run fn(...) where it may block. Inside a loop coroutine it is a plain call;
+--- from the main chunk the loop runs until fn is done, so a script can call
+--- duplex.connect and ws:receive straight down without spawning anything.
+function runtime.blocking(fn, ...)
+  local _, main = coroutine.running()
+  if not main then return fn(...) end
+  local result
+  core.spawn(function(...)
+    result = table.pack(xpcall(fn, debug.traceback, ...))
+    core.stop()
+  end, ...)
+  core.run()
+  if not result then error("the event loop stopped before the call finished", 2) end
+  if not result[1] then error(result[2], 0) end
+  return table.unpack(result, 2, result.n)
+end
+
+--- Things that need checking now and then (heartbeats, close deadlines):
+--- one timer for all of them instead of a timer per connection. Each member
+--- has a :sweep(now) method; the timer runs only while there are members, so
+--- an idle program's loop can end.
+local members, count, timer = {}, 0, nil
+local TICK = 0.25
+
+local function sweep()
+  local now = core.now()
+  for m in pairs(members) do m:sweep(now) end
+end
+
+function runtime.watch(m)
+  if members[m] then return end
+  members[m] = true
+  count = count + 1
+  if not timer then timer = core.timer(TICK, sweep, TICK) end
+end
+
+function runtime.unwatch(m)
+  if not members[m] then return end
+  members[m] = nil
+  count = count - 1
+  if count == 0 and timer then
+    timer:cancel()
+    timer = nil
+  end
+end
+
+function runtime.watched() return count end
+
+return runtime

@@ -1,0 +1,284 @@
+--- The WebSocket server: accept, handshake, route, run a handler per
+--- connection; plain HTTP on the same port; graceful shutdown.
+local core = require "duplex.core"
+local WebSocket = require "duplex.websocket"
+local addr = require "duplex.addr"
+
+local now = core.now
+
+local server = {}
+
+---@class duplex.Server
+---@field host string
+---@field port integer
+local Server = {}
+Server.__index = Server
+
+local defaults = {
+  host = "0.0.0.0",
+  port = 8080,
+  backlog = 511,
+  reuseport = false,
+  max_connections = 10000,
+  handshake_timeout = 10,
+  max_header_size = 8192,
+  max_headers = 100,
+  max_message = 16 << 20,
+}
+server.defaults = defaults
+
+local function default_log(level, msg)
+  io.stderr:write(string.format("duplex %s: %s\n", level, msg))
+end
+
+-- Per-route settings fall back to the server's, then to the library's.
+local ROUTE_KEYS = {
+  "handler", "protocols", "select_protocol", "origins", "on_request", "headers",
+  "max_message", "max_frame", "streaming", "deflate", "ping_interval", "ping_timeout",
+  "close_timeout", "high_water", "low_water", "max_buffered", "send_timeout",
+  "compress_threshold",
+}
+
+local function make_route(opts, spec)
+  if type(spec) == "function" then spec = { handler = spec } end
+  if type(spec) ~= "table" or type(spec.handler) ~= "function" then
+    error("listen: every route needs a handler function", 4)
+  end
+  local route = {}
+  for _, k in ipairs(ROUTE_KEYS) do
+    local v = spec[k]
+    if v == nil then v = opts[k] end
+    route[k] = v
+  end
+  if route.max_message == nil then route.max_message = defaults.max_message end
+  if route.origins then
+    local set = {}
+    for _, o in ipairs(route.origins) do set[o:lower()] = true end
+    route.origin_set = set
+  end
+  if route.deflate then
+    route.deflate_policy = type(route.deflate) == "table" and route.deflate or {}
+  end
+  return route
+end
+
+local function make_routes(opts)
+  local routes = {}
+  if opts.routes then
+    for path, spec in pairs(opts.routes) do routes[path] = make_route(opts, spec) end
+  end
+  if opts.handler then routes[opts.path or "*"] = make_route(opts, opts) end
+  if next(routes) == nil then error("listen: give a handler (and path) or routes", 3) end
+  return routes
+end
+
+local function respond(sock, status, headers, body)
+  sock:write(core.http_response(status, headers, body))
+  sock:flush(5)
+  sock:close()
+end
+
+local function choose_protocol(route, req)
+  if route.select_protocol then return route.select_protocol(req.protocols, req) end
+  if not route.protocols then return nil end
+  -- The server's order of preference decides among what the client offers.
+  local offered = {}
+  for _, p in ipairs(req.protocols) do offered[p] = true end
+  for _, p in ipairs(route.protocols) do
+    if offered[p] then return p end
+  end
+  return nil
+end
+
+-- Read the upgrade request within the handshake deadline (a client that
+-- trickles bytes, slowloris-style, is dropped when it passes).
+local function read_request(self, sock)
+  local deadline = now() + self.handshake_timeout
+  if self.tls_context then
+    local ok, err = sock:starttls(self.tls_context, nil, self.handshake_timeout)
+    if not ok then return nil, "TLS handshake failed: " .. tostring(err) end
+  end
+  local hs = core.handshake_server { max_header_size = self.max_header_size, max_headers = self.max_headers }
+  while true do
+    local left = deadline - now()
+    if left <= 0 then return nil, "handshake timeout" end
+    local data, err = sock:read(nil, left)
+    if not data then return nil, err == "timeout" and "handshake timeout" or err end
+    local req, status, msg = hs:feed(data)
+    if req then return req, hs end
+    if status then
+      respond(sock, status, nil, msg)
+      return nil, msg
+    end
+  end
+end
+
+-- A request that is not (or not a valid) WebSocket upgrade.
+local function serve_http(self, sock, req, route)
+  if self.on_http then
+    local status, headers, body = self.on_http(req)
+    if status then return respond(sock, status, headers, body) end
+  end
+  if not route then return respond(sock, 404, nil, "not found") end
+  if req.upgrade or req.status == 426 then return respond(sock, req.status or 400, nil, req.error) end
+  respond(sock, 426, { ["Upgrade"] = "websocket" }, "this endpoint speaks WebSocket")
+end
+
+local function upgrade(self, sock, req, hs, route)
+  if route.origin_set and not (req.origin and route.origin_set[req.origin:lower()]) then
+    return respond(sock, 403, nil, "origin not allowed")
+  end
+  if route.on_request then
+    local status, body, headers = route.on_request(req)
+    if status then return respond(sock, status, headers, body) end
+  end
+  local protocol = choose_protocol(route, req)
+  local ext, pmd_params
+  if route.deflate then ext, pmd_params = core.pmd_accept(req.extensions, route.deflate_policy) end
+  sock:write(core.handshake_response {
+    key = req.key, protocol = protocol, extensions = ext, headers = route.headers,
+  })
+  local engine = core.engine {
+    role = "server", max_message = route.max_message, max_frame = route.max_frame,
+    streaming = route.streaming,
+  }
+  if pmd_params then core.pmd_attach(engine, "server", pmd_params, route.deflate_policy) end
+  sock:attach(engine)
+  local rest = hs:rest()
+  if #rest > 0 then engine:feed(rest) end
+  local ws = WebSocket.new(sock, engine, route, {
+    request = req, protocol = protocol, extensions = ext, deflate = pmd_params ~= nil,
+    remote_address = req.remote_address, remote_port = req.peer_port, server = self,
+  })
+  self.connections[ws] = true
+  local ok, err = xpcall(route.handler, debug.traceback, ws, req)
+  if not ok then
+    self.log("error", "handler failed: " .. tostring(err))
+    ws:close(1011, "internal error")
+  elseif ws.state == "open" then
+    ws:close(1000)
+  end
+  if ws.state ~= "closed" then ws:abort("handler returned") end
+  self.connections[ws] = nil
+end
+
+local function serve(self, sock)
+  local req, hs = read_request(self, sock)
+  if not req then return end
+  local ip, port = sock:peer()
+  req.peer_address, req.peer_port = ip, port
+  req.remote_address = addr.client_address(ip, req.headers["x-forwarded-for"], self.trusted_proxies)
+  local route = self.routes[req.path] or self.routes["*"]
+  if not req.websocket then return serve_http(self, sock, req, route) end
+  if not route then return respond(sock, 404, nil, "not found") end
+  return upgrade(self, sock, req, hs, route)
+end
+
+local function handle(self, sock)
+  self.count = self.count + 1
+  self.sockets[sock] = true
+  local ok, err = xpcall(serve, debug.traceback, self, sock)
+  if not ok then self.log("error", tostring(err)) end
+  self.sockets[sock] = nil
+  sock:close()
+  self.count = self.count - 1
+  if self.count == 0 and self._drained then core.wake(self._drained) end
+end
+
+local function accept_loop(self)
+  while not self.closing do
+    local sock, err = self.listener:accept()
+    if sock then
+      if self.count >= self.max_connections then
+        core.spawn(respond, sock, 503, { ["Retry-After"] = "1" }, "too many connections")
+      else
+        core.spawn(handle, self, sock)
+      end
+    elseif self.closing or err == "closed" then
+      break
+    else
+      -- Out of file descriptors and the like: back off instead of spinning.
+      self.log("warn", "accept failed: " .. tostring(err))
+      core.sleep(0.1)
+    end
+  end
+end
+
+--- Start a server. See README "duplex.listen" for every option.
+---@param opts table
+---@return duplex.Server|nil, string|nil
+function server.listen(opts)
+  if type(opts) ~= "table" then error("listen: options table expected", 2) end
+  local self = setmetatable({
+    routes = make_routes(opts),
+    on_http = opts.on_http,
+    log = opts.log or default_log,
+    trusted_proxies = addr.matcher(opts.trusted_proxies),
+    count = 0,
+    sockets = {},
+    connections = {},
+  }, Server)
+  for k, v in pairs(defaults) do
+    if opts[k] == nil then self[k] = v else self[k] = opts[k] end
+  end
+  if opts.tls then
+    local ctx, err = core.tls_context {
+      mode = "server", cert = opts.tls.cert, key = opts.tls.key, chain = opts.tls.chain,
+    }
+    if not ctx then return nil, "TLS setup failed: " .. tostring(err) end
+    self.tls_context = ctx
+  end
+  local listener, err = core.listen {
+    host = self.host, port = self.port, backlog = self.backlog, reuseport = self.reuseport,
+  }
+  if not listener then return nil, err end
+  self.listener = listener
+  self.host, self.port = listener:address()
+  self.accepting = core.spawn(accept_loop, self)
+  return self
+end
+
+--- The URL clients connect to (for logs and examples).
+function Server:url(path)
+  local host = self.host
+  if host == "0.0.0.0" then host = "127.0.0.1" elseif host == "::" then host = "::1" end
+  if host:find(":", 1, true) then host = "[" .. host .. "]" end
+  return string.format("%s://%s:%d%s", self.tls_context and "wss" or "ws", host, self.port, path or "/")
+end
+
+--- Open WebSocket connections (a snapshot).
+function Server:clients()
+  local list = {}
+  for ws in pairs(self.connections) do list[#list + 1] = ws end
+  return list
+end
+
+--- Stop accepting; existing connections go on.
+function Server:stop_accepting()
+  if self.closing then return end
+  self.closing = true
+  self.listener:close()
+end
+
+local function shutdown(self, timeout)
+  self:stop_accepting()
+  for ws in pairs(self.connections) do ws:start_close(1001, "server shutting down") end
+  local deadline = now() + (timeout or 10)
+  while self.count > 0 and now() < deadline do
+    self._drained = coroutine.running()
+    core.park(math.max(0, deadline - now()))
+    self._drained = nil
+  end
+  for sock in pairs(self.sockets) do sock:close(true) end
+  return self.count == 0
+end
+
+--- Graceful shutdown: stop accepting, close every connection with 1001
+--- (going away), wait up to timeout seconds (default 10) for them to end,
+--- then drop the rest. Returns true when every connection ended in time.
+---@param timeout number|nil
+function Server:shutdown(timeout)
+  return require("duplex.runtime").blocking(shutdown, self, timeout)
+end
+
+return server

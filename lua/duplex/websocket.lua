@@ -1,0 +1,370 @@
+--- A WebSocket connection, for both roles: the engine (protocol) on top of a
+--- socket (bytes), with heartbeats, backpressure and the closing handshake.
+---
+--- The connection is read only while someone reads it: a server handler or
+--- a client keeps calling receive() (or iterates messages()), and that call
+--- also answers pings, notices pongs and completes the closing handshake.
+local core = require "duplex.core"
+local runtime = require "duplex.runtime"
+
+local blocking = runtime.blocking
+local now = core.now
+
+---@class duplex.WebSocket
+---@field role "server"|"client"
+---@field protocol string|nil          the subprotocol both sides agreed on
+---@field extensions string|nil        the negotiated Sec-WebSocket-Extensions value
+---@field request table|nil            server side: the upgrade request
+---@field response table|nil           client side: the 101 response
+---@field remote_address string        peer address (client address behind a trusted proxy)
+---@field remote_port integer
+---@field close_code integer|nil       once closed: the peer's close code, or 1006
+---@field close_reason string|nil
+---@field latency number|nil           round trip of the last heartbeat, seconds
+local WebSocket = {}
+WebSocket.__index = WebSocket
+
+local defaults = {
+  ping_interval = 20,   -- seconds of silence before a ping; 0 turns heartbeats off
+  ping_timeout = 20,    -- seconds to wait for any traffic after that ping
+  close_timeout = 5,    -- seconds to wait for the peer's close frame / TCP close
+  high_water = 1 << 20, -- send() waits while more than this is buffered
+  low_water = 256 << 10,-- ... until it drops below this
+  max_buffered = 16 << 20, -- a peer that lets more pile up (broadcasts) is closed
+  send_timeout = 30,    -- seconds send() may wait for a slow peer before closing it
+  compress_threshold = 128, -- with permessage-deflate, smaller messages go plain
+}
+WebSocket.defaults = defaults
+
+local function opt(opts, k)
+  local v = opts[k]
+  if v == nil then return defaults[k] end
+  return v
+end
+
+--- Wrap an engine attached to a socket. Used by duplex.server and
+--- duplex.client once the handshake is done.
+function WebSocket.new(sock, engine, opts, info)
+  local self = setmetatable({
+    sock = sock,
+    engine = engine,
+    role = engine:role(),
+    state = "open",
+    streaming = opts.streaming or false,
+    ping_interval = opt(opts, "ping_interval"),
+    ping_timeout = opt(opts, "ping_timeout"),
+    close_timeout = opt(opts, "close_timeout"),
+    high_water = opt(opts, "high_water"),
+    low_water = opt(opts, "low_water"),
+    max_buffered = opt(opts, "max_buffered"),
+    send_timeout = opt(opts, "send_timeout"),
+    compress_threshold = opt(opts, "compress_threshold"),
+    deflate = info.deflate or false,
+    _last_seen = now(),
+  }, WebSocket)
+  for k, v in pairs(info) do self[k] = v end
+  if self.low_water > self.high_water then self.low_water = self.high_water end
+  runtime.watch(self)
+  return self
+end
+
+function WebSocket:__tostring()
+  return string.format("duplex.websocket (%s, %s, %s:%s)", self.role, self.state,
+    tostring(self.remote_address), tostring(self.remote_port))
+end
+
+--- The connection is over: remember why, stop watching it, drop the socket.
+function WebSocket:_finish(code, reason, err)
+  if self.state == "closed" then return end
+  self.state = "closed"
+  self.close_code = self.close_code or code
+  self.close_reason = self.close_reason or reason or ""
+  self.error = self.error or err
+  runtime.unwatch(self)
+  self.sock:close(err ~= nil)
+  self.engine:release()
+end
+
+function WebSocket:_closed_result()
+  return nil, "closed", self.close_code, self.close_reason
+end
+
+--- The socket is gone without a closing handshake (RFC 6455 §7.1.5: 1006).
+function WebSocket:_lost(err)
+  self:_finish(1006, self._abort_reason or err or "connection lost", self._abort_reason or err)
+  return self:_closed_result()
+end
+
+--- After the closing handshake: the server drops TCP at once (RFC 6455
+--- §7.1.1), the client gives the server close_timeout to do it first.
+function WebSocket:_end_tcp()
+  local sock = self.sock
+  sock:flush(self.close_timeout)
+  if self.role == "client" then
+    local deadline = now() + self.close_timeout
+    while true do
+      local left = deadline - now()
+      if left <= 0 then break end
+      local data = sock:read(nil, left)
+      if not data then break end
+    end
+  end
+end
+
+-- Handle one engine event. Returns true when receive() should return the
+-- values that follow; otherwise the event was consumed here.
+function WebSocket:_event(kind, data, a, b, c)
+  if kind == "text" or kind == "binary" then return true, data, kind end
+  if kind == "fragment" then return true, data, a, c end
+  if kind == "ping" then
+    return false
+  elseif kind == "pong" then
+    if self._ping_sent then
+      self.latency = now() - self._ping_sent
+      self._ping_sent = nil
+    end
+    if self.on_pong then self.on_pong(self, data) end
+    return false
+  elseif kind == "close" then
+    self.close_code, self.close_reason, self.close_by_peer = a, data, b
+    self.state = "closing"
+    self:_end_tcp()
+    self:_finish(a, data)
+    return true, self:_closed_result()
+  else -- "error": the peer broke the protocol; our close frame is queued
+    self.close_code, self.close_reason = a, data
+    self.error = "protocol error: " .. data
+    self.sock:flush(self.close_timeout)
+    self:_finish(a, data, self.error)
+    return true, nil, "closed", a, data
+  end
+end
+
+local function receive(self, timeout)
+  local engine, sock = self.engine, self.sock
+  local deadline = timeout and now() + timeout
+  self._reading = true
+  while true do
+    if self.state == "closed" then
+      self._reading = false
+      return self:_closed_result()
+    end
+    local kind, data, a, b, c = engine:next()
+    if kind then
+      local deliver, r1, r2, r3, r4 = self:_event(kind, data, a, b, c)
+      if deliver then
+        self._reading = false
+        return r1, r2, r3, r4
+      end
+    else
+      local n, err = sock:receive(engine, deadline and math.max(0, deadline - now()))
+      if n then
+        self._last_seen = now() -- any traffic proves the peer alive
+      elseif err == "timeout" then
+        self._reading = false
+        return nil, "timeout"
+      else
+        self._reading = false
+        return self:_lost(err)
+      end
+    end
+  end
+end
+
+--- Wait for the next message. Returns the message and its kind ("text" or
+--- "binary"); in streaming mode a piece, its kind and whether it is the last
+--- piece. Returns nil, "timeout" when timeout seconds pass (the connection
+--- stays usable), or nil, "closed", code, reason once the connection is over.
+---@param timeout number|nil seconds; nil waits as long as it takes
+---@return string|nil message, string kind_or_error, integer|boolean|nil, string|nil
+function WebSocket:receive(timeout)
+  if self._reading then error("receive: another coroutine is already reading this connection", 2) end
+  return blocking(receive, self, timeout)
+end
+
+--- Iterate over messages until the connection closes:
+--- `for message, kind in ws:messages() do ... end`
+function WebSocket:messages()
+  return function()
+    local m, kind, fin = self:receive()
+    if m == nil then return nil end
+    return m, kind, fin
+  end
+end
+
+local function wait_for_room(self)
+  local sock = self.sock
+  local buffered = sock:buffered()
+  if buffered <= self.high_water then return true end
+  local ok, err = sock:drain(self.low_water, self.send_timeout)
+  if ok then return true end
+  if err == "timeout" then
+    self:_slow_consumer("send timed out: the peer is not reading")
+    return nil, "timeout"
+  end
+  return self:_lost(err)
+end
+
+--- Close a peer that does not read fast enough (1008, policy violation).
+function WebSocket:_slow_consumer(why)
+  if self.state ~= "open" then return end
+  self._abort_reason = why
+  self.engine:close(1008, "slow consumer")
+  self.state = "closing"
+  self._close_deadline = now() + self.close_timeout
+  self.sock:flush(0)
+  self:_finish(1006, why, why)
+end
+
+local function check_kind(kind, level)
+  if kind ~= "text" and kind ~= "binary" then
+    error("message kind must be \"text\" or \"binary\", got " .. tostring(kind), level + 1)
+  end
+end
+
+local function send(self, data, kind, compress)
+  local ok, err = self.engine:send(data, kind, true, compress)
+  if not ok then return nil, self.state == "open" and err or "closed" end
+  return wait_for_room(self)
+end
+
+--- Send a whole message. kind is "text" (the default) or "binary"; text must
+--- be valid UTF-8. Waits (yields) while the peer is too slow to take more.
+--- opts.compress forces permessage-deflate on or off for this message.
+---@param data string
+---@param kind "text"|"binary"|nil
+---@param opts {compress: boolean}|nil
+---@return true|nil ok, string|nil err
+function WebSocket:send(data, kind, opts)
+  kind = kind or "text"
+  check_kind(kind, 2)
+  if type(data) ~= "string" then error("send: message must be a string", 2) end
+  if self._sending then error("send: a fragmented message is open; finish it with send_fragment", 2) end
+  if self.state ~= "open" then return nil, "closed" end
+  local compress = false
+  if self.deflate then
+    if opts and opts.compress ~= nil then compress = opts.compress
+    else compress = #data >= self.compress_threshold end
+  end
+  return blocking(send, self, data, kind, compress)
+end
+
+local function send_fragment(self, data, kind, fin)
+  local first = not self._sending
+  local ok, err = self.engine:send(data, first and kind or "continuation", fin,
+    first and self.deflate and not self._no_compress_stream)
+  if not ok then return nil, self.state == "open" and err or "closed" end
+  self._sending = not fin
+  return wait_for_room(self)
+end
+
+--- Send a message in pieces: the first call gives the kind, the last one
+--- fin = true. Other messages may not be sent in between (pings may).
+---@param data string
+---@param kind "text"|"binary"|nil  kind of the message (first piece only)
+---@param fin boolean               true for the last piece
+function WebSocket:send_fragment(data, kind, fin)
+  if type(data) ~= "string" then error("send_fragment: data must be a string", 2) end
+  kind = kind or "text"
+  if not self._sending then check_kind(kind, 2) end
+  if self.state ~= "open" then return nil, "closed" end
+  return blocking(send_fragment, self, data, kind, fin and true or false)
+end
+
+--- A pre-encoded frame (duplex.encode_frame / pubsub): queued as is, no wait.
+function WebSocket:send_frame(frame)
+  if self.state ~= "open" or self._sending then return nil, "closed" end
+  local ok, err = self.engine:send_raw(frame)
+  if not ok then return nil, err end
+  return true
+end
+
+--- Send a ping. The pong's arrival is reported in ws.latency and to
+--- ws.on_pong(ws, payload) when set.
+---@param data string|nil up to 125 bytes
+function WebSocket:ping(data)
+  if self.state ~= "open" then return nil, "closed" end
+  local ok, err = self.engine:ping(data or "")
+  if ok then self._ping_sent = self._ping_sent or now() end
+  return ok, err
+end
+
+function WebSocket:pong(data)
+  if self.state ~= "open" then return nil, "closed" end
+  return self.engine:pong(data or "")
+end
+
+--- Send our close frame without waiting for the answer: whoever reads the
+--- connection sees the peer's reply; the sweep drops the connection if none
+--- comes within close_timeout. Used for graceful shutdown of many at once.
+function WebSocket:start_close(code, reason)
+  if self.state ~= "open" then return true end
+  local ok, err = self.engine:close(code or 1000, reason or "")
+  if not ok then return nil, err end
+  self.state = "closing"
+  self._close_deadline = now() + self.close_timeout
+  return true
+end
+
+local function close(self, code, reason)
+  local ok, err = self:start_close(code, reason)
+  if not ok then return nil, err end
+  if self._reading then return true end -- the reader sees the reply
+  -- Nobody reads: wait for the peer's close frame ourselves.
+  while self.state ~= "closed" do
+    local m, err2 = receive(self, math.max(0, self._close_deadline - now()))
+    if m == nil and err2 == "timeout" then
+      self._abort_reason = "close timeout"
+      self:_finish(1006, "close timeout", "close timeout")
+    end
+  end
+  return true
+end
+
+--- Start the closing handshake (RFC 6455 §7): code defaults to 1000. Waits
+--- for the peer's answer up to close_timeout unless another coroutine is
+--- reading the connection (then that reader sees the close).
+---@param code integer|nil
+---@param reason string|nil
+function WebSocket:close(code, reason)
+  if self.state ~= "open" then return true end
+  return blocking(close, self, code or 1000, reason or "")
+end
+
+--- Drop the TCP connection at once, without a closing handshake.
+function WebSocket:abort(why)
+  if self.state == "closed" then return end
+  self._abort_reason = why or "aborted"
+  self:_finish(1006, self._abort_reason, self._abort_reason)
+end
+
+--- Bytes queued for the peer and not yet written.
+function WebSocket:buffered()
+  if self.state == "closed" then return 0 end
+  return self.sock:buffered()
+end
+
+--- Heartbeat and close deadline, called by the runtime's sweep timer.
+function WebSocket:sweep(t)
+  if self.state == "closing" and self._close_deadline and t > self._close_deadline then
+    self:abort("close timeout")
+    return
+  end
+  if self.state ~= "open" then return end
+  if self.sock:buffered() > self.max_buffered then
+    self:_slow_consumer("send buffer over max_buffered: the peer is not reading")
+    return
+  end
+  if self.ping_interval <= 0 then return end
+  local sent = self._ping_sent
+  if sent then
+    if t - sent > self.ping_timeout then
+      -- Traffic since the ping proves life even if the pong is late.
+      if self._last_seen > sent then self._ping_sent = nil else self:abort("ping timeout") end
+    end
+  elseif t - self._last_seen >= self.ping_interval then
+    self:ping()
+  end
+end
+
+return WebSocket
