@@ -1,0 +1,244 @@
+--- A Redis pub/sub broker for duplex.pubsub, so that rooms span processes.
+---
+--- RESP spoken over duplex's own non-blocking sockets (the lua-resty-redis
+--- approach): no extra C dependency, and the event loop never blocks on
+--- Redis. Two connections: one SUBSCRIBEd (Redis allows nothing else on it),
+--- one for PUBLISH. Each reconnects with exponential backoff and the
+--- subscriber re-subscribes to every topic; outages are reported to
+--- on_status. While Redis is away, messages still reach subscribers on the
+--- publishing node, but other nodes miss them (Redis pub/sub stores nothing).
+local core = require "duplex.core"
+local url = require "duplex.url"
+
+local redis = {}
+
+-- RESP -------------------------------------------------------------------
+
+local function command(...)
+  local args = table.pack(...)
+  local out = { "*" .. args.n .. "\r\n" }
+  for i = 1, args.n do
+    local a = tostring(args[i])
+    out[#out + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n"
+  end
+  return table.concat(out)
+end
+redis.command = command
+
+-- Parse one RESP value from buf at pos. Returns value, next_pos; or nil when
+-- incomplete; errors ("-ERR ...") come back as { err = "..." }.
+local function parse(buf, pos)
+  local eol = buf:find("\r\n", pos, true)
+  if not eol then return nil end
+  local t, line = buf:sub(pos, pos), buf:sub(pos + 1, eol - 1)
+  local nextpos = eol + 2
+  if t == "+" then return line, nextpos
+  elseif t == "-" then return { err = line }, nextpos
+  elseif t == ":" then return tonumber(line), nextpos
+  elseif t == "$" then
+    local n = tonumber(line)
+    if not n then error("redis: bad bulk length") end
+    if n < 0 then return false, nextpos end
+    if #buf < nextpos + n + 1 then return nil end
+    return buf:sub(nextpos, nextpos + n - 1), nextpos + n + 2
+  elseif t == "*" then
+    local n = tonumber(line)
+    if not n then error("redis: bad array length") end
+    if n < 0 then return false, nextpos end
+    local arr = {}
+    for i = 1, n do
+      local v
+      v, nextpos = parse(buf, nextpos)
+      if v == nil then return nil end
+      arr[i] = v
+    end
+    return arr, nextpos
+  end
+  error("redis: protocol error near " .. string.format("%q", buf:sub(pos, pos + 20)))
+end
+redis.parse = parse
+
+-- A connection that yields RESP values. Handles AUTH and SELECT.
+local function connect(cfg)
+  local sock, err = core.connect { host = cfg.host, port = cfg.port, timeout = cfg.connect_timeout }
+  if not sock then return nil, err end
+  local conn = { sock = sock, buf = "", pos = 1 }
+  function conn.read(timeout)
+    while true do
+      local ok, v, np = pcall(parse, conn.buf, conn.pos)
+      if not ok then return nil, v end
+      if v ~= nil then
+        conn.pos = np
+        if conn.pos > 4096 then conn.buf, conn.pos = conn.buf:sub(conn.pos), 1 end
+        return v
+      end
+      local data, rerr = sock:read(nil, timeout)
+      if not data then return nil, rerr end
+      conn.buf = conn.buf .. data
+    end
+  end
+  local function call(...)
+    sock:write(command(...))
+    local v, rerr = conn.read(cfg.connect_timeout)
+    if v == nil then return nil, rerr end
+    if type(v) == "table" and v.err then return nil, v.err end
+    return v
+  end
+  if cfg.password then
+    local ok, aerr
+    if cfg.user then ok, aerr = call("AUTH", cfg.user, cfg.password)
+    else ok, aerr = call("AUTH", cfg.password) end
+    if not ok then sock:close(); return nil, "AUTH failed: " .. tostring(aerr) end
+  end
+  return conn
+end
+
+-- The broker ---------------------------------------------------------------
+
+---@class duplex.RedisBroker
+local Broker = {}
+Broker.__index = Broker
+
+local function parse_url(s)
+  local u, err = url.parse((s or "redis://127.0.0.1:6379"):gsub("^rediss?://", "http://"))
+  if not u then return nil, "invalid Redis URL: " .. tostring(err) end
+  local cfg = { host = u.host, port = u.default_port and 6379 or u.port }
+  if u.userinfo then
+    local user, pass = u.userinfo:match("^([^:]*):(.*)$")
+    if user then cfg.user = user ~= "" and user or nil; cfg.password = pass
+    else cfg.password = u.userinfo end
+  end
+  return cfg
+end
+
+--- Create a broker and start connecting (in the background).
+---@param opts {url: string|nil, prefix: string|nil, on_status: function|nil, backoff_min: number|nil, backoff_max: number|nil}
+---@return duplex.RedisBroker|nil, string|nil
+function redis.broker(opts)
+  opts = opts or {}
+  local cfg, err = parse_url(opts.url)
+  if not cfg then return nil, err end
+  cfg.connect_timeout = opts.connect_timeout or 5
+  local self = setmetatable({
+    cfg = cfg,
+    prefix = opts.prefix or "duplex:",
+    node = opts.node_id or (core.random and (core.random(8):gsub(".", function(c)
+      return string.format("%02x", c:byte()) end))) or tostring(math.random(1 << 30)),
+    topics = {},
+    on_status = opts.on_status or function() end,
+    backoff_min = opts.backoff_min or 0.1,
+    backoff_max = opts.backoff_max or 5,
+    handler = function() end,
+    stats = { published = 0, received = 0, dropped = 0, reconnects = 0 },
+    up = { sub = false, pub = false },
+  }, Broker)
+  self.sub_co = core.spawn(self._subscriber, self)
+  self.pub_co = core.spawn(self._publisher, self)
+  return self
+end
+
+function Broker:on_message(fn) self.handler = fn end
+
+function Broker:_status(which, up, detail)
+  if self.up[which] == up then return end
+  self.up[which] = up
+  self.on_status(up and "up" or "down", which .. (detail and (": " .. detail) or ""))
+end
+
+-- Connect with exponential backoff until it works or the broker is closed.
+function Broker:_connect(which)
+  local delay = self.backoff_min
+  while not self.closed do
+    local conn, err = connect(self.cfg)
+    if conn then return conn end
+    self:_status(which, false, tostring(err))
+    self.stats.reconnects = self.stats.reconnects + 1
+    core.sleep(delay)
+    delay = math.min(delay * 2, self.backoff_max)
+  end
+end
+
+function Broker:_subscriber()
+  while not self.closed do
+    local conn = self:_connect("subscriber")
+    if not conn then return end
+    self.sub_conn = conn
+    local channels = {}
+    for topic in pairs(self.topics) do channels[#channels + 1] = self.prefix .. topic end
+    if #channels > 0 then conn.sock:write(command("SUBSCRIBE", table.unpack(channels))) end
+    self:_status("subscriber", true)
+    while true do
+      local v, err = conn.read(nil)
+      if v == nil then
+        self:_status("subscriber", false, tostring(err))
+        break
+      end
+      if type(v) == "table" and v[1] == "message" then self:_incoming(v[2], v[3]) end
+    end
+    self.sub_conn = nil
+    conn.sock:close()
+  end
+end
+
+-- Channel payload: "<node> <kind> <message>", so a node skips its own.
+function Broker:_incoming(channel, payload)
+  local topic = channel:sub(#self.prefix + 1)
+  local node, kind, message = payload:match("^(%S+) (%a) (.*)$")
+  if not node or node == self.node then return end
+  self.stats.received = self.stats.received + 1
+  self.handler(topic, message, kind == "b" and "binary" or "text")
+end
+
+function Broker:_publisher()
+  while not self.closed do
+    local conn = self:_connect("publisher")
+    if not conn then return end
+    self.pub_conn = conn
+    self:_status("publisher", true)
+    -- Replies (subscriber counts) are read and discarded, so that the
+    -- socket never fills; a read error means the connection is gone.
+    while true do
+      local v, err = conn.read(nil)
+      if v == nil then
+        self:_status("publisher", false, tostring(err))
+        break
+      end
+    end
+    self.pub_conn = nil
+    conn.sock:close()
+  end
+end
+
+function Broker:subscribe(topic)
+  if self.topics[topic] then return end
+  self.topics[topic] = true
+  if self.sub_conn then self.sub_conn.sock:write(command("SUBSCRIBE", self.prefix .. topic)) end
+end
+
+function Broker:unsubscribe(topic)
+  if not self.topics[topic] then return end
+  self.topics[topic] = nil
+  if self.sub_conn then self.sub_conn.sock:write(command("UNSUBSCRIBE", self.prefix .. topic)) end
+end
+
+--- Send a message to the other nodes. Never blocks; while Redis is
+--- unreachable the message is dropped (counted in stats.dropped).
+function Broker:publish(topic, message, kind)
+  local conn = self.pub_conn
+  if not conn then
+    self.stats.dropped = self.stats.dropped + 1
+    return false
+  end
+  local payload = self.node .. " " .. (kind == "binary" and "b" or "t") .. " " .. message
+  conn.sock:write(command("PUBLISH", self.prefix .. topic, payload))
+  self.stats.published = self.stats.published + 1
+  return true
+end
+
+function Broker:close()
+  self.closed = true
+  if self.sub_conn then self.sub_conn.sock:close() end
+  if self.pub_conn then self.pub_conn.sock:close() end
+end
+
+return redis
