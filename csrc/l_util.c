@@ -1,3 +1,73 @@
-/* placeholder until the util binding lands */
+/*
+ * Lua access to the byte-level helpers: UTF-8 validation, masking, and
+ * random bytes for masking keys and handshake nonces.
+ */
+#include <openssl/err.h>
+#include <openssl/rand.h>
+
+#include "dx_mask.h"
+#include "dx_utf8.h"
 #include "l_core.h"
-void dx_open_util(lua_State *L) { (void)L; }
+
+#define RANDOM_MAX 65536
+
+/* utf8_valid(s [, state]) -> true, state | false, nil
+ * state 0 means "between code points": s (with what came before) is a
+ * complete message; any other state continues in the next call. */
+static int l_utf8_valid(lua_State *L) {
+  size_t n;
+  const uint8_t *s = (const uint8_t *)luaL_checklstring(L, 1, &n);
+  lua_Integer st = luaL_optinteger(L, 2, DX_UTF8_ACCEPT);
+  uint32_t state = (uint32_t)st;
+  /* An empty feed accepts exactly the states a feed can leave behind. */
+  luaL_argcheck(L, st >= 0 && st <= UINT32_MAX && dx_utf8_feed(&state, s, 0) == 0, 2,
+                "not a state returned by utf8_valid");
+  if (dx_utf8_feed(&state, s, n) != 0) {
+    lua_pushboolean(L, 0);
+    lua_pushnil(L);
+  } else {
+    lua_pushboolean(L, 1);
+    lua_pushinteger(L, (lua_Integer)state);
+  }
+  return 2;
+}
+
+/* mask(s, key [, offset]) -> s XOR key, starting at key[offset] */
+static int l_mask(lua_State *L) {
+  size_t n, klen;
+  const uint8_t *s = (const uint8_t *)luaL_checklstring(L, 1, &n);
+  const uint8_t *key = (const uint8_t *)luaL_checklstring(L, 2, &klen);
+  lua_Integer off = luaL_optinteger(L, 3, 0);
+  luaL_argcheck(L, klen == 4, 2, "mask key must be a 4-byte string");
+  luaL_argcheck(L, off >= 0 && off <= 3, 3, "key offset must be 0..3");
+  luaL_Buffer b;
+  uint8_t *out = (uint8_t *)luaL_buffinitsize(L, &b, n);
+  dx_mask_copy(out, s, n, key, (unsigned)off);
+  luaL_pushresultsize(&b, n);
+  return 1;
+}
+
+/* random(n) -> n bytes from OpenSSL's CSPRNG */
+static int l_random(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, n >= 1 && n <= RANDOM_MAX, 1, "byte count must be 1..65536");
+  luaL_Buffer b;
+  unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, (size_t)n);
+  if (RAND_bytes(out, (int)n) != 1) {
+    char msg[256];
+    ERR_error_string_n(ERR_get_error(), msg, sizeof msg);
+    return luaL_error(L, "random: RAND_bytes failed: %s", msg);
+  }
+  luaL_pushresultsize(&b, (size_t)n);
+  return 1;
+}
+
+void dx_open_util(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+      {"utf8_valid", l_utf8_valid},
+      {"mask", l_mask},
+      {"random", l_random},
+      {NULL, NULL},
+  };
+  dx_setfuncs(L, funcs);
+}
