@@ -1,3 +1,670 @@
-/* placeholder until the handshake binding lands */
+/*
+ * The opening handshake for Lua: server and client objects that take bytes
+ * as they arrive and hand back the request or response as a table, plus the
+ * builders of the messages each side sends. The rules live in dx_http.c;
+ * this file only moves values between Lua and C.
+ *
+ * Bytes that follow the header block (frames sent right after the
+ * handshake) are never swallowed: they wait in the object's rest().
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "dx_http.h"
 #include "l_core.h"
-void dx_open_handshake(lua_State *L) { (void)L; }
+
+#define SERVER_MT "duplex.handshake_server"
+#define CLIENT_MT "duplex.handshake_client"
+#define TMPBUF_MT "duplex.handshake_buf"
+
+#define MAX_HEADER_SIZE_LIMIT (16u << 20)
+#define MAX_HEADERS_LIMIT 10000
+#define MAX_EXTRA_HEADERS 1000 /* headers a caller may add to a message */
+#define MAX_PROTOCOLS 256
+
+/* user values of both objects */
+#define UV_REST 1
+/* client only */
+#define UV_REQUEST 2
+#define UV_PROTOCOLS 3
+#define UV_EXTENSIONS 4
+
+typedef struct hs_server {
+  dx_http_parser p;
+  int closed;
+} hs_server;
+
+typedef struct hs_client {
+  dx_http_parser p;
+  char key[DX_WS_KEY_LEN + 1];
+  int closed;
+} hs_client;
+
+/* ---------------------------------------------------------------------- */
+/* helpers                                                                 */
+
+/* A dx_buf owned by a userdata, so a Lua error between building and pushing
+ * the result cannot leak it. */
+static int tmpbuf_gc(lua_State *L) {
+  dx_buf_free(luaL_checkudata(L, 1, TMPBUF_MT));
+  return 0;
+}
+
+static dx_buf *new_tmpbuf(lua_State *L) {
+  dx_buf *b = lua_newuserdatauv(L, sizeof *b, 0);
+  dx_buf init = DX_BUF_INIT;
+  *b = init;
+  luaL_setmetatable(L, TMPBUF_MT);
+  return b;
+}
+
+/* Replace the tmpbuf at the top of the stack by its content as a string. */
+static void push_tmpbuf(lua_State *L, dx_buf *b) {
+  lua_pushlstring(L, (const char *)dx_buf_head(b), dx_buf_size(b));
+  dx_buf_free(b);
+  lua_remove(L, -2);
+}
+
+static void build_failed(lua_State *L, int rc, const char *err) {
+  if (rc == DX_HTTP_ENOMEM) luaL_error(L, "not enough memory");
+  luaL_error(L, "%s", err);
+}
+
+static void push_str(lua_State *L, dx_str s) {
+  if (s.p)
+    lua_pushlstring(L, s.p, s.n);
+  else
+    lua_pushnil(L);
+}
+
+/* Options read from a table stay on the stack, so the strings they point to
+ * live as long as the C function runs, whatever metamethods the table has. */
+static dx_str opt_string(lua_State *L, int t, const char *field) {
+  dx_str s = {NULL, 0};
+  int type = lua_getfield(L, t, field);
+  if (type == LUA_TNIL) return s;
+  if (type != LUA_TSTRING) luaL_error(L, "option '%s' must be a string", field);
+  s.p = lua_tolstring(L, -1, &s.n);
+  return s;
+}
+
+static lua_Integer opt_integer(lua_State *L, int t, const char *field, lua_Integer dflt,
+                               lua_Integer lo, lua_Integer hi) {
+  lua_getfield(L, t, field);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return dflt;
+  }
+  int isint = 0;
+  lua_Integer v = lua_type(L, -1) == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : 0;
+  if (!isint || v < lo || v > hi)
+    luaL_error(L, "option '%s' must be an integer from %I to %I", field, lo, hi);
+  lua_pop(L, 1);
+  return v;
+}
+
+static int opt_boolean(lua_State *L, int t, const char *field) {
+  int type = lua_getfield(L, t, field);
+  if (type != LUA_TNIL && type != LUA_TBOOLEAN) luaL_error(L, "option '%s' must be a boolean", field);
+  int v = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* The value on top of the stack as a header string (numbers are converted);
+ * it is moved into the anchor table, which keeps it alive. */
+static dx_str anchor_field(lua_State *L, int anchor, const char *what) {
+  dx_str s;
+  int type = lua_type(L, -1);
+  if (type != LUA_TSTRING && type != LUA_TNUMBER)
+    luaL_error(L, "header %s must be a string", what);
+  s.p = lua_tolstring(L, -1, &s.n);
+  lua_rawseti(L, anchor, (lua_Integer)lua_rawlen(L, anchor) + 1);
+  return s;
+}
+
+static int header_cmp(const void *a, const void *b) {
+  const dx_http_header *x = a, *y = b;
+  size_t n = x->name.n < y->name.n ? x->name.n : y->name.n;
+  int c = memcmp(x->name.p, y->name.p, n);
+  return c ? c : (x->name.n > y->name.n) - (x->name.n < y->name.n);
+}
+
+/* Headers given as { name = value } (sent sorted by name, so the output does
+ * not depend on table order) or as { {name, value}, ... } (sent in order).
+ * Pushes an anchor table and the array; *n receives the count. idx may hold
+ * nil. */
+static dx_http_header *check_headers_arg(lua_State *L, int idx, size_t *n) {
+  idx = lua_absindex(L, idx);
+  *n = 0;
+  lua_newtable(L);
+  int anchor = lua_gettop(L);
+  if (lua_isnoneornil(L, idx)) {
+    lua_newuserdatauv(L, 0, 0);
+    return NULL;
+  }
+  if (!lua_istable(L, idx)) luaL_error(L, "headers must be a table");
+  size_t count = lua_rawlen(L, idx);
+  int array = count > 0;
+  if (!array) {
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+      lua_pop(L, 1);
+      count++;
+    }
+  }
+  if (count > MAX_EXTRA_HEADERS) luaL_error(L, "too many headers (at most %d)", MAX_EXTRA_HEADERS);
+  dx_http_header *h = lua_newuserdatauv(L, (count ? count : 1) * sizeof *h, 0);
+  if (array) {
+    for (size_t i = 0; i < count; i++) {
+      if (lua_rawgeti(L, idx, (lua_Integer)i + 1) != LUA_TTABLE)
+        luaL_error(L, "headers[%d] must be a {name, value} pair", (int)i + 1);
+      lua_rawgeti(L, -1, 1);
+      if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "headers[%d] name must be a string", (int)i + 1);
+      h[i].name = anchor_field(L, anchor, "name");
+      lua_rawgeti(L, -1, 2);
+      h[i].value = anchor_field(L, anchor, "value");
+      lua_pop(L, 1);
+    }
+  } else {
+    size_t i = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+      if (lua_type(L, -2) != LUA_TSTRING) luaL_error(L, "header names must be strings");
+      h[i].value = anchor_field(L, anchor, "value"); /* pops the value */
+      h[i].name.p = lua_tolstring(L, -1, &h[i].name.n); /* the key, a string in the table */
+      i++;
+    }
+    qsort(h, count, sizeof *h, header_cmp);
+  }
+  *n = count;
+  return h;
+}
+
+/* Lowercased header names, repeated headers joined by ", ". */
+static void push_headers(lua_State *L, const dx_http_msg *m) {
+  lua_createtable(L, 0, (int)m->nheaders);
+  int t = lua_gettop(L);
+  for (size_t i = 0; i < m->nheaders; i++) {
+    const dx_http_header *h = &m->headers[i];
+    luaL_Buffer b;
+    char *s = luaL_buffinitsize(L, &b, h->name.n);
+    for (size_t j = 0; j < h->name.n; j++) {
+      char c = h->name.p[j];
+      s[j] = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+    }
+    luaL_pushresultsize(&b, h->name.n);
+    lua_pushvalue(L, -1);
+    if (lua_rawget(L, t) == LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, h->value.p, h->value.n);
+    } else {
+      lua_pushliteral(L, ", ");
+      lua_pushlstring(L, h->value.p, h->value.n);
+      lua_concat(L, 3);
+    }
+    lua_rawset(L, t);
+  }
+}
+
+static void push_ext_value(lua_State *L, const dx_ext_tok *tok) {
+  if (!tok->has_value) {
+    lua_pushboolean(L, 1);
+  } else if (!tok->quoted) {
+    lua_pushlstring(L, tok->value.p, tok->value.n);
+  } else {
+    luaL_Buffer b;
+    char *s = luaL_buffinitsize(L, &b, tok->value.n);
+    luaL_pushresultsize(&b, dx_http_unquote(tok->value.p, tok->value.n, s));
+  }
+}
+
+/* Append the extensions of one header value to the array at index arr, as
+ * { name = , params = { name = value|true }, params_list = { {name, value} } }.
+ * The first of repeated parameters wins in params; params_list has them all. */
+static void push_extension_list(lua_State *L, int arr, const char *p, size_t n) {
+  dx_ext_cursor c;
+  dx_ext_tok tok;
+  int r, ext = 0;
+  dx_ext_init(&c, p, n);
+  while ((r = dx_ext_next(&c, &tok)) > 0) {
+    if (r == DX_EXT_NAME) {
+      if (ext) lua_pop(L, 3);
+      lua_createtable(L, 0, 3);
+      push_str(L, tok.name);
+      lua_setfield(L, -2, "name");
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      lua_setfield(L, -3, "params");
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      lua_setfield(L, -4, "params_list");
+      lua_pushvalue(L, -3);
+      lua_rawseti(L, arr, (lua_Integer)lua_rawlen(L, arr) + 1);
+      ext = 1; /* stack: ext, params, params_list */
+      continue;
+    }
+    lua_createtable(L, 2, 0);
+    push_str(L, tok.name);
+    lua_rawseti(L, -2, 1);
+    push_ext_value(L, &tok);
+    lua_rawseti(L, -2, 2);
+    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+    push_str(L, tok.name);
+    if (lua_rawget(L, -3) == LUA_TNIL) {
+      push_str(L, tok.name);
+      push_ext_value(L, &tok);
+      lua_rawset(L, -5);
+    }
+    lua_pop(L, 1);
+  }
+  if (ext) lua_pop(L, 3);
+}
+
+static void push_extensions(lua_State *L, const dx_http_msg *m) {
+  lua_newtable(L);
+  int arr = lua_gettop(L);
+  size_t i = 0;
+  const dx_http_header *h;
+  while ((h = dx_http_next_named(m, "sec-websocket-extensions", &i)) != NULL)
+    push_extension_list(L, arr, h->value.p, h->value.n);
+}
+
+static void push_version(lua_State *L, const dx_http_msg *m) {
+  lua_pushfstring(L, "%d.%d", m->version_major, m->version_minor);
+}
+
+/* Store bytes after the header block: they belong to the WebSocket stream. */
+static void keep_rest(lua_State *L, const char *data, size_t n, size_t used) {
+  lua_pushlstring(L, data + used, n - used);
+  lua_setiuservalue(L, 1, UV_REST);
+}
+
+static int push_rest(lua_State *L) {
+  if (lua_getiuservalue(L, 1, UV_REST) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    lua_pushliteral(L, "");
+  }
+  return 1;
+}
+
+static size_t opt_limit(lua_State *L, int t, const char *field, size_t dflt, size_t hi) {
+  return (size_t)opt_integer(L, t, field, (lua_Integer)dflt, 16, (lua_Integer)hi);
+}
+
+static const char *state_name(const dx_http_parser *p, int closed) {
+  if (closed) return "closed";
+  if (p->result == DX_HTTP_INCOMPLETE) return "reading";
+  return p->result == DX_HTTP_COMPLETE ? "done" : "failed";
+}
+
+/* ---------------------------------------------------------------------- */
+/* server                                                                  */
+
+static hs_server *check_server(lua_State *L) {
+  hs_server *s = luaL_checkudata(L, 1, SERVER_MT);
+  if (s->closed) luaL_error(L, "handshake object is closed");
+  return s;
+}
+
+static int l_handshake_server(lua_State *L) {
+  size_t max_size = DX_HTTP_DEFAULT_MAX_SIZE, max_headers = DX_HTTP_DEFAULT_MAX_HEADERS;
+  if (!lua_isnoneornil(L, 1)) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    max_size = opt_limit(L, 1, "max_header_size", max_size, MAX_HEADER_SIZE_LIMIT);
+    max_headers = (size_t)opt_integer(L, 1, "max_headers", (lua_Integer)max_headers, 1, MAX_HEADERS_LIMIT);
+  }
+  hs_server *s = lua_newuserdatauv(L, sizeof *s, 1);
+  s->closed = 0;
+  dx_http_parser_init(&s->p, DX_HTTP_REQUEST, max_size, max_headers);
+  luaL_setmetatable(L, SERVER_MT);
+  return 1;
+}
+
+static void push_request(lua_State *L, const dx_http_msg *m) {
+  dx_ws_request r;
+  dx_str path, query;
+  dx_ws_check_request(m, &r);
+  dx_http_split_target(m->target, &path, &query);
+  lua_createtable(L, 0, 18);
+  push_str(L, m->method);
+  lua_setfield(L, -2, "method");
+  push_str(L, m->target);
+  lua_setfield(L, -2, "target");
+  push_str(L, path);
+  lua_setfield(L, -2, "path");
+  push_str(L, query);
+  lua_setfield(L, -2, "query");
+  push_version(L, m);
+  lua_setfield(L, -2, "version");
+  push_headers(L, m);
+  lua_setfield(L, -2, "headers");
+  push_str(L, r.host);
+  lua_setfield(L, -2, "host");
+  push_str(L, r.origin);
+  lua_setfield(L, -2, "origin");
+  push_str(L, r.key);
+  lua_setfield(L, -2, "key");
+
+  dx_http_list l;
+  dx_str item;
+  lua_newtable(L);
+  dx_http_list_init(&l, m, "sec-websocket-protocol");
+  for (lua_Integer i = 1; dx_http_list_next(&l, &item); i++) {
+    push_str(L, item);
+    lua_rawseti(L, -2, i);
+  }
+  lua_setfield(L, -2, "protocols");
+  push_extensions(L, m);
+  lua_setfield(L, -2, "extensions");
+
+  lua_pushboolean(L, r.websocket);
+  lua_setfield(L, -2, "websocket");
+  lua_pushboolean(L, r.upgrade);
+  lua_setfield(L, -2, "upgrade");
+  if (!r.websocket) {
+    lua_pushinteger(L, r.status);
+    lua_setfield(L, -2, "status");
+    lua_pushstring(L, r.error);
+    lua_setfield(L, -2, "error");
+  }
+}
+
+/* hs:feed(data) -> nil | req | nil, status, message */
+static int l_server_feed(lua_State *L) {
+  hs_server *s = check_server(L);
+  size_t n, used;
+  const char *data = luaL_checklstring(L, 2, &n);
+  if (s->p.result == DX_HTTP_COMPLETE) return luaL_error(L, "handshake request already complete");
+  int r = dx_http_feed(&s->p, (const uint8_t *)data, n, &used);
+  if (r == DX_HTTP_INCOMPLETE) {
+    lua_pushnil(L);
+    return 1;
+  }
+  if (r == DX_HTTP_ERROR) {
+    lua_pushnil(L);
+    lua_pushinteger(L, s->p.status);
+    lua_pushstring(L, s->p.error);
+    return 3;
+  }
+  keep_rest(L, data, n, used);
+  push_request(L, &s->p.msg);
+  dx_http_parser_free(&s->p); /* the request is all in Lua strings now */
+  return 1;
+}
+
+static int l_server_rest(lua_State *L) {
+  check_server(L);
+  return push_rest(L);
+}
+
+static int l_server_close(lua_State *L) {
+  hs_server *s = luaL_checkudata(L, 1, SERVER_MT);
+  dx_http_parser_free(&s->p);
+  s->closed = 1;
+  return 0;
+}
+
+static int l_server_tostring(lua_State *L) {
+  hs_server *s = luaL_checkudata(L, 1, SERVER_MT);
+  lua_pushfstring(L, "duplex.handshake_server (%s): %p", state_name(&s->p, s->closed), (void *)s);
+  return 1;
+}
+
+/* ---------------------------------------------------------------------- */
+/* client                                                                  */
+
+static hs_client *check_client(lua_State *L) {
+  hs_client *c = luaL_checkudata(L, 1, CLIENT_MT);
+  if (c->closed) luaL_error(L, "handshake object is closed");
+  return c;
+}
+
+/* opts.protocols -> a dx_str array (kept on the stack) and a private copy of
+ * the list, pushed after it, for judging the server's choice later. */
+static dx_str *check_protocols(lua_State *L, int t, size_t *n) {
+  *n = 0;
+  int type = lua_getfield(L, t, "protocols");
+  if (type != LUA_TNIL && type != LUA_TTABLE) luaL_error(L, "option 'protocols' must be a table");
+  int list = lua_gettop(L);
+  size_t count = type == LUA_TTABLE ? lua_rawlen(L, list) : 0;
+  if (count > MAX_PROTOCOLS) luaL_error(L, "too many protocols (at most %d)", MAX_PROTOCOLS);
+  dx_str *p = lua_newuserdatauv(L, (count ? count : 1) * sizeof *p, 0);
+  lua_createtable(L, (int)count, 0);
+  for (size_t i = 0; i < count; i++) {
+    if (lua_rawgeti(L, list, (lua_Integer)i + 1) != LUA_TSTRING)
+      luaL_error(L, "protocols[%d] must be a string", (int)i + 1);
+    p[i].p = lua_tolstring(L, -1, &p[i].n);
+    lua_rawseti(L, -2, (lua_Integer)i + 1); /* the copy keeps it alive */
+  }
+  *n = count;
+  return p;
+}
+
+/* core.handshake_client{ host=, port=, secure=, target=, origin=, protocols=,
+ * extensions=, headers=, max_header_size=, max_headers= } */
+static int l_handshake_client(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_checkstack(L, 40, NULL);
+  dx_ws_client_opts o;
+  memset(&o, 0, sizeof o);
+  o.host = opt_string(L, 1, "host");
+  if (!o.host.p) luaL_error(L, "option 'host' is required");
+  o.port = (int)opt_integer(L, 1, "port", 0, 1, 65535);
+  o.secure = opt_boolean(L, 1, "secure");
+  o.target = opt_string(L, 1, "target");
+  o.origin = opt_string(L, 1, "origin");
+  o.extensions = opt_string(L, 1, "extensions");
+  int ext_idx = lua_gettop(L);
+  size_t max_size = opt_limit(L, 1, "max_header_size", DX_HTTP_DEFAULT_MAX_SIZE, MAX_HEADER_SIZE_LIMIT);
+  size_t max_headers = (size_t)opt_integer(L, 1, "max_headers", DX_HTTP_DEFAULT_MAX_HEADERS, 1,
+                                           MAX_HEADERS_LIMIT);
+  o.protocols = check_protocols(L, 1, &o.nprotocols);
+  int protocols_copy = lua_gettop(L);
+  lua_getfield(L, 1, "headers");
+  o.headers = check_headers_arg(L, -1, &o.nheaders);
+
+  hs_client *c = lua_newuserdatauv(L, sizeof *c, 4);
+  int self = lua_gettop(L);
+  memset(c, 0, sizeof *c);
+  dx_http_parser_init(&c->p, DX_HTTP_RESPONSE, max_size, max_headers);
+  luaL_setmetatable(L, CLIENT_MT); /* from here __gc frees the parser */
+  if (dx_ws_new_key(c->key) < 0) luaL_error(L, "RAND_bytes failed");
+
+  char err[160];
+  dx_buf *b = new_tmpbuf(L);
+  int rc = dx_ws_build_request(b, &o, c->key, err, sizeof err);
+  if (rc) build_failed(L, rc, err);
+  push_tmpbuf(L, b);
+  lua_setiuservalue(L, self, UV_REQUEST);
+  lua_pushvalue(L, protocols_copy);
+  lua_setiuservalue(L, self, UV_PROTOCOLS);
+  if (o.extensions.p) {
+    lua_pushvalue(L, ext_idx);
+    lua_setiuservalue(L, self, UV_EXTENSIONS);
+  }
+  lua_settop(L, self);
+  return 1;
+}
+
+static int l_client_request(lua_State *L) {
+  check_client(L);
+  lua_getiuservalue(L, 1, UV_REQUEST);
+  return 1;
+}
+
+static int l_client_key(lua_State *L) {
+  hs_client *c = check_client(L);
+  lua_pushstring(L, c->key);
+  return 1;
+}
+
+static void push_response(lua_State *L, const dx_http_msg *m, dx_str protocol) {
+  lua_createtable(L, 0, 8);
+  lua_pushinteger(L, m->status);
+  lua_setfield(L, -2, "status");
+  push_str(L, m->reason);
+  lua_setfield(L, -2, "reason");
+  push_version(L, m);
+  lua_setfield(L, -2, "version");
+  push_headers(L, m);
+  lua_getfield(L, -1, "location");
+  lua_setfield(L, -3, "location");
+  lua_setfield(L, -2, "headers");
+  push_str(L, protocol);
+  lua_setfield(L, -2, "protocol");
+  push_extensions(L, m);
+  lua_setfield(L, -2, "extensions");
+}
+
+/* c:feed(data) -> nil | res | nil, message, res_or_nil */
+static int l_client_feed(lua_State *L) {
+  hs_client *c = check_client(L);
+  size_t n, used;
+  const char *data = luaL_checklstring(L, 2, &n);
+  if (c->p.result == DX_HTTP_COMPLETE) return luaL_error(L, "handshake response already complete");
+  int r = dx_http_feed(&c->p, (const uint8_t *)data, n, &used);
+  if (r == DX_HTTP_INCOMPLETE) {
+    lua_pushnil(L);
+    return 1;
+  }
+  if (r == DX_HTTP_ERROR) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "invalid HTTP response: %s", c->p.error);
+    return 2;
+  }
+  keep_rest(L, data, n, used);
+
+  lua_settop(L, 1);
+  luaL_checkstack(L, 8, NULL);
+  lua_getiuservalue(L, 1, UV_PROTOCOLS);
+  size_t np = lua_rawlen(L, 2);
+  dx_str *protocols = lua_newuserdatauv(L, (np ? np : 1) * sizeof *protocols, 0);
+  for (size_t i = 0; i < np; i++) {
+    lua_rawgeti(L, 2, (lua_Integer)i + 1); /* strings held by the table at 2 */
+    protocols[i].p = lua_tolstring(L, -1, &protocols[i].n);
+    lua_pop(L, 1);
+  }
+  dx_ws_offer offer = {protocols, np, {NULL, 0}};
+  if (lua_getiuservalue(L, 1, UV_EXTENSIONS) == LUA_TSTRING)
+    offer.extensions.p = lua_tolstring(L, -1, &offer.extensions.n);
+
+  char err[192];
+  dx_str protocol;
+  int ok = dx_ws_check_response(&c->p.msg, c->key, DX_WS_KEY_LEN, &offer, &protocol, err,
+                                sizeof err) == 0;
+  push_response(L, &c->p.msg, protocol);
+  dx_http_parser_free(&c->p);
+  if (ok) return 1;
+  lua_pushnil(L);
+  lua_pushstring(L, err);
+  lua_rotate(L, -3, -1); /* nil, message, res */
+  return 3;
+}
+
+static int l_client_rest(lua_State *L) {
+  check_client(L);
+  return push_rest(L);
+}
+
+static int l_client_close(lua_State *L) {
+  hs_client *c = luaL_checkudata(L, 1, CLIENT_MT);
+  dx_http_parser_free(&c->p);
+  c->closed = 1;
+  return 0;
+}
+
+static int l_client_tostring(lua_State *L) {
+  hs_client *c = luaL_checkudata(L, 1, CLIENT_MT);
+  lua_pushfstring(L, "duplex.handshake_client (%s): %p", state_name(&c->p, c->closed), (void *)c);
+  return 1;
+}
+
+/* ---------------------------------------------------------------------- */
+/* builders                                                                */
+
+static int l_accept_key(lua_State *L) {
+  size_t n;
+  const char *key = luaL_checklstring(L, 1, &n);
+  char out[DX_WS_ACCEPT_LEN + 1];
+  if (dx_ws_accept(key, n, out) < 0) return luaL_error(L, "SHA-1 unavailable");
+  lua_pushlstring(L, out, DX_WS_ACCEPT_LEN);
+  return 1;
+}
+
+/* core.handshake_response{ key=, protocol=, extensions=, headers= } */
+static int l_handshake_response(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  dx_str key = opt_string(L, 1, "key");
+  if (!key.p) luaL_error(L, "option 'key' is required");
+  dx_str protocol = opt_string(L, 1, "protocol");
+  dx_str extensions = opt_string(L, 1, "extensions");
+  size_t nh;
+  lua_getfield(L, 1, "headers");
+  dx_http_header *h = check_headers_arg(L, -1, &nh);
+  char err[160];
+  dx_buf *b = new_tmpbuf(L);
+  int rc = dx_ws_build_accept(b, key, protocol, extensions, h, nh, err, sizeof err);
+  if (rc) build_failed(L, rc, err);
+  push_tmpbuf(L, b);
+  return 1;
+}
+
+/* core.http_response(status, headers_or_nil, body_or_nil) */
+static int l_http_response(lua_State *L) {
+  lua_Integer status = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, status >= 200 && status <= 599, 1, "status must be from 200 to 599");
+  size_t bodylen = 0;
+  const char *body = luaL_optlstring(L, 3, NULL, &bodylen);
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  size_t nh;
+  dx_http_header *h = check_headers_arg(L, 2, &nh);
+  char err[160];
+  dx_buf *b = new_tmpbuf(L);
+  int rc = dx_http_build_response(b, (int)status, h, nh, body, bodylen, err, sizeof err);
+  if (rc) build_failed(L, rc, err);
+  push_tmpbuf(L, b);
+  return 1;
+}
+
+/* ---------------------------------------------------------------------- */
+
+static const luaL_Reg server_methods[] = {
+    {"feed", l_server_feed}, {"rest", l_server_rest}, {"close", l_server_close}, {NULL, NULL}};
+
+static const luaL_Reg client_methods[] = {{"feed", l_client_feed},     {"rest", l_client_rest},
+                                          {"request", l_client_request}, {"key", l_client_key},
+                                          {"close", l_client_close},     {NULL, NULL}};
+
+static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                      lua_CFunction close, lua_CFunction tostring) {
+  luaL_newmetatable(L, name);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, close);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, close);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushstring(L, name);
+  lua_setfield(L, -2, "__name");
+  lua_pop(L, 1);
+}
+
+void dx_open_handshake(lua_State *L) {
+  static const luaL_Reg funcs[] = {{"handshake_server", l_handshake_server},
+                                   {"handshake_client", l_handshake_client},
+                                   {"handshake_response", l_handshake_response},
+                                   {"http_response", l_http_response},
+                                   {"accept_key", l_accept_key},
+                                   {NULL, NULL}};
+  new_class(L, SERVER_MT, server_methods, l_server_close, l_server_tostring);
+  new_class(L, CLIENT_MT, client_methods, l_client_close, l_client_tostring);
+  luaL_newmetatable(L, TMPBUF_MT);
+  lua_pushcfunction(L, tmpbuf_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  dx_setfuncs(L, funcs);
+}
