@@ -134,7 +134,10 @@ local function upgrade(self, sock, req, hs, route)
   end
   local protocol = choose_protocol(route, req)
   local ext, pmd_params
-  if route.deflate then ext, pmd_params = core.pmd_accept(req.extensions, route.deflate_policy) end
+  if route.deflate then
+    ext, pmd_params = core.pmd_accept(req.extensions, route.deflate_policy)
+    if not ext then pmd_params = nil end -- no acceptable offer: no compression
+  end
   sock:write(core.handshake_response {
     key = req.key, protocol = protocol, extensions = ext, headers = route.headers,
   })
