@@ -85,7 +85,9 @@ fuzz: fuzz-build
 bench: all
 	$(MAKE) -C bench run
 
-demo: deps all
+demo:
+	@scripts/deps demo
+	$(MAKE) all
 	$(LUA) examples/chat/server.lua
 
 install: all
