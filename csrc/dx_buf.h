@@ -23,7 +23,11 @@ typedef struct dx_buf {
 
 /* Bytes held (not yet consumed). */
 static inline size_t dx_buf_size(const dx_buf *b) { return b->len - b->off; }
-static inline uint8_t *dx_buf_head(const dx_buf *b) { return b->data + b->off; }
+/* Start of the content; "" for an empty buffer that owns no memory, so that
+ * callers may do pointer arithmetic and pass it to memcpy with length 0. */
+static inline uint8_t *dx_buf_head(const dx_buf *b) {
+  return b->data ? b->data + b->off : (uint8_t *)"";
+}
 
 /* Make room for `extra` bytes after len; returns a pointer to that room or
  * NULL when memory runs out. Compacts consumed bytes before growing. */

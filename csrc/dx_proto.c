@@ -425,9 +425,9 @@ static int read_data(dx_proto *p, dx_event *ev) {
     /* The common case: a whole message in one frame inside this read. It
      * is handed out from the caller's buffer, without a copy. */
     if (check_data(p, ev, chunk, n, 1)) return DX_EV_ERROR;
-    message_done(p);
     ev->type = DX_EV_MESSAGE;
-    ev->opcode = p->fh.opcode;
+    ev->opcode = p->msg_opcode; /* the frame may be the last continuation */
+    message_done(p);
     ev->data = chunk;
     ev->len = n;
     return DX_EV_MESSAGE;

@@ -110,6 +110,14 @@ describe("engine: messages", function()
     assert.same({ { "ping", "x", n = 2 }, { "pong", "", n = 2 }, { "text", "Hello", n = 2 } }, evs)
   end)
 
+  it("gives a fragmented message its first frame's kind, even when the last frame comes alone", function()
+    -- found by fuzz_frame: empty first fragments, the payload all in the
+    -- final continuation frame, handed out without a copy
+    local bytes = F.build { op = "text", payload = "", fin = false }
+      .. F.build { op = "cont", payload = "", fin = false } .. F.build { op = "cont", payload = "." }
+    assert.same({ { "text", ".", n = 2 } }, feed_all_ways("client", bytes))
+  end)
+
   it("accepts empty fragments and zero-length frames", function()
     local bytes = masked { op = "binary", payload = "", fin = false }
       .. masked { op = "cont", payload = "", fin = false } .. masked { op = "cont", payload = "" }
