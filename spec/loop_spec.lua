@@ -1,0 +1,284 @@
+-- The event loop: coroutines, sleep, park/wake, timers, errors, signals,
+-- processes. Every `it` runs the loop to completion under a time limit.
+local core = require "duplex.core"
+
+-- Run fn in a loop coroutine; stop the loop when it returns (or after
+-- `limit` seconds, which fails the test).
+local function run(fn, limit)
+  local done, err = false, nil
+  core.spawn(function()
+    local ok, e = xpcall(fn, debug.traceback)
+    done, err = true, not ok and e or nil
+    core.stop()
+  end)
+  local guard = core.timer(limit or 10, core.stop)
+  core.run()
+  guard:cancel()
+  if err then error(err, 0) end
+  assert(done, "the test did not finish in time")
+end
+
+describe("duplex.core loop", function()
+  after_each(function()
+    core.on_error(nil)
+  end)
+
+  it("starts spawned coroutines on the next pass, in order, with their arguments", function()
+    local log = {}
+    core.spawn(function(a, b) log[#log + 1] = "a" .. a .. b end, 1, 2)
+    core.spawn(function() log[#log + 1] = "b" end)
+    assert.same({}, log) -- not started yet
+    assert.is_true(core.run())
+    assert.same({"a12", "b"}, log)
+  end)
+
+  it("returns from run when nothing is left, and run can be called again", function()
+    assert.is_true(core.run())
+    local n = 0
+    core.spawn(function() n = n + 1 end)
+    assert.is_true(core.run())
+    assert.equal(1, n)
+  end)
+
+  it("orders sleeping coroutines by their deadline", function()
+    local log = {}
+    for _, d in ipairs({0.06, 0.02, 0.04, 0}) do
+      core.spawn(function()
+        core.sleep(d)
+        log[#log + 1] = d
+      end)
+    end
+    local t0 = core.now()
+    core.run()
+    assert.same({0, 0.02, 0.04, 0.06}, log)
+    assert.is_true(core.now() - t0 >= 0.06)
+  end)
+
+  it("lets coroutine.yield() hand over to the other coroutines", function()
+    local log = {}
+    for _, name in ipairs({"x", "y"}) do
+      core.spawn(function()
+        for i = 1, 3 do
+          log[#log + 1] = name .. i
+          coroutine.yield()
+        end
+      end)
+    end
+    core.run()
+    assert.same({"x1", "y1", "x2", "y2", "x3", "y3"}, log)
+  end)
+
+  it("parks until woken, with the values given to wake", function()
+    local got
+    local parked = core.spawn(function() got = table.pack(core.park()) end)
+    core.spawn(function()
+      core.sleep(0.01)
+      assert.is_true(core.wake(parked, "a", nil, 3))
+      assert.is_false(core.wake(parked, "again")) -- no longer parked
+    end)
+    core.run()
+    assert.equal(3, got.n)
+    assert.same({"a", nil, 3}, {got[1], got[2], got[3]})
+  end)
+
+  it("ends a park with a timeout", function()
+    local a, b
+    run(function() a, b = core.park(0.02) end)
+    assert.is_nil(a)
+    assert.equal("timeout", b)
+  end)
+
+  it("does not wake coroutines that are not parked", function()
+    run(function()
+      local sleeper = core.spawn(function() core.sleep(0.05) end)
+      core.sleep(0.01)
+      assert.is_false(core.wake(sleeper))
+      assert.is_false(core.wake(coroutine.create(function() end)))
+    end)
+  end)
+
+  it("fires timers in deadline order, repeats them and cancels them", function()
+    local log = {}
+    core.timer(0.03, function() log[#log + 1] = "c" end)
+    core.timer(0.01, function() log[#log + 1] = "a" end)
+    local cancelled = core.timer(0.02, function() log[#log + 1] = "never" end)
+    core.timer(0.02, function() log[#log + 1] = "b" end)
+    assert.is_true(cancelled:cancel())
+    assert.is_false(cancelled:cancel())
+    local n = 0
+    core.timer(0, function(t)
+      n = n + 1
+      if n == 3 then t:cancel() end
+    end, 0.005)
+    core.run()
+    assert.same({"a", "b", "c"}, log)
+    assert.equal(3, n)
+    assert.equal(0, core.loop_stats().timers)
+  end)
+
+  it("runs timer functions in loop coroutines that may block", function()
+    local done = false
+    core.timer(0, function()
+      core.sleep(0.01)
+      done = true
+    end)
+    core.run()
+    assert.is_true(done)
+  end)
+
+  it("reports a failing coroutine to on_error and keeps running the others", function()
+    local reports, finished = {}, false
+    core.on_error(function(err, trace, co)
+      reports[#reports + 1] = {err = err, trace = trace, co = co}
+    end)
+    local bad = core.spawn(function()
+      core.sleep(0.01)
+      error({code = 42})
+    end)
+    core.spawn(function()
+      core.sleep(0.01)
+      error("plain failure")
+    end)
+    core.spawn(function()
+      core.sleep(0.03)
+      finished = true
+    end)
+    core.run()
+    assert.is_true(finished)
+    assert.equal(2, #reports)
+    assert.same({code = 42}, reports[1].err)
+    assert.equal(bad, reports[1].co)
+    assert.matches("plain failure", reports[2].err)
+    assert.matches("stack traceback", reports[2].trace)
+    assert.equal(0, core.loop_stats().coroutines)
+  end)
+
+  it("closes to-be-closed variables of a failing coroutine", function()
+    core.on_error(function() end)
+    local closed = false
+    core.spawn(function()
+      local guard <close> = setmetatable({}, {__close = function() closed = true end})
+      core.sleep(0)
+      error("boom")
+    end)
+    core.run()
+    assert.is_true(closed)
+  end)
+
+  it("survives an error in the on_error handler", function()
+    core.on_error(function() error("handler broke") end)
+    local after = false
+    core.spawn(function() error("first") end)
+    core.spawn(function()
+      core.sleep(0.01)
+      after = true
+    end)
+    core.run()
+    assert.is_true(after)
+  end)
+
+  it("refuses to block outside a loop coroutine", function()
+    local pattern = "must be called from a coroutine started by duplex.core.spawn"
+    assert.error_matches(function() core.sleep(0) end, pattern)
+    assert.error_matches(function() core.park() end, pattern)
+    local co = coroutine.create(function() core.sleep(0) end)
+    local ok, err = coroutine.resume(co)
+    assert.is_false(ok)
+    assert.matches(pattern, err)
+  end)
+
+  it("stops on core.stop() and resumes where it left off", function()
+    local n = 0
+    core.spawn(function()
+      for _ = 1, 3 do
+        n = n + 1
+        if n == 1 then core.stop() end
+        core.sleep(0)
+      end
+    end)
+    core.run()
+    assert.equal(1, n)
+    core.run()
+    assert.equal(3, n)
+  end)
+
+  it("releases finished coroutines and abandoned parked ones", function()
+    local weak = setmetatable({}, {__mode = "k"})
+    for _ = 1, 10 do weak[core.spawn(function() core.sleep(0) end)] = true end
+    for _ = 1, 10 do weak[core.spawn(function() core.park() end)] = true end
+    core.run()
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(next(weak))
+    assert.same({coroutines = 0, timers = 0, ready = 0, waiting = 0},
+      {coroutines = core.loop_stats().coroutines, timers = core.loop_stats().timers,
+       ready = core.loop_stats().ready, waiting = core.loop_stats().waiting})
+  end)
+
+  it("reports a coroutine resumed behind the loop's back", function()
+    core.on_error(function() end)
+    local co = core.spawn(function() core.sleep(0.05) end)
+    core.spawn(function()
+      core.sleep(0)
+      local ok, err = coroutine.resume(co)
+      assert.is_false(ok)
+      assert.matches("resumed outside the loop", err)
+    end)
+    core.run()
+    assert.equal(0, core.loop_stats().coroutines)
+  end)
+
+  it("delivers signals to a loop coroutine and restores the default", function()
+    local got = {}
+    core.signal("HUP", function(name)
+      got[#got + 1] = name
+      core.sleep(0) -- handlers run in loop coroutines
+    end)
+    run(function()
+      assert(core.kill(core.getpid(), "HUP"))
+      for _ = 1, 100 do
+        if #got > 0 then break end
+        core.sleep(0.01)
+      end
+    end)
+    core.signal("HUP", nil)
+    assert.same({"HUP"}, got)
+    assert.error_matches(function() core.signal("KILL", function() end) end, "expected")
+  end)
+
+  it("forks a child with its own loop, and waits for it", function()
+    local pid = assert(core.fork())
+    if pid == 0 then
+      -- the child's loop must work on its own
+      local ok = false
+      core.spawn(function()
+        core.sleep(0.01)
+        ok = true
+      end)
+      core.run()
+      os.exit(ok and 7 or 1, false)
+    end
+    assert.is_true(pid > 0)
+    local got, how, code
+    run(function()
+      for _ = 1, 500 do
+        got, how, code = core.waitpid(pid, true)
+        if got ~= 0 then break end
+        core.sleep(0.01)
+      end
+    end)
+    assert.equal(pid, got)
+    assert.equal("exited", how)
+    assert.equal(7, code)
+  end)
+
+  it("validates its arguments", function()
+    assert.error_matches(function() core.timer(-1, function() end) end, ">= 0")
+    assert.error_matches(function() core.timer(1, "x") end, "function expected")
+    assert.error_matches(function() core.spawn(42) end, "function expected")
+    run(function()
+      assert.error_matches(function() core.sleep(-1) end, ">= 0")
+      assert.error_matches(function() core.park(0 / 0) end, ">= 0")
+    end)
+  end)
+end)

@@ -1,0 +1,511 @@
+-- TCP sockets on the event loop, over real loopback connections.
+local core = require "duplex.core"
+
+-- Run fn in a loop coroutine; stop the loop when it returns (or after
+-- `limit` seconds, which fails the test).
+local function run(fn, limit)
+  local done, err = false, nil
+  core.spawn(function()
+    local ok, e = xpcall(fn, debug.traceback)
+    done, err = true, not ok and e or nil
+    core.stop()
+  end)
+  local guard = core.timer(limit or 20, core.stop)
+  core.run()
+  guard:cancel()
+  if err then error(err, 0) end
+  assert(done, "the test did not finish in time")
+end
+
+local function open_fds()
+  local p = assert(io.popen("ls /proc/" .. core.getpid() .. "/fd | wc -l"))
+  local n = tonumber(p:read("a"))
+  p:close()
+  return n
+end
+
+-- Read exactly n bytes (or until the peer closes).
+local function read_n(s, n, timeout)
+  local parts, got = {}, 0
+  while got < n do
+    local d, err = s:read(n - got, timeout)
+    if not d then return table.concat(parts), err end
+    parts[#parts + 1] = d
+    got = got + #d
+  end
+  return table.concat(parts)
+end
+
+-- A listener whose accepted sockets are handed to handler(sock), each in
+-- its own coroutine. Returns the listener and its port.
+local function serve(host, handler)
+  local l = assert(core.listen{host = host, port = 0})
+  local _, port = l:address()
+  core.spawn(function()
+    while true do
+      local s, err = l:accept()
+      if not s then
+        assert.equal("closed", err)
+        return
+      end
+      core.spawn(handler, s)
+    end
+  end)
+  return l, port
+end
+
+local function echo(s)
+  while true do
+    local d = s:read()
+    if not d then break end
+    s:write(d)
+  end
+  s:close()
+end
+
+-- Deterministic test data: n bytes that differ from any shifted copy.
+local function pattern(n, seed)
+  local parts, i = {}, 0
+  while i < n do
+    local piece = string.format("%08x:%d|", i, seed)
+    parts[#parts + 1] = piece
+    i = i + #piece
+  end
+  return table.concat(parts):sub(1, n)
+end
+
+describe("duplex.core sockets", function()
+  local fds_before, stats_before
+  setup(function()
+    collectgarbage()
+    stats_before = core.loop_stats()
+  end)
+
+  for _, host in ipairs({"127.0.0.1", "::1"}) do
+    it("echoes over " .. host, function()
+      run(function()
+        local l, port = serve(host, echo)
+        local lhost = l:address()
+        assert.equal(host, lhost)
+        local c = assert(core.connect{host = host, port = port, timeout = 5})
+        assert.equal(host, (c:peer()))
+        assert.equal(port, select(2, c:peer()))
+        assert.equal(host, (c:local_address()))
+        assert.is_number(c:fd())
+        assert.is_true(c:write("hello "))
+        assert.is_true(c:write("world"))
+        assert.equal(11, c:buffered())
+        assert.is_true(c:flush(5))
+        assert.equal(0, c:buffered())
+        assert.equal("hello world", read_n(c, 11, 5))
+        c:close()
+        l:close()
+      end)
+    end)
+  end
+
+  it("connects to a host name without blocking the loop", function()
+    run(function()
+      local l, port = serve("127.0.0.1", echo)
+      local c = assert(core.connect{host = "localhost", port = port, timeout = 5})
+      c:write("x")
+      assert.equal("x", c:read(nil, 5))
+      c:close()
+      l:close()
+    end)
+  end)
+
+  it("resolves names in a worker thread while other coroutines run", function()
+    local log = {}
+    run(function()
+      core.spawn(function() log[#log + 1] = "other" end)
+      local addrs = assert(core.getaddrinfo("localhost", 8080))
+      log[#log + 1] = "resolved"
+      assert.is_true(#addrs >= 1)
+      local seen = {}
+      for _, a in ipairs(addrs) do
+        assert.equal(8080, a.port)
+        seen[a.addr] = a.family
+      end
+      assert.is_true(seen["127.0.0.1"] == "inet" or seen["::1"] == "inet6")
+    end)
+    assert.same({"other", "resolved"}, log)
+  end)
+
+  it("resolves numeric addresses anywhere and refuses names outside the loop", function()
+    assert.same({{family = "inet6", addr = "::1", port = 80}}, core.getaddrinfo("::1", 80))
+    assert.same({{family = "inet", addr = "10.1.2.3", port = 0}}, core.getaddrinfo("10.1.2.3"))
+    assert.error_matches(function() core.getaddrinfo("localhost", 80) end, "must be called from a coroutine")
+    run(function()
+      local ok, err = core.getaddrinfo(string.rep("a", 300), 80)
+      assert.is_nil(ok)
+      assert.matches("^name resolution failed", err)
+    end)
+  end)
+
+  it("moves several MiB both ways with backpressure", function()
+    local size, chunk, low = 6 * 1024 * 1024, 64 * 1024, 256 * 1024
+    local up, down = pattern(size, 1), pattern(size, 2)
+    local got_up, got_down, max_buffered = nil, nil, 0
+    run(function()
+      local l, port = serve("127.0.0.1", function(s)
+        -- send `down` while receiving `up`
+        core.spawn(function()
+          for i = 1, size, chunk do
+            assert(s:write(down:sub(i, i + chunk - 1)))
+            assert(s:drain(low, 10))
+          end
+          assert(s:flush(10))
+        end)
+        got_up = read_n(s, size, 10)
+        s:write("done")
+        s:flush()
+      end)
+      local c = assert(core.connect{host = "127.0.0.1", port = port})
+      core.spawn(function()
+        for i = 1, size, chunk do
+          assert(c:write(up:sub(i, i + chunk - 1)))
+          assert(c:drain(low, 10))
+          max_buffered = math.max(max_buffered, c:buffered())
+        end
+      end)
+      got_down = read_n(c, size, 10)
+      assert.equal("done", read_n(c, 4, 10))
+      c:close()
+      l:close()
+    end, 60)
+    assert.equal(size, #got_up)
+    assert.is_true(got_up == up, "upload corrupted")
+    assert.equal(size, #got_down)
+    assert.is_true(got_down == down, "download corrupted")
+    assert.is_true(max_buffered <= low)
+  end)
+
+  it("times out reads, and the data still arrives afterwards", function()
+    run(function()
+      local l, port = serve("127.0.0.1", function(s)
+        core.sleep(0.1)
+        s:write("late")
+        s:flush()
+        s:read() -- until the client closes
+        s:close()
+      end)
+      local c = assert(core.connect{host = "127.0.0.1", port = port})
+      local t0 = core.now()
+      local d, err = c:read(nil, 0.03)
+      assert.is_nil(d)
+      assert.equal("timeout", err)
+      assert.is_true(core.now() - t0 >= 0.03)
+      assert.equal("late", c:read(nil, 5))
+      c:close()
+      l:close()
+    end)
+  end)
+
+  it("binds the local end, sets nodelay, and names failed lookups", function()
+    run(function()
+      local l, port = serve("127.0.0.1", echo)
+      local c = assert(core.connect{host = "127.0.0.1", port = port, bind = "127.0.0.1", nodelay = false})
+      assert.equal("127.0.0.1", (c:local_address()))
+      assert.is_true(c:setnodelay(true))
+      c:close()
+      local _, err = core.connect{host = string.rep("a", 300), port = port}
+      assert.matches("^name resolution failed: ", err)
+      assert.error_matches(function() core.connect{host = "127.0.0.1"} end, "port")
+      assert.error_matches(function() core.connect{host = "127.0.0.1", port = port, bind = "nope"} end, "bind")
+      l:close()
+    end)
+  end)
+
+  it("closes a to-be-closed socket in an orderly way, even on errors", function()
+    run(function()
+      local server_read
+      local l, port = serve("127.0.0.1", function(s)
+        server_read = {read_n(s, 4, 5)}
+        server_read[3] = select(2, s:read(nil, 5))
+        s:close()
+      end)
+      pcall(function()
+        local c <close> = assert(core.connect{host = "127.0.0.1", port = port})
+        c:write("last")
+        error("leaving the scope")
+      end)
+      core.sleep(0.05)
+      assert.same({"last", nil, "closed"}, server_read) -- FIN, not RST
+      l:close()
+    end)
+  end)
+
+  it("names a refused connection", function()
+    run(function()
+      local l = assert(core.listen{host = "127.0.0.1", port = 0})
+      local _, port = l:address()
+      l:close()
+      local c, err = core.connect{host = "127.0.0.1", port = port, timeout = 5}
+      assert.is_nil(c)
+      assert.equal("connection refused", err)
+    end)
+  end)
+
+  it("times out a connection attempt", function()
+    run(function()
+      -- a listener nobody accepts on: once its queue is full, the kernel
+      -- drops new SYNs and connect() waits
+      local l = assert(core.listen{host = "127.0.0.1", port = 0, backlog = 1})
+      local _, port = l:address()
+      local held, err = {}, nil
+      for _ = 1, 8 do
+        local c
+        c, err = core.connect{host = "127.0.0.1", port = port, timeout = 0.2}
+        if not c then break end
+        held[#held + 1] = c
+      end
+      assert.equal("timed out", err)
+      for _, c in ipairs(held) do c:close() end
+      l:close()
+    end)
+  end)
+
+  it("half-closes: the peer reads the end, then still answers", function()
+    run(function()
+      local server_saw
+      local l, port = serve("127.0.0.1", function(s)
+        local req = read_n(s, 3, 5)
+        local d, err = s:read(nil, 5)
+        server_saw = {req, d, err}
+        s:write("response")
+        s:close()
+      end)
+      local c = assert(core.connect{host = "127.0.0.1", port = port})
+      c:write("req")
+      assert.is_true(c:shutdown(5))
+      local d, err = c:write("more")
+      assert.is_nil(d)
+      assert.equal("closed", err)
+      assert.equal("response", read_n(c, 8, 5))
+      assert.same({nil, "closed"}, {c:read(nil, 5)})
+      assert.same({"req", nil, "closed"}, server_saw)
+      c:close()
+      l:close()
+    end)
+  end)
+
+  it("resets the connection on an abortive close", function()
+    run(function()
+      local l, port = serve("127.0.0.1", function(s)
+        s:read(nil, 5)
+        s:close(true)
+      end)
+      local c = assert(core.connect{host = "127.0.0.1", port = port})
+      c:write("hi")
+      local d, err = c:read(nil, 5)
+      assert.is_nil(d)
+      assert.equal("connection reset", err)
+      c:close()
+      l:close()
+    end)
+  end)
+
+  it("wakes waiters with 'closed' when a socket or listener is closed", function()
+    run(function()
+      local l, port = serve("127.0.0.1", function(s) s:read(nil, 5); s:close() end)
+      local c = assert(core.connect{host = "127.0.0.1", port = port})
+      local results = {}
+      core.spawn(function() results.read = {c:read()} end)
+      local l2 = assert(core.listen{host = "127.0.0.1", port = 0})
+      core.spawn(function() results.accept = {l2:accept()} end)
+      core.sleep(0.01)
+      c:close()
+      l2:close()
+      core.sleep(0.01)
+      assert.same({nil, "closed"}, results.read)
+      assert.same({nil, "closed"}, results.accept)
+      assert.same({nil, "closed"}, {c:write("x")})
+      assert.same({nil, "closed"}, {c:read()})
+      assert.same({nil, "closed"}, {c:fd()})
+      assert.is_true(c:close()) -- again: harmless
+      l:close()
+    end)
+  end)
+
+  it("times out accept", function()
+    run(function()
+      local l = assert(core.listen{host = "127.0.0.1", port = 0})
+      assert.same({nil, "timeout"}, {l:accept(0.02)})
+      l:close()
+    end)
+  end)
+
+  it("refuses blocking socket calls outside a loop coroutine", function()
+    local l = assert(core.listen{host = "127.0.0.1", port = 0})
+    assert.error_matches(function() l:accept() end, "must be called from a coroutine started by duplex.core.spawn")
+    assert.error_matches(function() core.connect{host = "127.0.0.1", port = 1} end, "must be called from a coroutine")
+    l:close()
+  end)
+
+  it("reports listen errors", function()
+    local l = assert(core.listen{host = "127.0.0.1", port = 0})
+    local _, port = l:address()
+    local l2, err = core.listen{host = "127.0.0.1", port = port}
+    assert.is_nil(l2)
+    assert.equal("address already in use", err)
+    l:close()
+    assert.error_matches(function() core.listen{host = "127.0.0.1", port = 70000} end, "port")
+  end)
+
+  it("serves 2,000 concurrent connections and leaks nothing", function()
+    collectgarbage()
+    local fds0, stats0 = open_fds(), core.loop_stats()
+    local n, ok = 2000, 0
+    run(function()
+      local l = assert(core.listen{host = "127.0.0.1", port = 0, backlog = 4096})
+      local _, port = l:address()
+      core.spawn(function()
+        while true do
+          local s = l:accept()
+          if not s then return end
+          core.spawn(echo, s)
+        end
+      end)
+      local left = n
+      local me = coroutine.running()
+      for i = 1, n do
+        core.spawn(function()
+          local c = assert(core.connect{host = "127.0.0.1", port = port, timeout = 30})
+          local msg = "hello " .. i .. "\n"
+          c:write(msg)
+          if read_n(c, #msg, 30) == msg then ok = ok + 1 end
+          c:close()
+          left = left - 1
+          if left == 0 then core.wake(me) end
+        end)
+      end
+      core.park(60)
+      l:close()
+      core.sleep(0.05) -- let the server side see the ends
+    end, 90)
+    assert.equal(n, ok)
+    collectgarbage()
+    collectgarbage()
+    local stats = core.loop_stats()
+    assert.equal(stats0.sockets, stats.sockets)
+    assert.equal(stats0.coroutines, stats.coroutines)
+    assert.equal(stats0.timers, stats.timers)
+    assert.equal(stats0.fds, stats.fds)
+    assert.equal(fds0, open_fds())
+  end)
+
+  describe("with an engine", function()
+    it("feeds received bytes to the engine until an event is queued", function()
+      run(function()
+        local server_got
+        local l, port = serve("127.0.0.1", function(s)
+          local e = core.engine{role = "server"}
+          local n, err = s:receive(e, 5)
+          assert.equal(1, n, err)
+          server_got = {e:next()}
+          s:close()
+        end)
+        local c = assert(core.connect{host = "127.0.0.1", port = port})
+        local ec = core.engine{role = "client"}
+        assert(ec:send("hello"))
+        local frame = ec:data_to_send()
+        -- a frame in two pieces: receive must read on until it is whole
+        c:write(frame:sub(1, 4))
+        c:flush()
+        core.sleep(0.02)
+        c:write(frame:sub(5))
+        assert.same({nil, "closed"}, {c:read(nil, 5)})
+        assert.same({"text", "hello"}, server_got)
+        c:close()
+        l:close()
+      end)
+    end)
+
+    it("writes the socket's own bytes first, then the engine's, without a socket write", function()
+      run(function()
+        local l, port = serve("127.0.0.1", function(s)
+          local e = core.engine{role = "server"}
+          assert.is_true(s:attach(e))
+          s:write("prefix;")
+          assert(e:send("reply"))
+          assert.equal(7 + 7, s:buffered())
+          s:read(nil, 5) -- the loop flushes both on its own
+          s:close()
+        end)
+        local c = assert(core.connect{host = "127.0.0.1", port = port})
+        assert.equal("prefix;\x81\x05reply", read_n(c, 14, 5))
+        -- engine output alone (no s:write) is flushed too
+        c:close()
+        l:close()
+      end)
+    end)
+
+    it("carries a message exchange and the closing handshake with attached engines", function()
+      run(function()
+        local l, port = serve("127.0.0.1", function(s)
+          local e = core.engine{role = "server"}
+          s:attach(e)
+          while true do
+            local n, err = s:receive(e, 5)
+            if not n then break end
+            for kind, data in e.next, e do
+              if kind == "text" then assert(e:send(data:upper())) end
+            end
+            if e:state() == "closed" then break end
+          end
+          assert(s:flush(5))
+          s:close()
+        end)
+        local c = assert(core.connect{host = "127.0.0.1", port = port})
+        local e = core.engine{role = "client"}
+        c:attach(e)
+        local replies = {}
+        for i = 1, 3 do
+          assert(e:send("msg" .. i))
+          assert(c:receive(e, 5))
+          local kind, data = e:next()
+          replies[#replies + 1] = kind .. ":" .. data
+        end
+        assert.same({"text:MSG1", "text:MSG2", "text:MSG3"}, replies)
+        assert(e:close(1000))
+        assert(c:receive(e, 5))
+        assert.equal("close", (e:next()))
+        c:close()
+        l:close()
+      end)
+    end)
+
+    it("unhooks the engine when the socket is closed or collected", function()
+      local e = core.engine{role = "server"}
+      local sockets0 = core.loop_stats().sockets
+      run(function()
+        local l = assert(core.listen{host = "127.0.0.1", port = 0})
+        local _, port = l:address()
+        core.spawn(function()
+          local s = l:accept()
+          s:attach(e)
+          s:close()
+        end)
+        local c = assert(core.connect{host = "127.0.0.1", port = port})
+        c:read(nil, 5)
+        c:close()
+        l:close()
+      end)
+      collectgarbage()
+      collectgarbage()
+      -- with a dangling output hook this would write to a freed socket
+      assert(e:send("after"))
+      assert.equal(sockets0, core.loop_stats().sockets)
+    end)
+  end)
+
+  it("leaves the loop as it found it", function()
+    collectgarbage()
+    collectgarbage()
+    local stats = core.loop_stats()
+    assert.equal(stats_before.sockets, stats.sockets)
+    assert.equal(stats_before.coroutines, stats.coroutines)
+    assert.equal(0, stats.timers)
+  end)
+end)
