@@ -208,12 +208,11 @@ end
 --- Close a peer that does not read fast enough (1008, policy violation).
 function WebSocket:_slow_consumer(why)
   if self.state ~= "open" then return end
-  self._abort_reason = why
+  -- The close frame queues behind the backlog the peer is not reading, so
+  -- it is sent on a best-effort basis: the connection ends now either way.
   self.engine:close(1008, "slow consumer")
-  self.state = "closing"
-  self._close_deadline = now() + self.close_timeout
-  self.sock:flush(0)
-  self:_finish(1006, why, why)
+  self.error = why
+  self:_finish(1006, why)
 end
 
 local function check_kind(kind, level)
@@ -327,6 +326,10 @@ end
 ---@param code integer|nil
 ---@param reason string|nil
 function WebSocket:close(code, reason)
+  if code ~= nil and not core.close_code_valid(code) then
+    error("close: code " .. tostring(code) .. " may not be sent (1000-1003, 1007-1014, 3000-4999)", 2)
+  end
+  if reason ~= nil and #reason > 123 then error("close: reason longer than 123 bytes", 2) end
   if self.state ~= "open" then return true end
   return blocking(close, self, code or 1000, reason or "")
 end
