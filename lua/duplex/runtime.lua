@@ -44,9 +44,14 @@ function runtime.unwatch(m)
   if not members[m] then return end
   members[m] = nil
   count = count - 1
-  if count == 0 and timer then
-    timer:cancel()
-    timer = nil
+  if count == 0 then
+    -- A Lua table keeps its peak size when emptied: start afresh so that
+    -- memory returns to its idle level after a burst of connections.
+    members = {}
+    if timer then
+      timer:cancel()
+      timer = nil
+    end
   end
 end
 

@@ -185,7 +185,11 @@ local function handle(self, sock)
   self.sockets[sock] = nil
   sock:close()
   self.count = self.count - 1
-  if self.count == 0 and self._drained then core.wake(self._drained) end
+  if self.count == 0 then
+    -- emptied tables keep their peak size; idle servers give it back
+    self.sockets, self.connections = {}, {}
+    if self._drained then core.wake(self._drained) end
+  end
 end
 
 local function accept_loop(self)
