@@ -2,6 +2,7 @@
 --   lua5.4 examples/echo.lua --port 9001 [--host 127.0.0.1] [--path /]
 --        [--tls-cert cert.pem --tls-key key.pem] [--max-size BYTES]
 --        [--deflate] [--ping-interval SECONDS (0 = off)]
+--        [--workers N (processes sharing the port; needs a fixed --port)]
 local root = arg[0]:match("^(.*)/examples/[^/]*$") or "."
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
 package.cpath = root .. "/lua/?.so;" .. package.cpath
@@ -12,7 +13,7 @@ local function usage(msg)
   io.stderr:write((msg and msg .. "\n" or "") .. [[
 usage: lua5.4 examples/echo.lua --port N [--host H] [--path P]
        [--tls-cert FILE --tls-key FILE] [--max-size BYTES] [--deflate]
-       [--ping-interval SECONDS]
+       [--ping-interval SECONDS] [--workers N]
 ]])
   os.exit(2)
 end
@@ -28,6 +29,7 @@ while i <= #arg do
   elseif a == "--tls-key" then opts.key = v
   elseif a == "--max-size" then opts.max_message = tonumber(v) or usage("bad --max-size")
   elseif a == "--ping-interval" then opts.ping_interval = tonumber(v) or usage("bad --ping-interval")
+  elseif a == "--workers" then opts.workers = tonumber(v) or usage("bad --workers")
   elseif a == "--deflate" then opts.deflate = true; i = i - 1
   elseif a == "--help" or a == "-h" then usage()
   else usage("unknown option " .. tostring(a)) end
@@ -35,25 +37,39 @@ while i <= #arg do
 end
 if (opts.cert == nil) ~= (opts.key == nil) then usage("--tls-cert and --tls-key go together") end
 
-local server, err = duplex.listen {
-  host = opts.host,
-  port = opts.port,
-  path = opts.path ~= "/" and opts.path or nil,
-  tls = opts.cert and { cert = opts.cert, key = opts.key } or nil,
-  max_message = opts.max_message,
-  ping_interval = opts.ping_interval,
-  deflate = opts.deflate,
-  handler = function(ws)
-    for message, kind in ws:messages() do
-      if not ws:send(message, kind) then break end
-    end
-  end,
-}
-if not server then
-  io.stderr:write("echo: ", err, "\n")
-  os.exit(1)
+local function start()
+  local server, err = duplex.listen {
+    host = opts.host,
+    port = opts.port,
+    reuseport = (opts.workers or 1) > 1,
+    path = opts.path ~= "/" and opts.path or nil,
+    tls = opts.cert and { cert = opts.cert, key = opts.key } or nil,
+    max_message = opts.max_message,
+    ping_interval = opts.ping_interval,
+    deflate = opts.deflate,
+    handler = function(ws)
+      for message, kind in ws:messages() do
+        if not ws:send(message, kind) then break end
+      end
+    end,
+  }
+  if not server then
+    io.stderr:write("echo: ", err, "\n")
+    os.exit(1)
+  end
+  return server
 end
 
+if opts.workers and opts.workers > 1 then
+  if opts.port == 0 then usage("--workers needs a fixed --port") end
+  print(string.format("echo server listening on %s://%s:%d%s with %d workers", opts.cert and "wss" or "ws",
+    opts.host:find(":") and "[" .. opts.host .. "]" or opts.host, opts.port, opts.path, opts.workers))
+  io.stdout:flush()
+  duplex.run { workers = opts.workers, setup = start, on_stop = function(server) server:shutdown(2) end }
+  os.exit(0)
+end
+
+local server = start()
 local function stop()
   server:shutdown(2)
   duplex.stop()
