@@ -1,0 +1,141 @@
+-- Client features: HTTP proxies (CONNECT, with basic auth), redirects only
+-- when asked, custom headers, timeouts.
+local duplex = require "duplex"
+local core = require "duplex.core"
+local run = require("duplex.runtime").blocking
+
+local servers = {}
+after_each(function()
+  for _, s in ipairs(servers) do s:shutdown(1) end
+  servers = {}
+end)
+
+local function echo_server(extra)
+  local opts = { host = "127.0.0.1", port = 0, handler = function(ws, req)
+    ws:send(req.headers["x-hello"] or "no header")
+    for m, k in ws:messages() do ws:send(m, k) end
+  end }
+  for k, v in pairs(extra or {}) do opts[k] = v end
+  local srv = assert(duplex.listen(opts))
+  servers[#servers + 1] = srv
+  return srv
+end
+
+-- A small HTTP CONNECT proxy on our own sockets: it checks credentials,
+-- opens the tunnel and copies bytes both ways.
+local function start_proxy(credentials)
+  local proxy = { requests = {} }
+  local listener = assert(core.listen { host = "127.0.0.1", port = 0 })
+  proxy.port = select(2, listener:address())
+  local function pipe(from, to)
+    while true do
+      local data = from:read(nil)
+      if not data then break end
+      to:write(data)
+    end
+    to:flush(1)
+    to:close()
+  end
+  core.spawn(function()
+    while true do
+      local client = listener:accept()
+      if not client then return end
+      core.spawn(function()
+        local head = ""
+        while not head:find("\r\n\r\n", 1, true) do
+          local d = client:read(nil, 5)
+          if not d then client:close() return end
+          head = head .. d
+        end
+        proxy.requests[#proxy.requests + 1] = head
+        local host, port = head:match("^CONNECT ([^%s]+):(%d+) HTTP/1%.1\r\n")
+        local auth = head:match("\r\n[Pp]roxy%-[Aa]uthorization: ([^\r\n]+)")
+        if credentials and auth ~= "Basic " .. credentials then
+          client:write("HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+          client:flush(1)
+          client:close()
+          return
+        end
+        local upstream = core.connect { host = host, port = tonumber(port), timeout = 2 }
+        if not upstream then
+          client:write("HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+          client:flush(1)
+          client:close()
+          return
+        end
+        client:write("HTTP/1.1 200 Connection established\r\n\r\n")
+        core.spawn(pipe, upstream, client)
+        pipe(client, upstream)
+      end)
+    end
+  end)
+  proxy.close = function() listener:close() end
+  return proxy
+end
+
+describe("client", function()
+  it("sends custom headers", function()
+    local srv = echo_server()
+    local ws = assert(duplex.connect(srv:url("/"), { headers = { ["X-Hello"] = "world" } }))
+    assert.equal("world", (ws:receive(5)))
+    ws:close()
+  end)
+
+  it("goes through an HTTP proxy with CONNECT and basic auth", function()
+    local srv = echo_server()
+    -- "user:p@ss w" base64-encoded
+    local proxy = start_proxy("dXNlcjpwQHNzIHc=")
+    local url = srv:url("/")
+    local ws = assert(duplex.connect(url, { proxy = "http://user:p%40ss%20w@127.0.0.1:" .. proxy.port }))
+    assert.equal("no header", (ws:receive(5)))
+    ws:send("through the tunnel")
+    assert.equal("through the tunnel", (ws:receive(5)))
+    ws:close()
+    assert.matches("^CONNECT 127%.0%.0%.1:" .. srv.port .. " HTTP/1%.1", proxy.requests[1])
+    local bad, err = duplex.connect(url, { proxy = "http://user:wrong@127.0.0.1:" .. proxy.port })
+    assert.is_nil(bad)
+    assert.matches("407", err)
+    proxy.close()
+  end)
+
+  it("follows a redirect only when asked", function()
+    local target = echo_server()
+    local srv = echo_server { on_request = function(req)
+      if req.path == "/old" then return 302, "moved", { Location = target:url("/new") } end
+    end }
+    local ws, err, res = duplex.connect(srv:url("/old"))
+    assert.is_nil(ws)
+    assert.matches("302", err)
+    assert.equal(target:url("/new"), res.headers.location)
+    ws = assert(duplex.connect(srv:url("/old"), { follow_redirects = true }))
+    assert.equal("no header", (ws:receive(5)))
+    assert.equal(target.port, ws.remote_port)
+    ws:close()
+    -- a redirect loop ends
+    local loop = echo_server { on_request = function(req) return 302, "", { Location = req.path } end }
+    ws, err = duplex.connect(loop:url("/x"), { follow_redirects = 3 })
+    assert.is_nil(ws)
+    assert.matches("302", err)
+  end)
+
+  it("times out a server that accepts TCP but never answers the handshake", function()
+    local listener = assert(core.listen { host = "127.0.0.1", port = 0 })
+    local _, port = listener:address()
+    local held = {}
+    core.spawn(function()
+      while true do
+        local s = listener:accept()
+        if not s then return end
+        held[#held + 1] = s
+      end
+    end)
+    local t0 = core.now()
+    local ws, err = duplex.connect("ws://127.0.0.1:" .. port .. "/", { timeout = 0.3 })
+    assert.is_nil(ws)
+    assert.matches("timed out", err)
+    assert.is_true(core.now() - t0 < 2)
+    listener:close()
+    for _, s in ipairs(held) do s:close() end
+    run(core.sleep, 0.01)
+  end)
+end)
