@@ -308,8 +308,26 @@ static int l_tostring(lua_State *L) {
   return 1;
 }
 
-/* core.encode_frame(data [, kind = "text" [, fin = true]]) -> an unmasked
- * (server) frame to hand to many engines with send_raw. */
+/* Compress a whole message the way a fresh no-context-takeover stream would,
+ * so that the same bytes are valid on every connection that negotiated
+ * server_no_context_takeover with a window of at least window_bits. */
+static int compress_once(lua_State *L, const char *s, size_t n, int window_bits, dx_buf *out) {
+  dx_pmd_params params = {1, 1, window_bits, window_bits};
+  dx_pmd *z = dx_pmd_new(DX_ROLE_SERVER, &params, NULL);
+  if (!z) return luaL_error(L, "encode_frame: window_bits must be 8..15");
+  int rc = dx_pmd_deflate(z, (const uint8_t *)s, n, 1, out);
+  dx_pmd_free(z);
+  if (rc != DX_PMD_OK) {
+    dx_buf_free(out);
+    return luaL_error(L, "encode_frame: out of memory");
+  }
+  return 0;
+}
+
+/* core.encode_frame(data [, kind = "text" [, fin = true [, window_bits]]])
+ * -> an unmasked (server) frame to hand to many engines with send_raw.
+ * With window_bits the message is compressed once (permessage-deflate, RSV1)
+ * for connections without server context takeover. */
 static int l_encode_frame(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
@@ -317,14 +335,26 @@ static int l_encode_frame(lua_State *L) {
   static const int ops[] = {DX_OP_TEXT, DX_OP_BINARY, DX_OP_CONT, DX_OP_PING, DX_OP_PONG};
   int op = ops[luaL_checkoption(L, 2, "text", names)];
   int fin = lua_isnoneornil(L, 3) ? 1 : lua_toboolean(L, 3);
+  int window_bits = (int)luaL_optinteger(L, 4, 0);
   if (dx_opcode_is_control(op) && n > DX_CONTROL_MAX)
     return luaL_argerror(L, 1, "control frame payload longer than 125 bytes");
+  dx_buf z = DX_BUF_INIT;
+  int rsv = 0;
+  if (window_bits) {
+    if (op != DX_OP_TEXT && op != DX_OP_BINARY) return luaL_argerror(L, 2, "only messages are compressed");
+    if (!fin) return luaL_argerror(L, 3, "a compressed broadcast frame must be a whole message");
+    compress_once(L, s, n, window_bits, &z);
+    s = (const char *)dx_buf_head(&z);
+    n = dx_buf_size(&z);
+    rsv = DX_RSV1;
+  }
   uint8_t hdr[DX_FRAME_HEADER_MAX];
-  size_t h = dx_frame_encode(hdr, fin, 0, op, n, NULL);
+  size_t h = dx_frame_encode(hdr, fin, rsv, op, n, NULL);
   luaL_Buffer b;
   char *out = luaL_buffinitsize(L, &b, h + n);
   memcpy(out, hdr, h);
-  memcpy(out + h, s, n);
+  if (n) memcpy(out + h, s, n);
+  dx_buf_free(&z);
   luaL_pushresultsize(&b, h + n);
   return 1;
 }

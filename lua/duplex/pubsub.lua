@@ -27,7 +27,7 @@ function pubsub.new(opts)
     max_backlog = opts.max_backlog or (1 << 20),
     overflow = overflow,
     on_drop = opts.on_drop,
-    stats = { published = 0, delivered = 0, dropped = 0, closed = 0 },
+    stats = { published = 0, delivered = 0, dropped = 0, closed = 0, compressed = 0 },
   }, Hub)
   if opts.broker then hub:attach_broker(opts.broker) end
   return hub
@@ -89,7 +89,9 @@ end
 function Hub:deliver(topic, message, kind)
   local subs = self.topics[topic]
   if not subs then return 0 end
-  local frame = core.encode_frame(message, kind or "text")
+  kind = kind or "text"
+  local frame = core.encode_frame(message, kind)
+  local compressed = {} -- window bits -> frame compressed once for all
   local limit, n = self.max_backlog, 0
   for ws in pairs(subs) do
     if ws.state ~= "open" then
@@ -97,7 +99,20 @@ function Hub:deliver(topic, message, kind)
     elseif ws:buffered() > limit then
       overflow(self, ws, topic)
     elseif ws.role == "server" then
-      if ws:send_frame(frame) then n = n + 1 end
+      local f = frame
+      local p = ws.deflate_params
+      -- Connections without server context takeover all accept the same
+      -- compressed bytes; the others get the plain frame (also valid).
+      if p and p.server_no_context_takeover and #message >= ws.compress_threshold then
+        local bits = p.server_max_window_bits
+        f = compressed[bits]
+        if not f then
+          f = core.encode_frame(message, kind, true, bits)
+          compressed[bits] = f
+          self.stats.compressed = self.stats.compressed + 1
+        end
+      end
+      if ws:send_frame(f) then n = n + 1 end
     elseif ws:send(message, kind) then -- client frames are masked one by one
       n = n + 1
     end

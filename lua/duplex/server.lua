@@ -57,7 +57,11 @@ local function make_route(opts, spec)
     route.origin_set = set
   end
   if route.deflate then
-    route.deflate_policy = type(route.deflate) == "table" and route.deflate or {}
+    -- By default the server compresses every message on its own (no
+    -- context takeover): no deflate state is kept between messages, and one
+    -- compressed broadcast frame suits every such connection.
+    route.deflate_policy = type(route.deflate) == "table" and route.deflate
+      or { server_no_context_takeover = true }
   end
   return route
 end
@@ -151,6 +155,7 @@ local function upgrade(self, sock, req, hs, route)
   if #rest > 0 then engine:feed(rest) end
   local ws = WebSocket.new(sock, engine, route, {
     request = req, protocol = protocol, extensions = ext, deflate = pmd_params ~= nil,
+    deflate_params = pmd_params,
     remote_address = req.remote_address, remote_port = req.peer_port, server = self,
   })
   self.connections[ws] = true
