@@ -2,21 +2,7 @@
 -- processes. Every `it` runs the loop to completion under a time limit.
 local core = require "duplex.core"
 
--- Run fn in a loop coroutine; stop the loop when it returns (or after
--- `limit` seconds, which fails the test).
-local function run(fn, limit)
-  local done, err = false, nil
-  core.spawn(function()
-    local ok, e = xpcall(fn, debug.traceback)
-    done, err = true, not ok and e or nil
-    core.stop()
-  end)
-  local guard = core.timer(limit or 10, core.stop)
-  core.run()
-  guard:cancel()
-  if err then error(err, 0) end
-  assert(done, "the test did not finish in time")
-end
+local function run(fn, limit) return require("support.loop").run(fn, limit or 10) end
 
 describe("duplex.core loop", function()
   after_each(function()

@@ -2,21 +2,7 @@
 local core = require "duplex.core"
 local certs = require "support.certs"
 
--- Run fn in a loop coroutine; stop the loop when it returns (or after
--- `limit` seconds, which fails the test).
-local function run(fn, limit)
-  local done, err = false, nil
-  core.spawn(function()
-    local ok, e = xpcall(fn, debug.traceback)
-    done, err = true, not ok and e or nil
-    core.stop()
-  end)
-  local guard = core.timer(limit or 20, core.stop)
-  core.run()
-  guard:cancel()
-  if err then error(err, 0) end
-  assert(done, "the test did not finish in time")
-end
+local run = require("support.loop").run
 
 local function read_n(s, n, timeout)
   local parts, got = {}, 0
