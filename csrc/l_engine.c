@@ -18,8 +18,11 @@ typedef struct engine {
   size_t scratch_cap;
 } engine;
 
-/* Slots per queued event: kind, data, and up to three details. */
-#define SLOTS 5
+/* Slots per queued event: how many values follow, then the kind, the data
+ * and up to three details. Only the data slot holds memory worth freeing
+ * (kinds are interned constants), so popping clears just that one. */
+#define SLOTS 6
+#define DATA_SLOT 2
 
 static engine *check(lua_State *L, int idx) {
   engine *e = luaL_checkudata(L, idx, DX_ENGINE_MT);
@@ -113,11 +116,9 @@ int dx_engine_feed(lua_State *L, int idx, uint8_t *data, size_t n) {
   while (dx_proto_next(&e->p, &ev) != DX_EV_NONE) {
     int k = push_event(L, &ev);
     lua_Integer base = e->qtail;
-    for (int i = k; i >= 1; i--) lua_rawseti(L, q, base + i - 1);
-    for (int i = k; i < SLOTS; i++) {
-      lua_pushnil(L);
-      lua_rawseti(L, q, base + i);
-    }
+    for (int i = k; i >= 1; i--) lua_rawseti(L, q, base + i);
+    lua_pushinteger(L, k);
+    lua_rawseti(L, q, base);
     e->qtail += SLOTS;
   }
   lua_pop(L, 1);
@@ -153,18 +154,12 @@ static int l_next(lua_State *L) {
   lua_getiuservalue(L, 1, 1);
   int q = lua_gettop(L);
   lua_Integer base = e->qhead;
-  int k = 0;
-  for (int i = 0; i < SLOTS; i++) {
-    if (lua_rawgeti(L, q, base + i) == LUA_TNIL) {
-      lua_pop(L, 1);
-      break;
-    }
-    k++;
-  }
-  for (int i = 0; i < SLOTS; i++) {
-    lua_pushnil(L);
-    lua_rawseti(L, q, base + i);
-  }
+  lua_rawgeti(L, q, base);
+  int k = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  for (int i = 1; i <= k; i++) lua_rawgeti(L, q, base + i);
+  lua_pushnil(L);
+  lua_rawseti(L, q, base + DATA_SLOT);
   e->qhead += SLOTS;
   if (e->qhead == e->qtail) e->qhead = e->qtail = 1;
   return k;
