@@ -111,6 +111,21 @@ function WebSocket:_end_tcp()
   end
 end
 
+--- After failing the connection (RFC 6455 §7.1.7) the peer may still be
+--- sending what we refused (a message over max_message, say). Closing with
+--- its bytes unread would reset the connection, and the reset can destroy
+--- our close frame before the peer reads it: so send FIN and discard its
+--- input until it closes too, for at most close_timeout.
+function WebSocket:_linger()
+  local sock = self.sock
+  if not sock:shutdown(self.close_timeout) then return end
+  local deadline = now() + self.close_timeout
+  while true do
+    local left = deadline - now()
+    if left <= 0 or not sock:read(nil, left) then break end
+  end
+end
+
 -- Handle one engine event. Returns true when receive() should return the
 -- values that follow; otherwise the event was consumed here.
 function WebSocket:_event(kind, data, a, b, c)
@@ -134,7 +149,9 @@ function WebSocket:_event(kind, data, a, b, c)
   else -- "error": the peer broke the protocol; our close frame is queued
     self.close_code, self.close_reason = a, data
     self.error = "protocol error: " .. data
-    self.sock:flush(self.close_timeout)
+    self.state = "closing"
+    self._close_deadline = now() + self.close_timeout
+    self:_linger()
     self:_finish(a, data, self.error)
     return true, nil, "closed", a, data
   end
@@ -150,7 +167,10 @@ local function receive(self, timeout)
       return self:_closed_result()
     end
     local kind, data, a, b, c = engine:next()
-    if kind then
+    if kind == "text" or kind == "binary" then -- the common case, first
+      self._reading = false
+      return data, kind
+    elseif kind then
       local deliver, r1, r2, r3, r4 = self:_event(kind, data, a, b, c)
       if deliver then
         self._reading = false
