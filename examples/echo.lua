@@ -13,7 +13,7 @@ local function usage(msg)
   io.stderr:write((msg and msg .. "\n" or "") .. [[
 usage: lua5.4 examples/echo.lua --port N [--host H] [--path P]
        [--tls-cert FILE --tls-key FILE] [--max-size BYTES] [--deflate]
-       [--ping-interval SECONDS] [--workers N]
+       [--ping-interval SECONDS] [--workers N] [--max-connections N]
 ]])
   os.exit(2)
 end
@@ -29,6 +29,7 @@ while i <= #arg do
   elseif a == "--tls-key" then opts.key = v
   elseif a == "--max-size" then opts.max_message = tonumber(v) or usage("bad --max-size")
   elseif a == "--ping-interval" then opts.ping_interval = tonumber(v) or usage("bad --ping-interval")
+  elseif a == "--max-connections" then opts.max_connections = tonumber(v) or usage("bad --max-connections")
   elseif a == "--workers" then opts.workers = tonumber(v) or usage("bad --workers")
   elseif a == "--deflate" then opts.deflate = true; i = i - 1
   elseif a == "--help" or a == "-h" then usage()
@@ -45,6 +46,7 @@ local function start()
     path = opts.path ~= "/" and opts.path or nil,
     tls = opts.cert and { cert = opts.cert, key = opts.key } or nil,
     max_message = opts.max_message,
+    max_connections = opts.max_connections,
     ping_interval = opts.ping_interval,
     deflate = opts.deflate,
     handler = function(ws)

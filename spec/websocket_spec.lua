@@ -110,6 +110,29 @@ describe("duplex client and server", function()
     assert.has_error(function() ws2:close(1005) end)
   end)
 
+  it("answers a close frame that arrives in the same read as a message", function()
+    local srv = listen { handler = function(ws)
+      for m, k in ws:messages() do
+        if not ws:send(m, k) then break end -- fails: the peer already closed
+      end
+    end }
+    local got = run(function()
+      local sock = raw_upgrade(srv)
+      sock:write(F.build { op = "text", payload = "last words", key = "abcd" }
+        .. F.build { op = "close", payload = F.close_payload(1000, "bye"), key = "abcd" })
+      local bytes = ""
+      while true do
+        local d, err = sock:read(nil, 2)
+        if not d then bytes = bytes .. "<" .. err .. ">" break end
+        bytes = bytes .. d
+      end
+      sock:close()
+      return bytes
+    end)
+    -- the echo cannot be sent any more; the close is answered, then FIN
+    assert.equal(F.build { op = "close", payload = F.close_payload(1000) } .. "<closed>", got)
+  end)
+
   it("closes with 1011 when a handler fails, and with 1000 when it returns", function()
     local srv = listen { routes = {
       ["/fail"] = function() error("boom") end,

@@ -318,16 +318,16 @@ end
 --- comes within close_timeout. Used for graceful shutdown of many at once.
 function WebSocket:start_close(code, reason)
   if self.state ~= "open" then return true end
-  local ok, err = self.engine:close(code or 1000, reason or "")
-  if not ok then return nil, err end
   self.state = "closing"
   self._close_deadline = now() + self.close_timeout
+  -- This fails only when the engine has already read the peer's close frame
+  -- and answered it; the event waits in its queue for the next reader.
+  self.engine:close(code or 1000, reason or "")
   return true
 end
 
 local function close(self, code, reason)
-  local ok, err = self:start_close(code, reason)
-  if not ok then return nil, err end
+  self:start_close(code, reason)
   if self._reading then return true end -- the reader sees the reply
   -- Nobody reads: wait for the peer's close frame ourselves.
   while self.state ~= "closed" do
