@@ -10,6 +10,11 @@
  *   loadgen MODE --url ws://127.0.0.1:PORT/path [options]
  *   MODE: echo | connect | idle | broadcast      (loadgen --help for options)
  *
+ * wss:// goes through OpenSSL (no certificate check: loopback only), and
+ * --deflate offers permessage-deflate without context takeover, so that each
+ * message is compressed on its own and one shared zlib stream per direction
+ * serves every connection.
+ *
  * The client is deliberately independent of duplex's engine (its own
  * framing and masking): a bug shared by both ends would otherwise cancel out.
  */
@@ -19,6 +24,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -36,8 +42,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <openssl/ssl.h>
+#include <zlib.h>
 
 /* ---- limits ------------------------------------------------------------ */
 
@@ -64,6 +73,11 @@
 #define STAMP_LEN 16u /* echo payloads start with 16 hex digits of the seq */
 
 static const char WS_GUID[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/* No context takeover either way: each message is (de)compressed on its own,
+ * with one zlib stream per direction for all connections. */
+#define PMD_OFFER \
+  "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover; server_no_context_takeover\r\n"
 
 /* The only process-wide state: set by SIGINT/SIGTERM, polled by the loop. */
 static volatile sig_atomic_t stop_requested;
@@ -284,6 +298,7 @@ static const char *const MODE_NAMES[] = {"echo", "connect", "idle", "broadcast"}
 struct target {
   struct sockaddr_storage addr;
   socklen_t addrlen;
+  bool tls; /* wss:// */
   char *request; /* handshake request up to (excluding) the key line */
   size_t request_len;
 };
@@ -293,6 +308,9 @@ struct opts {
   const char *url, *pub_url, *protocol;
   uint32_t conns, size, inflight, sources, max_pending, max_errors;
   bool text, json, size_set, conns_set;
+  bool deflate;      /* offer permessage-deflate */
+  bool json_payload; /* --payload json */
+  uint64_t messages; /* echo: messages to send in all, 0: until --duration ends */
   double duration, warmup, hold, timeout, publish_rate;
   pid_t pids[MAX_PIDS];
   int npids;
@@ -307,12 +325,19 @@ static void usage(FILE *f) {
       "  idle       opens --conns connections, holds them --hold seconds (answers pings)\n"
       "  broadcast  --conns subscribers + 1 publisher; counts deliveries of what it publishes\n"
       "options:\n"
-      "  --url U            target, loopback only (127.0.0.0/8 or [::1])\n"
+      "  --url U            ws:// or wss:// target, loopback only (127.0.0.0/8 or [::1]);\n"
+      "                     wss:// does not verify the server's certificate\n"
       "  --conns N          connections / concurrent cycles / subscribers (default 1, idle 100, broadcast 10)\n"
       "  --size N           message payload bytes (default 32, broadcast 64; broadcast needs >= 39)\n"
       "  --text             send text messages (default binary)\n"
+      "  --payload KIND     random (default) or json: chat-like JSON text, as compressible as real\n"
+      "                     messages (implies --text)\n"
+      "  --deflate          offer permessage-deflate (no context takeover either way); the server\n"
+      "                     must accept it. Reports wire bytes per payload byte each way\n"
       "  --inflight K       messages in flight per connection (echo) or per publisher (broadcast) (default 1)\n"
       "  --duration S       measured seconds (default 5)\n"
+      "  --messages N       echo: send N messages in all and end once they are echoed (with\n"
+      "                     --warmup 0 all are measured); for instruction counts under valgrind\n"
       "  --warmup S         unmeasured seconds before (default 1)\n"
       "  --hold S           idle: seconds to hold the connections (default 5)\n"
       "  --publish-rate R   broadcast: R messages/s instead of --inflight flow control\n"
@@ -349,7 +374,8 @@ static void parse_pids(struct opts *o, const char *s) {
 
 static void parse_args(struct opts *o, int argc, char **argv) {
   enum { O_URL = 256, O_CONNS, O_SIZE, O_TEXT, O_INFLIGHT, O_DURATION, O_WARMUP, O_HOLD, O_RATE, O_PUBURL,
-         O_PROTOCOL, O_PID, O_SOURCES, O_PENDING, O_TIMEOUT, O_MAXERR, O_JSON, O_HELP };
+         O_PROTOCOL, O_PID, O_SOURCES, O_PENDING, O_TIMEOUT, O_MAXERR, O_JSON, O_HELP, O_DEFLATE, O_PAYLOAD,
+         O_MESSAGES };
   static const struct option longopts[] = {
       {"url", 1, 0, O_URL},         {"conns", 1, 0, O_CONNS},       {"size", 1, 0, O_SIZE},
       {"text", 0, 0, O_TEXT},       {"inflight", 1, 0, O_INFLIGHT}, {"duration", 1, 0, O_DURATION},
@@ -357,6 +383,7 @@ static void parse_args(struct opts *o, int argc, char **argv) {
       {"pub-url", 1, 0, O_PUBURL},  {"protocol", 1, 0, O_PROTOCOL}, {"pid", 1, 0, O_PID},
       {"sources", 1, 0, O_SOURCES}, {"max-pending", 1, 0, O_PENDING}, {"timeout", 1, 0, O_TIMEOUT},
       {"max-errors", 1, 0, O_MAXERR}, {"json", 0, 0, O_JSON},       {"help", 0, 0, O_HELP},
+      {"deflate", 0, 0, O_DEFLATE}, {"payload", 1, 0, O_PAYLOAD},   {"messages", 1, 0, O_MESSAGES},
       {0, 0, 0, 0}};
   *o = (struct opts){.conns = 1, .size = 32, .inflight = 1, .max_pending = 64, .max_errors = 100,
                      .duration = 5, .warmup = 1, .hold = 5, .timeout = 10};
@@ -380,6 +407,12 @@ static void parse_args(struct opts *o, int argc, char **argv) {
     case O_TIMEOUT: o->timeout = parse_num("--timeout", optarg, 0.01, 3600); break;
     case O_MAXERR: o->max_errors = (uint32_t)parse_num("--max-errors", optarg, 1, 1e9); break;
     case O_JSON: o->json = true; break;
+    case O_DEFLATE: o->deflate = true; break;
+    case O_MESSAGES: o->messages = (uint64_t)parse_num("--messages", optarg, 1, 1e12); break;
+    case O_PAYLOAD:
+      if (!strcmp(optarg, "json")) o->json_payload = o->text = true;
+      else if (strcmp(optarg, "random")) die("--payload: 'random' or 'json'");
+      break;
     case 'h': case O_HELP: usage(stdout); exit(0);
     default: usage(stderr); exit(2);
     }
@@ -399,14 +432,16 @@ static void parse_args(struct opts *o, int argc, char **argv) {
   if (o->mode == M_BROADCAST && !o->size_set) o->size = 64;
   if (o->mode == M_BROADCAST && o->size < TOKEN_LEN) die("broadcast needs --size >= %u (timestamp token)", TOKEN_LEN);
   if (o->protocol && strpbrk(o->protocol, "\r\n")) die("--protocol: invalid value");
+  if (o->messages && o->mode != M_ECHO) die("--messages is for echo mode");
 }
 
-/* Accepts ws://HOST[:PORT][/path][?query] where HOST is an IPv4 address in
+/* Accepts ws[s]://HOST[:PORT][/path][?query] where HOST is an IPv4 address in
  * 127.0.0.0/8, [::1] or localhost: this tool must never load anyone else's
  * machine. */
 static void parse_url(const struct opts *o, const char *url, struct target *t) {
-  if (strncmp(url, "ws://", 5)) die("%s: only ws:// URLs are supported", url);
-  const char *h = url + 5, *hend, *rest;
+  t->tls = !strncmp(url, "wss://", 6);
+  if (!t->tls && strncmp(url, "ws://", 5)) die("%s: only ws:// and wss:// URLs are supported", url);
+  const char *h = url + (t->tls ? 6 : 5), *hend, *rest;
   char host[64];
   if (*h == '[') {
     hend = strchr(h, ']');
@@ -420,7 +455,7 @@ static void parse_url(const struct opts *o, const char *url, struct target *t) {
   if ((size_t)(hend - h) >= sizeof host || hend == h) die("%s: bad host", url);
   memcpy(host, h, (size_t)(hend - h));
   host[hend - h] = 0;
-  unsigned long port = 80;
+  unsigned long port = t->tls ? 443 : 80;
   if (*rest == ':') {
     char *end;
     port = strtoul(rest + 1, &end, 10);
@@ -454,9 +489,9 @@ static void parse_url(const struct opts *o, const char *url, struct target *t) {
   snprintf(hostport, sizeof hostport, t->addr.ss_family == AF_INET6 ? "[%s]:%lu" : "%s:%lu", host, port);
   int n = asprintf(&t->request,
                    "GET %s%.*s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   "Sec-WebSocket-Version: 13\r\n%s%s%s",
+                   "Sec-WebSocket-Version: 13\r\n%s%s%s%s",
                    *rest == '/' ? "" : "/", (int)plen, rest, hostport, o->protocol ? "Sec-WebSocket-Protocol: " : "",
-                   o->protocol ? o->protocol : "", o->protocol ? "\r\n" : "");
+                   o->protocol ? o->protocol : "", o->protocol ? "\r\n" : "", o->deflate ? PMD_OFFER : "");
   if (n < 0) die("out of memory");
   t->request_len = (size_t)n;
 }
@@ -482,6 +517,10 @@ struct conn {
   bool close_rcvd; /* the server sent a close frame */
   bool bad;        /* an error was counted: the eventual drop is not clean */
   uint8_t frag_op; /* opcode of the fragmented message being assembled, 0 if none */
+  bool frag_z;     /* ... and it is compressed (RSV1 on its first frame) */
+  bool pmd;        /* permessage-deflate was agreed */
+  bool tls_read_first; /* the last SSL_write needs the socket readable first */
+  SSL *ssl;        /* wss:// */
   char accept[32]; /* Sec-WebSocket-Accept the server must answer */
   size_t need;     /* bytes of the incomplete frame at the head of rbuf */
   struct buf rbuf, wbuf, frag;
@@ -506,6 +545,8 @@ struct counters {
   uint64_t bytes;      /* payload bytes of those */
   uint64_t published;  /* broadcast */
   uint64_t pings, foreign, wrapped;
+  uint64_t wire_out, payload_out; /* data frames sent: bytes with headers / message payload */
+  uint64_t wire_in, payload_in;   /* data frames received: bytes with headers / message payload */
 };
 
 struct lg {
@@ -521,6 +562,9 @@ struct lg {
   uint64_t phase_end, next_scan;
   uint64_t max_frame;
   uint8_t *pattern, *scratch;
+  SSL_CTX *tls;             /* when a target is wss:// */
+  z_stream zdef, zinf;      /* --deflate: reset for every message */
+  struct buf zout, zin;     /* compressed message being sent, inflated message received */
   uint64_t rng;
   struct snap snaps[SNAP_N];
   struct counters cnt;
@@ -532,6 +576,8 @@ struct lg {
   uint32_t *remaining, ring; /* per outstanding seq: subscribers still to deliver */
   uint64_t pub_seq, pub_acked, pub_t0, pub_progress;
   uint32_t subs_alive;
+  /* echo --messages */
+  uint64_t echo_sent, echo_done;
 };
 
 static bool role_sends(enum role r) { return r == R_ECHO || r == R_PUB; }
@@ -585,6 +631,48 @@ static void conn_note(struct lg *lg, struct conn *c, enum ekind k, const char *f
   }
 }
 
+/* ---- socket I/O, plain or TLS ------------------------------------------ */
+
+/* SSL_read/SSL_write results mapped to recv/send's: bytes, 0 for the end of
+ * the stream, or -1 with errno (EAGAIN: wait for readiness; EPROTO: a TLS
+ * error, see io_error). The TLS handshake happens inside the first calls. */
+static ssize_t tls_result(struct conn *c, int r, bool writing) {
+  if (r > 0) {
+    if (writing) c->tls_read_first = false;
+    return r;
+  }
+  switch (SSL_get_error(c->ssl, r)) {
+  case SSL_ERROR_WANT_READ:
+    if (writing) c->tls_read_first = true;
+    errno = EAGAIN;
+    return -1;
+  case SSL_ERROR_WANT_WRITE: errno = EAGAIN; return -1;
+  case SSL_ERROR_ZERO_RETURN: return 0;
+  case SSL_ERROR_SYSCALL:
+    if (!errno) errno = ECONNRESET;
+    return -1;
+  default: errno = EPROTO; return -1;
+  }
+}
+
+static ssize_t conn_send(struct conn *c, const uint8_t *p, size_t n) {
+  if (!c->ssl) return send(c->fd, p, n, MSG_NOSIGNAL);
+  ERR_clear_error();
+  return tls_result(c, SSL_write(c->ssl, p, (int)(n > INT_MAX ? INT_MAX : n)), true);
+}
+
+static ssize_t conn_recv(struct conn *c, uint8_t *p, size_t n) {
+  if (!c->ssl) return recv(c->fd, p, n, 0);
+  ERR_clear_error();
+  return tls_result(c, SSL_read(c->ssl, p, (int)(n > INT_MAX ? INT_MAX : n)), false);
+}
+
+static const char *io_error(int err) {
+  if (err != EPROTO) return strerror(err);
+  const char *why = ERR_reason_error_string(ERR_peek_last_error());
+  return why ? why : "TLS error";
+}
+
 /* ---- sending ----------------------------------------------------------- */
 
 static int conn_want_out(struct lg *lg, struct conn *c, bool want) {
@@ -600,24 +688,26 @@ static int conn_flush(struct lg *lg, struct conn *c) {
   struct buf *b = &c->wbuf;
   if (c->state == CS_CONNECTING) return 0;
   while (buf_avail(b)) {
-    ssize_t n = send(c->fd, buf_data(b), buf_avail(b), MSG_NOSIGNAL);
+    ssize_t n = conn_send(c, buf_data(b), buf_avail(b));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno == EAGAIN) break;
-    if (n < 0) {
+    if (n <= 0) {
       if (c->close_rcvd) { /* the server closed after its close frame: nothing more to say */
         conn_drop(lg, c, !c->bad);
         return -1;
       }
-      return conn_fail(lg, c, E_CLOSED, "send: %s", strerror(errno));
+      return conn_fail(lg, c, E_CLOSED, "send: %s", n < 0 ? io_error(errno) : "TLS connection closed");
     }
     buf_consume(b, (size_t)n);
   }
   if (!buf_avail(b) && (!role_sends(c->role) || b->cap > (1u << 20))) buf_free(b);
-  return conn_want_out(lg, c, buf_avail(b) > 0);
+  /* a TLS write waiting for the server's handshake bytes resumes on EPOLLIN */
+  return conn_want_out(lg, c, buf_avail(b) > 0 && !c->tls_read_first);
 }
 
 /* Appends one masked frame whose payload is a followed by b (two parts so
- * that a stamp and the shared pattern need no temporary copy). */
+ * that a stamp and the shared pattern need no temporary copy). op may carry
+ * the RSV1 bit (0x40) of a compressed message. */
 static void conn_put_frame(struct lg *lg, struct conn *c, unsigned op, const uint8_t *a, size_t na, const uint8_t *b,
                            size_t nb) {
   size_t len = na + nb, hl;
@@ -646,6 +736,68 @@ static void conn_put_frame(struct lg *lg, struct conn *c, unsigned op, const uin
   mask_copy(w + hl, a, na, key, &pos);
   mask_copy(w + hl + na, b, nb, key, &pos);
   c->wbuf.len += hl + len;
+  if (!(op & 8) && lg->phase == PH_MEASURE) lg->cnt.wire_out += hl + len;
+}
+
+/* Raw deflate of a followed by b into lg->zout, without the 00 00 ff ff
+ * that Z_SYNC_FLUSH leaves at the end (RFC 7692 7.2.1). */
+static void pmd_compress(struct lg *lg, const uint8_t *a, size_t na, const uint8_t *b, size_t nb) {
+  z_stream *z = &lg->zdef;
+  struct buf *o = &lg->zout;
+  deflateReset(z);
+  o->off = o->len = 0;
+  buf_reserve(o, deflateBound(z, (uLong)(na + nb)) + 16);
+  z->next_out = o->p;
+  z->avail_out = (uInt)o->cap;
+  z->next_in = (Bytef *)a;
+  z->avail_in = (uInt)na;
+  if (deflate(z, Z_NO_FLUSH) == Z_STREAM_ERROR) die("deflate failed");
+  z->next_in = (Bytef *)b;
+  z->avail_in = (uInt)nb;
+  if (deflate(z, Z_SYNC_FLUSH) == Z_STREAM_ERROR || z->avail_in) die("deflate failed");
+  o->len = o->cap - z->avail_out;
+  if (o->len < 4 || memcmp(o->p + o->len - 4, "\0\0\xff\xff", 4)) die("deflate: no sync flush marker");
+  o->len -= 4;
+}
+
+/* One data message, compressed if permessage-deflate was agreed. */
+static void conn_put_data(struct lg *lg, struct conn *c, const uint8_t *a, size_t na, const uint8_t *b, size_t nb) {
+  unsigned op = lg->o.text ? 1 : 2;
+  if (lg->phase == PH_MEASURE) lg->cnt.payload_out += na + nb;
+  if (!c->pmd) {
+    conn_put_frame(lg, c, op, a, na, b, nb);
+    return;
+  }
+  pmd_compress(lg, a, na, b, nb);
+  conn_put_frame(lg, c, 0x40 | op, buf_data(&lg->zout), buf_avail(&lg->zout), NULL, 0);
+}
+
+/* Inflates a compressed message into lg->zin; false if it is corrupt or
+ * inflates to more than the largest message expected. */
+static bool pmd_inflate(struct lg *lg, const uint8_t *p, size_t n) {
+  static const uint8_t tail[4] = {0, 0, 0xff, 0xff};
+  z_stream *z = &lg->zinf;
+  struct buf *o = &lg->zin;
+  inflateReset(z);
+  o->off = o->len = 0;
+  for (int part = 0; part < 2; part++) {
+    z->next_in = (Bytef *)(part ? tail : p);
+    z->avail_in = (uInt)(part ? 4 : n);
+    while (z->avail_in) {
+      if (o->len == o->cap) {
+        if (o->len >= lg->max_frame) return false;
+        buf_reserve(o, o->cap ? o->cap : 4096);
+      }
+      z->next_out = o->p + o->len;
+      z->avail_out = (uInt)(o->cap - o->len);
+      int r = inflate(z, Z_SYNC_FLUSH);
+      o->len = o->cap - z->avail_out;
+      if (r == Z_STREAM_END) return o->len <= lg->max_frame; /* a final block: the tail is not needed */
+      if (r != Z_OK && r != Z_BUF_ERROR) return false;
+      if (r == Z_BUF_ERROR && z->avail_out) return false; /* no progress possible */
+    }
+  }
+  return o->len <= lg->max_frame;
 }
 
 static void conn_put_close(struct lg *lg, struct conn *c, unsigned code) {
@@ -680,12 +832,14 @@ static bool sending_phase(const struct lg *lg) { return lg->phase == PH_WARMUP |
  * against a message that can be told apart from its neighbours. */
 static void echo_fill(struct lg *lg, struct conn *c, uint64_t now) {
   size_t size = lg->o.size, ns = size < STAMP_LEN ? size : STAMP_LEN;
-  while (sending_phase(lg) && c->state == CS_OPEN && c->sent - c->rcvd < lg->o.inflight) {
+  while (sending_phase(lg) && c->state == CS_OPEN && c->sent - c->rcvd < lg->o.inflight &&
+         (!lg->o.messages || lg->echo_sent < lg->o.messages)) {
     uint8_t stamp[STAMP_LEN];
     hex16_put(stamp, echo_stamp_value(c, c->sent));
-    conn_put_frame(lg, c, data_op(lg), stamp, ns, lg->pattern + ns, size - ns);
+    conn_put_data(lg, c, stamp, ns, lg->pattern + ns, size - ns);
     c->t_sent[c->sent % lg->o.inflight] = now;
     c->sent++;
+    lg->echo_sent++;
   }
   /* while closing, the close deadline stands */
   if (c->state == CS_OPEN) c->deadline = c->sent > c->rcvd ? now + timeout_ns(lg) : 0;
@@ -717,6 +871,7 @@ static int echo_verify(struct lg *lg, struct conn *c, unsigned op, const uint8_t
     return 0;
   }
   uint64_t seq = c->rcvd++;
+  lg->echo_done++;
   if (echo_matches(lg, c, seq, op, p, n) && lg->phase == PH_MEASURE) {
     lg->cnt.ops++;
     lg->cnt.bytes += n;
@@ -750,7 +905,7 @@ static void pub_publish(struct lg *lg, struct conn *c, uint64_t now) {
   tok[21] = ':';
   hex16_put(tok + 22, now);
   tok[38] = ';';
-  conn_put_frame(lg, c, data_op(lg), tok, TOKEN_LEN, lg->pattern + TOKEN_LEN, lg->o.size - TOKEN_LEN);
+  conn_put_data(lg, c, tok, TOKEN_LEN, lg->pattern + TOKEN_LEN, lg->o.size - TOKEN_LEN);
   if (lg->pub_seq - lg->pub_acked == 1) lg->pub_progress = now; /* stall clock starts now */
   lg->remaining[seq % lg->ring] = lg->subs_alive;
   if (!lg->subs_alive) pub_advance(lg, now);
@@ -818,7 +973,14 @@ static int sub_deliver(struct lg *lg, struct conn *c, unsigned op, const uint8_t
 
 /* ---- receiving --------------------------------------------------------- */
 
-static int deliver_message(struct lg *lg, struct conn *c, unsigned op, const uint8_t *p, size_t n, uint64_t now) {
+static int deliver_message(struct lg *lg, struct conn *c, unsigned op, bool z, const uint8_t *p, size_t n,
+                           uint64_t now) {
+  if (z) {
+    if (!pmd_inflate(lg, p, n)) return conn_fail(lg, c, E_PROTOCOL, "compressed message is corrupt or too large");
+    p = buf_data(&lg->zin);
+    n = buf_avail(&lg->zin);
+  }
+  if (lg->phase == PH_MEASURE) lg->cnt.payload_in += n;
   switch ((enum role)c->role) {
   case R_ECHO: return echo_verify(lg, c, op, p, n, now);
   case R_SUB: return sub_deliver(lg, c, op, p, n, now);
@@ -858,19 +1020,22 @@ static int handle_control(struct lg *lg, struct conn *c, bool fin, unsigned op, 
   }
 }
 
-/* Data frames, reassembling fragmented messages in c->frag. */
-static int handle_data(struct lg *lg, struct conn *c, bool fin, unsigned op, const uint8_t *p, size_t n, uint64_t now) {
+/* Data frames, reassembling fragmented messages in c->frag. z: RSV1, the
+ * first frame of a compressed message. */
+static int handle_data(struct lg *lg, struct conn *c, bool fin, unsigned op, bool z, const uint8_t *p, size_t n,
+                       uint64_t now) {
   if (op != 0 && op != 1 && op != 2) return conn_fail(lg, c, E_PROTOCOL, "reserved opcode %u", op);
   if (op == 0 && !c->frag_op) return conn_fail(lg, c, E_PROTOCOL, "continuation frame without a message");
   if (op != 0 && c->frag_op) return conn_fail(lg, c, E_PROTOCOL, "new message inside a fragmented one");
-  if (op != 0 && fin) return deliver_message(lg, c, op, p, n, now);
+  if (op == 0 && z) return conn_fail(lg, c, E_PROTOCOL, "RSV1 on a continuation frame");
+  if (op != 0 && fin) return deliver_message(lg, c, op, z, p, n, now);
   if (buf_avail(&c->frag) + n > lg->max_frame) return conn_fail(lg, c, E_PROTOCOL, "fragmented message too large");
-  if (op != 0) c->frag_op = (uint8_t)op;
+  if (op != 0) c->frag_op = (uint8_t)op, c->frag_z = z;
   buf_append(&c->frag, p, n);
   if (!fin) return 0;
   op = c->frag_op;
   c->frag_op = 0;
-  int r = deliver_message(lg, c, op, buf_data(&c->frag), buf_avail(&c->frag), now);
+  int r = deliver_message(lg, c, op, c->frag_z, buf_data(&c->frag), buf_avail(&c->frag), now);
   if (r == 0) buf_free(&c->frag);
   return r;
 }
@@ -895,7 +1060,9 @@ static ssize_t process_frames(struct lg *lg, struct conn *c, const uint8_t *p, s
       hl = 10;
     }
     if (h[1] & 0x80) return conn_fail(lg, c, E_PROTOCOL, "the server masked a frame");
-    if (h[0] & 0x70) return conn_fail(lg, c, E_PROTOCOL, "RSV bits set without an extension");
+    bool z = h[0] & 0x40;
+    if ((h[0] & 0x30) || (z && (!c->pmd || (h[0] & 8))))
+      return conn_fail(lg, c, E_PROTOCOL, "RSV bits set without an extension that defines them");
     if (len > lg->max_frame) return conn_fail(lg, c, E_PROTOCOL, "%" PRIu64 "-byte frame exceeds the limit", len);
     if (avail < hl + len) {
       c->need = hl + (size_t)len;
@@ -904,8 +1071,9 @@ static ssize_t process_frames(struct lg *lg, struct conn *c, const uint8_t *p, s
     if (c->close_rcvd) return conn_fail(lg, c, E_PROTOCOL, "frame after the server's close frame");
     bool fin = h[0] & 0x80;
     unsigned op = h[0] & 0x0f;
+    if (!(op & 8) && lg->phase == PH_MEASURE) lg->cnt.wire_in += hl + (size_t)len;
     int r = op & 8 ? handle_control(lg, c, fin, op, h + hl, (size_t)len)
-                   : handle_data(lg, c, fin, op, h + hl, (size_t)len, now);
+                   : handle_data(lg, c, fin, op, z, h + hl, (size_t)len, now);
     if (r < 0) return -1;
     used += hl + (size_t)len;
   }
@@ -950,6 +1118,31 @@ static const char *hs_header(const char *block, const char *name, char *out, siz
   return NULL;
 }
 
+/* The server's Sec-WebSocket-Extensions value (NULL: absent) against our
+ * offer; NULL if acceptable, else why not. It must keep
+ * server_no_context_takeover: the one shared inflate stream relies on it. */
+static const char *pmd_check_response(const char *ext) {
+  if (!ext) return "not accepted";
+  char copy[256], *save = NULL;
+  snprintf(copy, sizeof copy, "%s", ext);
+  if (strchr(copy, ',')) return "more than one extension";
+  bool name = false, snct = false;
+  for (char *t = strtok_r(copy, ";", &save); t; t = strtok_r(NULL, ";", &save)) {
+    while (*t == ' ' || *t == '\t') t++;
+    size_t n = strlen(t);
+    while (n && (t[n - 1] == ' ' || t[n - 1] == '\t')) t[--n] = 0;
+    if (!name) {
+      if (strcasecmp(t, "permessage-deflate")) return "another extension";
+      name = true;
+    } else if (!strcasecmp(t, "server_no_context_takeover")) {
+      snct = true;
+    } else if (strcasecmp(t, "client_no_context_takeover") && strncasecmp(t, "server_max_window_bits=", 23)) {
+      return "unexpected parameter";
+    }
+  }
+  return snct ? NULL : "server_no_context_takeover was not kept";
+}
+
 /* RFC 6455 §4.1 checks on the server's response (header block in `h`). */
 static int hs_verify(struct lg *lg, struct conn *c, const char *h) {
   char v[256];
@@ -963,8 +1156,14 @@ static int hs_verify(struct lg *lg, struct conn *c, const char *h) {
   if (!accept || strcmp(accept, c->accept))
     return conn_fail(lg, c, E_HANDSHAKE, "Sec-WebSocket-Accept is '%s', expected '%s'", accept ? accept : "(missing)",
                      c->accept);
-  if (hs_header(h, "Sec-WebSocket-Extensions", v, sizeof v))
+  const char *ext = hs_header(h, "Sec-WebSocket-Extensions", v, sizeof v);
+  if (ext && !lg->o.deflate)
     return conn_fail(lg, c, E_HANDSHAKE, "server chose extensions '%s' that were not offered", v);
+  if (lg->o.deflate) {
+    const char *why = pmd_check_response(ext);
+    if (why) return conn_fail(lg, c, E_HANDSHAKE, "permessage-deflate: %s (server said '%s')", why, ext ? ext : "");
+    c->pmd = true;
+  }
   const char *proto = hs_header(h, "Sec-WebSocket-Protocol", v, sizeof v);
   if (lg->o.protocol && (!proto || strcmp(proto, lg->o.protocol)))
     return conn_fail(lg, c, E_HANDSHAKE, "server did not select subprotocol '%s'", lg->o.protocol);
@@ -1014,7 +1213,7 @@ static void conn_open(struct lg *lg, struct conn *c) {
   uint64_t now = now_ns();
   c->state = CS_CONNECTING;
   c->fd = -1;
-  c->close_sent = c->close_rcvd = c->bad = false;
+  c->close_sent = c->close_rcvd = c->bad = c->pmd = c->tls_read_first = false;
   c->frag_op = 0;
   c->need = 0;
   c->sent = c->rcvd = 0;
@@ -1037,6 +1236,14 @@ static void conn_open(struct lg *lg, struct conn *c) {
     conn_fail(lg, c, E_CONNECT, "connect: %s%s", strerror(errno),
               errno == EADDRNOTAVAIL ? " (out of ephemeral ports: raise --sources)" : "");
     return;
+  }
+  if (t->tls && !(c->ssl = SSL_new(lg->tls))) {
+    conn_fail(lg, c, E_CONNECT, "SSL_new failed");
+    return;
+  }
+  if (c->ssl) {
+    SSL_set_fd(c->ssl, fd); /* the socket BIO does not close fd */
+    SSL_set_connect_state(c->ssl);
   }
   hs_start(c, t);
   struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.ptr = c};
@@ -1076,6 +1283,8 @@ static void conn_drop(struct lg *lg, struct conn *c, bool clean) {
   enum cstate st = (enum cstate)c->state;
   uint64_t now = now_ns();
   if (st == CS_FREE) return;
+  SSL_free(c->ssl); /* no close_notify: the WebSocket close handshake is what is measured */
+  c->ssl = NULL;
   if (c->fd >= 0) close(c->fd); /* also leaves the epoll set */
   c->fd = -1;
   c->state = CS_FREE;
@@ -1115,10 +1324,11 @@ static ssize_t conn_input(struct lg *lg, struct conn *c, const uint8_t *p, size_
   return r < 0 ? -1 : (ssize_t)used + r;
 }
 
-/* One recv per readiness (level-triggered). A connection with nothing
- * buffered reads into the shared scratch buffer and keeps only a leftover
- * partial frame, so idle connections own no receive buffer. */
-static int conn_readable(struct lg *lg, struct conn *c, uint64_t now) {
+/* One recv: 1 if data was handled, 0 if none was ready, -1 if c was
+ * dropped. A connection with nothing buffered reads into the shared scratch
+ * buffer and keeps only a leftover partial frame, so idle connections own no
+ * receive buffer. */
+static int conn_read_once(struct lg *lg, struct conn *c, uint64_t now) {
   struct buf *b = &c->rbuf;
   bool direct = buf_avail(b) > 0;
   uint8_t *dst = lg->scratch;
@@ -1129,11 +1339,11 @@ static int conn_readable(struct lg *lg, struct conn *c, uint64_t now) {
     dst = b->p + b->len;
     room = b->cap - b->len;
   }
-  ssize_t n = recv(c->fd, dst, room, 0);
+  ssize_t n = conn_recv(c, dst, room);
   if (n < 0) {
     if (errno == EAGAIN || errno == EINTR) return 0;
     if (c->close_rcvd) return conn_eof(lg, c);
-    return conn_fail(lg, c, E_CLOSED, "recv: %s", strerror(errno));
+    return conn_fail(lg, c, E_CLOSED, "recv: %s", io_error(errno));
   }
   if (n == 0) return conn_eof(lg, c);
   if (direct) b->len += (size_t)n;
@@ -1144,6 +1354,17 @@ static int conn_readable(struct lg *lg, struct conn *c, uint64_t now) {
   if (direct) buf_consume(b, (size_t)used);
   else if ((size_t)used < avail) buf_append(b, data + used, avail - (size_t)used);
   if (!buf_avail(b)) buf_free(b);
+  return 1;
+}
+
+/* Level-triggered epoll: one recv per readiness, except that TLS may hold
+ * decrypted bytes the socket no longer signals. A TLS read may also have
+ * completed the handshake that a pending write was waiting for. */
+static int conn_readable(struct lg *lg, struct conn *c, uint64_t now) {
+  int r;
+  do r = conn_read_once(lg, c, now);
+  while (r > 0 && c->ssl && SSL_has_pending(c->ssl));
+  if (r < 0 || (r == 0 && !c->ssl)) return r;
   return conn_flush(lg, c);
 }
 
@@ -1185,6 +1406,7 @@ static void start_warmup(struct lg *lg, uint64_t now) {
   lg->phase = PH_WARMUP;
   lg->phase_end = now + (uint64_t)(lg->o.warmup * 1e9);
   lg->pub_t0 = now;
+  if (lg->o.warmup == 0) start_measure(lg, now); /* before the first message goes out */
   for (uint32_t i = 0; i < lg->nconns; i++) {
     struct conn *c = &lg->conns[i];
     if (c->role == R_ECHO && c->state == CS_OPEN) {
@@ -1271,7 +1493,7 @@ static void tick(struct lg *lg) {
     break;
   case PH_MEASURE:
   case PH_HOLD:
-    if (now >= lg->phase_end) stop_run(lg, now, NULL);
+    if (now >= lg->phase_end || (lg->o.messages && lg->echo_done >= lg->o.messages)) stop_run(lg, now, NULL);
     break;
   case PH_CLOSING:
     if (!lg->nopen && !lg->pending) lg->phase = PH_DONE;
@@ -1320,14 +1542,58 @@ static void raise_nofile(uint32_t need) {
     die("need %u file descriptors but the hard limit is %llu (ulimit -Hn)", need + 32, (unsigned long long)rl.rlim_cur);
 }
 
-/* Payload body shared by all messages: random bytes, or printable ASCII
- * for text so that every message is valid UTF-8. */
+/* --payload json: what a chat message looks like on the wire, so that
+ * compression ratios mean something (random bytes do not compress). */
+static void make_json_pattern(struct lg *lg) {
+  static const char *const words[] = {
+      "the", "deploy", "is", "done", "and", "tests", "are", "green", "can", "you", "review", "my", "pull",
+      "request", "before", "lunch", "we", "should", "ship", "it", "today", "I", "think", "cache", "was",
+      "cold", "again", "after", "restart", "thanks", "looks", "good", "to", "me", "what", "about", "latency",
+      "on", "staging", "server", "room", "meeting", "at", "three", "ok", "sure", "let", "us", "check", "logs"};
+  static const char head[] = "{\"type\":\"message\",\"room\":\"general\",\"user\":\"alice\",\"text\":\"";
+  size_t size = lg->o.size;
+  struct buf b = {0};
+  uint64_t seed = 42; /* the same text every run: compression ratios stay comparable */
+  buf_append(&b, head, sizeof head - 1);
+  while (b.len < size) {
+    const char *w = words[rng_next(&seed) % (sizeof words / sizeof words[0])];
+    if (b.len > sizeof head - 1) buf_append(&b, " ", 1);
+    buf_append(&b, w, strlen(w));
+  }
+  memcpy(lg->pattern, b.p, size);
+  if (size >= 2) memcpy(lg->pattern + size - 2, "\"}", 2);
+  buf_free(&b);
+}
+
+/* Payload body shared by all messages: random bytes, printable ASCII for
+ * text so that every message is valid UTF-8, or JSON text. */
 static void make_pattern(struct lg *lg) {
   lg->pattern = xrealloc(NULL, lg->o.size + 8);
+  if (lg->o.json_payload) {
+    make_json_pattern(lg);
+    return;
+  }
   for (uint32_t i = 0; i < lg->o.size; i++) {
     uint8_t r = (uint8_t)rng_next(&lg->rng);
     lg->pattern[i] = lg->o.text ? (uint8_t)(0x20 + r % 95) : r;
   }
+}
+
+/* OpenSSL client context: any certificate goes (loopback only), and writes
+ * may be partial and retried from a buffer that has moved (wbuf grows). */
+static SSL_CTX *tls_context(void) {
+  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+  if (!ctx) die("SSL_CTX_new failed");
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+  SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+  return ctx;
+}
+
+static void pmd_setup(struct lg *lg) {
+  if (deflateInit2(&lg->zdef, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY) != Z_OK ||
+      inflateInit2(&lg->zinf, -15) != Z_OK)
+    die("zlib init failed");
 }
 
 static void setup(struct lg *lg) {
@@ -1335,6 +1601,8 @@ static void setup(struct lg *lg) {
   parse_url(o, o->url, &lg->tgt);
   parse_url(o, o->pub_url ? o->pub_url : o->url, &lg->pub_tgt);
   if (lg->tgt.addr.ss_family != lg->pub_tgt.addr.ss_family) die("--pub-url must use the same address family as --url");
+  if (lg->tgt.tls || lg->pub_tgt.tls) lg->tls = tls_context();
+  if (o->deflate) pmd_setup(lg);
   lg->nsubs = o->mode == M_BROADCAST ? o->conns : 0;
   lg->nconns = o->conns + (o->mode == M_BROADCAST);
   if (!lg->o.sources) lg->o.sources = lg->nconns / 20000 + 1;
@@ -1435,6 +1703,11 @@ static void build_report(const struct lg *lg, struct report *r) {
     add(r, "mb_per_s", "payload each way", ratio((double)lg->cnt.bytes / 1e6, secs), 2, "MB/s");
     add_latency(r, &lg->hist, "latency samples");
     add_cpu(r, s0, s1, ops, "message", "server_us_per_msg", "loadgen_us_per_msg");
+    /* framing overhead, or what compression saved */
+    add(r, "wire_ratio_out", "wire/payload bytes sent", ratio((double)lg->cnt.wire_out, (double)lg->cnt.payload_out),
+        3, "");
+    add(r, "wire_ratio_in", "wire/payload bytes received", ratio((double)lg->cnt.wire_in, (double)lg->cnt.payload_in),
+        3, "");
     break;
   case M_CONNECT:
     add(r, "cycles", "cycles", ops, 0, "");
@@ -1483,6 +1756,8 @@ static void print_text(const struct lg *lg, const struct report *r) {
   const struct opts *o = &lg->o;
   printf("loadgen %s %s conns=%u size=%u %s inflight=%u sources=%u", MODE_NAMES[o->mode], o->url, o->conns, o->size,
          o->text ? "text" : "binary", o->inflight, o->sources);
+  if (o->deflate) printf(" deflate");
+  if (o->json_payload) printf(" payload=json");
   if (o->mode == M_IDLE) printf(" hold=%gs", o->hold);
   else printf(" warmup=%gs duration=%gs", o->warmup, o->duration);
   if (o->publish_rate > 0) printf(" rate=%g/s", o->publish_rate);
@@ -1508,7 +1783,8 @@ static void print_json(const struct lg *lg, const struct report *r) {
   const struct opts *o = &lg->o;
   printf("{\"mode\":\"%s\",\"url\":\"", MODE_NAMES[o->mode]);
   for (const char *p = o->url; *p; p++) printf(*p == '"' || *p == '\\' ? "\\%c" : "%c", *p);
-  printf("\",\"conns\":%u,\"size\":%u,\"text\":%s,\"inflight\":%u,\"sources\":%u,\"warmup\":%g,\"duration\":%g,"
+  printf("\",\"tls\":%s,\"deflate\":%s", lg->tgt.tls ? "true" : "false", o->deflate ? "true" : "false");
+  printf(",\"conns\":%u,\"size\":%u,\"text\":%s,\"inflight\":%u,\"sources\":%u,\"warmup\":%g,\"duration\":%g,"
          "\"hold\":%g,\"publish_rate\":%g",
          o->conns, o->size, o->text ? "true" : "false", o->inflight, o->sources, o->warmup, o->duration, o->hold,
          o->publish_rate);
@@ -1541,6 +1817,13 @@ static void lg_free(struct lg *lg) {
   free(lg->scratch);
   free(lg->tgt.request);
   free(lg->pub_tgt.request);
+  if (lg->o.deflate) {
+    deflateEnd(&lg->zdef);
+    inflateEnd(&lg->zinf);
+  }
+  buf_free(&lg->zout);
+  buf_free(&lg->zin);
+  SSL_CTX_free(lg->tls);
   free(lg);
 }
 
