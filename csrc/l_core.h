@@ -29,6 +29,27 @@ dx_proto *dx_check_engine(lua_State *L, int idx);
  * of events now queued. */
 int dx_engine_feed(lua_State *L, int idx, uint8_t *data, size_t n);
 
+/* luaL_checkudata for hot paths. luaL_checkudata finds the metatable by
+ * name, which interns the name string on every call (a measurable share of a
+ * small echo); this finds it under a light-userdata key instead: the address
+ * of a static constant that exists only to be unique. dx_register_mt stores
+ * the metatable on top of the stack under that key. */
+static inline void dx_register_mt(lua_State *L, const void *key) {
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, key);
+}
+
+static inline void *dx_checkudata(lua_State *L, int idx, const void *key, const char *tname) {
+  void *p = lua_touserdata(L, idx);
+  if (p && lua_getmetatable(L, idx)) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, key);
+    int same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    if (same) return p;
+  }
+  return luaL_checkudata(L, idx, tname); /* raises the usual error */
+}
+
 /* Add the functions in l to the table at the top of the stack. */
 static inline void dx_setfuncs(lua_State *L, const luaL_Reg *l) { luaL_setfuncs(L, l, 0); }
 

@@ -24,8 +24,10 @@ typedef struct engine {
 #define SLOTS 6
 #define DATA_SLOT 2
 
+static const char ENGINE_KEY = 0; /* its address keys the metatable */
+
 static engine *check(lua_State *L, int idx) {
-  engine *e = luaL_checkudata(L, idx, DX_ENGINE_MT);
+  engine *e = dx_checkudata(L, idx, &ENGINE_KEY, DX_ENGINE_MT);
   if (!e->p.cfg.max_message) luaL_error(L, "engine is released");
   return e;
 }
@@ -375,6 +377,7 @@ void dx_open_engine(lua_State *L) {
                                    {"close_code_valid", l_close_code_valid},
                                    {NULL, NULL}};
   luaL_newmetatable(L, DX_ENGINE_MT);
+  dx_register_mt(L, &ENGINE_KEY);
   luaL_setfuncs(L, meta, 0);
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");

@@ -48,6 +48,13 @@ typedef struct lsock {
   int tls_wsrc;    /* the buffer an SSL_write must be retried with: 1 own, 2 engine */
   int handshaking; /* output waits until the TLS handshake is done */
   int tls_failed;  /* fatal TLS error: no more TLS calls */
+  /* A short read emptied the kernel's receive buffer: the next read would
+   * only say EAGAIN, so wait for the next EPOLLIN edge instead of asking
+   * (one system call less per message in a request/response exchange). */
+  int rd_empty;
+  /* The peer's FIN (or an error) was seen with some data: the data and the
+   * end can be reported by one edge, so after it every read really reads. */
+  int rd_hup;
 } lsock;
 
 typedef struct llistener {
@@ -173,6 +180,8 @@ static void sock_dirty_flush(dx_loop *loop, dx_dirty *d) {
 
 static void sock_event(dx_loop *loop, dx_io *io, uint32_t revents) {
   lsock *s = dx_container_of(io, lsock, io);
+  if (revents & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) s->rd_empty = 0;
+  if (revents & (EPOLLRDHUP | EPOLLERR | EPOLLHUP)) s->rd_hup = 1;
   if (s->blocked && (revents & (s->flush_want | EPOLLERR | EPOLLHUP))) dx_dirty_mark(loop, &s->dirty);
   dx_io_wake(loop, io, revents);
 }
@@ -185,7 +194,9 @@ static void sock_engine_output(void *ud) {
 
 /* ---- socket objects ---- */
 
-static lsock *to_sock(lua_State *L, int idx) { return luaL_checkudata(L, idx, SOCK_MT); }
+static const char SOCK_KEY = 0; /* its address keys the metatable (dx_checkudata) */
+
+static lsock *to_sock(lua_State *L, int idx) { return dx_checkudata(L, idx, &SOCK_KEY, SOCK_MT); }
 
 static void detach_engine(lsock *s) {
   if (s->engine && s->engine->on_output_ud == s) {
@@ -361,9 +372,15 @@ static ssize_t raw_read(lsock *s, uint8_t *buf, size_t n, uint32_t *want, char *
     default: s->tls_failed = 1; return RD_ERROR;
     }
   }
+  if (s->rd_empty) {
+    *want = EPOLLIN;
+    return RD_AGAIN;
+  }
   ssize_t r = dx_sock_recv(s->io.fd, buf, n);
+  if (r > 0 && (size_t)r < n && !s->rd_hup) s->rd_empty = 1;
   if (r >= 0) return r;
   if (r == -EAGAIN || r == -EWOULDBLOCK) {
+    s->rd_empty = !s->rd_hup;
     *want = EPOLLIN;
     return RD_AGAIN;
   }
@@ -1038,6 +1055,9 @@ void dx_open_socket(lua_State *L) {
                                    {"tls_context", l_tls_context},
                                    {NULL, NULL}};
   new_class(L, SOCK_MT, sock_methods, sock_meta);
+  luaL_getmetatable(L, SOCK_MT);
+  dx_register_mt(L, &SOCK_KEY);
+  lua_pop(L, 1);
   new_class(L, LISTENER_MT, listener_methods, listener_meta);
   new_class(L, TLSCTX_MT, NULL, tls_meta);
   new_class(L, RESOLVE_MT, NULL, resolve_meta);
