@@ -57,8 +57,8 @@ check: deps
 	@rm -rf build/results && mkdir -p build/results
 	$(MAKE) all asan fuzz-build
 	@rc=0; \
-	scripts/suite spec       $(BUSTED) -o TAP spec || rc=1; \
-	scripts/suite spec-asan  scripts/asan-env $(BUSTED) -o TAP spec || rc=1; \
+	scripts/suite spec       env BUSTED="$(BUSTED)" scripts/specs || rc=1; \
+	scripts/suite spec-asan  scripts/asan-env env BUSTED="$(BUSTED)" scripts/specs || rc=1; \
 	scripts/suite fuzz       scripts/fuzz-smoke || rc=1; \
 	scripts/total; exit $$rc
 

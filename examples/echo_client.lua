@@ -4,7 +4,8 @@
 --        [--protocol NAME] [--insecure] [--ca FILE]
 local root = arg[0]:match("^(.*)/examples/[^/]*$") or "."
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
-package.cpath = root .. "/lua/?.so;" .. package.cpath
+-- DUPLEX_CPATH (set by scripts/asan-env) runs the examples on the sanitized build
+package.cpath = (os.getenv("DUPLEX_CPATH") or root .. "/lua/?.so") .. ";" .. package.cpath
 
 local duplex = require "duplex"
 

@@ -45,9 +45,11 @@ describe("permessage-deflate end to end", function()
     local ws = assert(duplex.connect(srv:url("/"), { deflate = true }))
     assert.is_false(ws.deflate)
     assert.equal("false", (ws:receive(5)))
+    ws:close()
     local srv2 = listen { deflate = true, handler = function(ws2) ws2:send(tostring(ws2.deflate)) end }
     ws = assert(duplex.connect(srv2:url("/")))
     assert.equal("false", (ws:receive(5)))
+    ws:close()
   end)
 
   it("fails a too-large inflated message with 1009 on the receiving side", function()

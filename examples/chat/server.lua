@@ -6,7 +6,8 @@
 -- in the current room. The server sends lines of text.
 local root = arg[0]:match("^(.*)/examples/chat/[^/]*$") or "."
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
-package.cpath = root .. "/lua/?.so;" .. package.cpath
+-- DUPLEX_CPATH (set by scripts/asan-env) runs the examples on the sanitized build
+package.cpath = (os.getenv("DUPLEX_CPATH") or root .. "/lua/?.so") .. ";" .. package.cpath
 
 local duplex = require "duplex"
 local pubsub = require "duplex.pubsub"
@@ -59,7 +60,9 @@ local function chat(ws, request)
   local room = request.query and request.query:match("room=([%w_%-]+)") or "lobby"
   if not valid_name(nick) then nick = "guest" end
   hub:subscribe(ws, "room:" .. room)
-  ws:send("* you are " .. nick .. " in #" .. room .. " (from " .. ws.remote_address .. ")")
+  -- Naming the node shows which one a load balancer picked.
+  ws:send("* you are " .. nick .. " in #" .. room .. " (from " .. ws.remote_address .. ", node "
+    .. ws.server.port .. ")")
   hub:publish("room:" .. room, "* " .. nick .. " joined #" .. room)
   for message in ws:messages() do
     local cmd, arg1 = message:match("^/(%a+)%s*(.-)%s*$")

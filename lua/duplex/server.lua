@@ -281,6 +281,8 @@ local function shutdown(self, timeout)
     core.park(math.max(0, deadline - now()))
     self._drained = nil
   end
+  -- Their readers should learn why the connection ended, not just "closed".
+  for ws in pairs(self.connections) do ws:abort("server shutdown: no close reply in time") end
   for sock in pairs(self.sockets) do sock:close(true) end
   return self.count == 0
 end

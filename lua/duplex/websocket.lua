@@ -91,7 +91,9 @@ end
 
 --- The socket is gone without a closing handshake (RFC 6455 §7.1.5: 1006).
 function WebSocket:_lost(err)
-  self:_finish(1006, self._abort_reason or err or "connection lost", self._abort_reason or err)
+  -- The socket says only "closed" at end of stream: say who and how.
+  if err == "closed" or err == nil then err = "the peer closed the connection without a closing handshake" end
+  self:_finish(1006, self._abort_reason or err, self._abort_reason or err)
   return self:_closed_result()
 end
 

@@ -1,0 +1,99 @@
+-- A real browser: headless Chromium (Debian's /usr/bin/chromium) driven by
+-- playwright-core (interop/browser_test.js) against the chat example and
+-- the echo example. A missing Chromium fails the spec: scripts/deps installs
+-- it.
+local proc = require "support.proc"
+local peers = require "support.peers"
+
+local function file_exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+local function need_browser()
+  assert(file_exists(peers.chromium), "Chromium is not installed at " .. peers.chromium ..
+    ": run `scripts/deps check` (as root it installs Debian's chromium package)")
+  assert(file_exists(peers.interop .. "/node_modules/playwright-core/package.json"),
+    "interop/node_modules has no playwright-core: run `scripts/deps check`, which runs `npm ci` in interop/")
+end
+
+-- Start an example server; returns its handle and the URL it printed.
+local function start(argv, pattern)
+  local h = proc.spawn(argv, {cwd = peers.root, limit = 120})
+  local line, why = h:read_line(15)
+  local url = line and line:match(pattern)
+  if not url then
+    local out = h:output()
+    h:cleanup()
+    error(table.concat(argv, " ") .. " did not print its URL (" .. tostring(line or why) .. "): " .. out, 2)
+  end
+  return h, url
+end
+
+-- Run the browser driver; returns its decoded JSON summary.
+local function browser(mode, url, extra)
+  local argv = {peers.node, "browser_test.js", mode, url, "--chromium", peers.chromium, "--timeout", "45"}
+  for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
+  local code, out, err = proc.run(argv, {env = peers.env, cwd = peers.interop, timeout = 60})
+  local ok, res = pcall(peers.json_decode, out:match("([^\n]*)\n?$") or "")
+  if not ok or type(res) ~= "table" then res = {} end
+  assert(code == 0 and res.ok, string.format("browser_test.js %s failed (exit %s): %s\nstdout: %s\nstderr: %s",
+    mode, tostring(code), tostring(res.error), out, err))
+  return res
+end
+
+describe("headless Chromium", function()
+  before_each(need_browser)
+  teardown(proc.killall)
+
+  it("chats: two tabs join one room, and each sees the other's message", function()
+    local h, url = start({"lua5.4", "examples/chat/server.lua", "--port", "0"},
+      "^chat server: open (http://127%.0%.0%.1:%d+/) in a browser$")
+    local res = browser("chat", url)
+    assert.equal(200, res.status)
+    assert.equal("open", res.state)
+    assert.is_nil(res.page_errors)
+    local function has(log, line)
+      for _, l in ipairs(log) do if l == line then return true end end
+      return false
+    end
+    assert.is_true(has(res.logs.ann, "ben: hi ann, ben here 😀"), table.concat(res.logs.ann, "\n"))
+    assert.is_true(has(res.logs.ben, "ann: hello from ann — ✓"), table.concat(res.logs.ben, "\n"))
+    assert.matches("^%* you are ann in #browsers", res.logs.ann[1])
+    h:kill("TERM")
+    assert.equal(0, h:wait(10), h:output())
+    h:cleanup()
+  end)
+
+  for _, deflate in ipairs({false, true}) do
+    it("uses its own WebSocket API against the echo server" .. (deflate and " with --deflate" or ""), function()
+      local argv = {"lua5.4", "examples/echo.lua", "--port", "0", "--max-size", tostring(2 << 20)}
+      if deflate then argv[#argv + 1] = "--deflate" end
+      local h, url = start(argv, "^echo server listening on (ws://127%.0%.0%.1:%d+/)$")
+      local res = browser("echo", url, {"--oversize", tostring(3 << 20)})
+      assert.is_true(res.text_ok)
+      assert.is_true(res.binary_ok)
+      assert.is_true(res.big_binary_ok)
+      assert.is_true(res.big_text_ok)
+      -- Chromium offers permessage-deflate on its own.
+      if deflate then
+        assert.matches("^permessage%-deflate", res.extensions)
+      else
+        assert.equal("", res.extensions)
+      end
+      -- Our close, answered by the server.
+      assert.equal(4000, res.close.code)
+      assert.is_true(res.close.clean)
+      -- The server's close, with its code and reason. The server fails the
+      -- connection (RFC 6455 §7.1.7: it does not wait for the browser's
+      -- close reply), so whether Chromium calls it clean depends on whether
+      -- it had finished sending the oversized frame and its reply by then.
+      assert.equal(1009, res.oversize_close.code)
+      assert.equal("message too big", res.oversize_close.reason)
+      h:kill("TERM")
+      assert.equal(0, h:wait(10), h:output())
+      h:cleanup()
+    end)
+  end
+end)
