@@ -77,7 +77,9 @@ local function open_transport(u, opts, deadline)
   local proxy = opts.proxy and url.parse(opts.proxy)
   if opts.proxy and not proxy then return nil, "invalid proxy URL: " .. tostring(opts.proxy) end
   local target = proxy or u
-  local sock, err = core.connect { host = target.host, port = target.port, timeout = left(deadline) }
+  local sock, err = core.connect {
+    host = target.host, port = target.port, timeout = left(deadline), bind = opts.bind,
+  }
   if not sock then return nil, string.format("connect to %s:%d failed: %s", target.host, target.port, err) end
   if proxy then
     local ok, perr = proxy_tunnel(sock, proxy, u, deadline)

@@ -62,6 +62,10 @@ redis.parse = parse
 local function connect(cfg)
   local sock, err = core.connect { host = cfg.host, port = cfg.port, timeout = cfg.connect_timeout }
   if not sock then return nil, err end
+  if cfg.tls_context then
+    local ok, terr = sock:starttls(cfg.tls_context, { servername = cfg.servername }, cfg.connect_timeout)
+    if not ok then sock:close(); return nil, "TLS handshake failed: " .. tostring(terr) end
+  end
   local conn = { sock = sock, buf = "", pos = 1 }
   function conn.read(timeout)
     while true do
@@ -90,6 +94,10 @@ local function connect(cfg)
     else ok, aerr = call("AUTH", cfg.password) end
     if not ok then sock:close(); return nil, "AUTH failed: " .. tostring(aerr) end
   end
+  -- A server that accepts connections but never answers (hung, or stopped)
+  -- must not count as up.
+  local pong, perr = call("PING")
+  if not pong then sock:close(); return nil, "no answer to PING: " .. tostring(perr) end
   return conn
 end
 
@@ -100,9 +108,10 @@ local Broker = {}
 Broker.__index = Broker
 
 local function parse_url(s)
-  local u, err = url.parse((s or "redis://127.0.0.1:6379"):gsub("^rediss?://", "http://"))
+  s = s or "redis://127.0.0.1:6379"
+  local u, err = url.parse((s:gsub("^rediss?://", "http://")))
   if not u then return nil, "invalid Redis URL: " .. tostring(err) end
-  local cfg = { host = u.host, port = u.default_port and 6379 or u.port }
+  local cfg = { host = u.host, port = u.default_port and 6379 or u.port, tls = s:match("^rediss://") ~= nil }
   if u.userinfo then
     local user, pass = u.userinfo:match("^([^:]*):(.*)$")
     if user then cfg.user = user ~= "" and user or nil; cfg.password = pass
@@ -112,13 +121,21 @@ local function parse_url(s)
 end
 
 --- Create a broker and start connecting (in the background).
----@param opts {url: string|nil, prefix: string|nil, on_status: function|nil, backoff_min: number|nil, backoff_max: number|nil}
+--- A rediss:// URL connects with TLS, verified against the system's CAs or
+--- opts.tls.ca (opts.tls = {ca =, servername =, verify = false}).
+---@param opts {url: string|nil, prefix: string|nil, on_status: function|nil, backoff_min: number|nil, backoff_max: number|nil, ping_interval: number|nil, connect_timeout: number|nil, tls: table|nil}
 ---@return duplex.RedisBroker|nil, string|nil
 function redis.broker(opts)
   opts = opts or {}
   local cfg, err = parse_url(opts.url)
   if not cfg then return nil, err end
   cfg.connect_timeout = opts.connect_timeout or 5
+  if cfg.tls then
+    local tls = opts.tls or {}
+    local ctx, terr = core.tls_context { mode = "client", ca = tls.ca, verify = tls.verify ~= false }
+    if not ctx then return nil, "TLS setup failed: " .. tostring(terr) end
+    cfg.tls_context, cfg.servername = ctx, tls.servername or cfg.host
+  end
   local self = setmetatable({
     cfg = cfg,
     prefix = opts.prefix or "duplex:",
@@ -128,6 +145,7 @@ function redis.broker(opts)
     on_status = opts.on_status or function() end,
     backoff_min = opts.backoff_min or 0.1,
     backoff_max = opts.backoff_max or 5,
+    ping_interval = opts.ping_interval or 5,
     handler = function() end,
     stats = { published = 0, received = 0, dropped = 0, reconnects = 0 },
     up = { sub = false, pub = false },
@@ -150,12 +168,28 @@ function Broker:_connect(which)
   local delay = self.backoff_min
   while not self.closed do
     local conn, err = connect(self.cfg)
+    -- close() may have come while connecting: nobody would close this one.
+    if conn and self.closed then conn.sock:close(); return nil end
     if conn then return conn end
     self:_status(which, false, tostring(err))
     self.stats.reconnects = self.stats.reconnects + 1
-    core.sleep(delay)
+    core.park(delay) -- rather than sleep: close() ends the wait at once
     delay = math.min(delay * 2, self.backoff_max)
   end
+end
+
+-- The next value from conn. A Redis that hangs, or a network that drops
+-- everything, sends no FIN to notice: after ping_interval seconds of silence
+-- ask with a PING, and give up when that is not answered as long.
+function Broker:_read(conn)
+  local interval = self.ping_interval > 0 and self.ping_interval or nil
+  local v, err = conn.read(interval)
+  if v == nil and err == "timeout" then
+    conn.sock:write(command("PING"))
+    v, err = conn.read(interval)
+    if v == nil and err == "timeout" then err = "no answer to PING" end
+  end
+  return v, err
 end
 
 function Broker:_subscriber()
@@ -168,7 +202,7 @@ function Broker:_subscriber()
     if #channels > 0 then conn.sock:write(command("SUBSCRIBE", table.unpack(channels))) end
     self:_status("subscriber", true)
     while true do
-      local v, err = conn.read(nil)
+      local v, err = self:_read(conn)
       if v == nil then
         self:_status("subscriber", false, tostring(err))
         break
@@ -198,7 +232,7 @@ function Broker:_publisher()
     -- Replies (subscriber counts) are read and discarded, so that the
     -- socket never fills; a read error means the connection is gone.
     while true do
-      local v, err = conn.read(nil)
+      local v, err = self:_read(conn)
       if v == nil then
         self:_status("publisher", false, tostring(err))
         break
@@ -239,6 +273,8 @@ function Broker:close()
   self.closed = true
   if self.sub_conn then self.sub_conn.sock:close() end
   if self.pub_conn then self.pub_conn.sock:close() end
+  core.wake(self.sub_co) -- waiting to reconnect: stop now
+  core.wake(self.pub_co)
 end
 
 return redis

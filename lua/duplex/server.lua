@@ -284,6 +284,9 @@ local function shutdown(self, timeout)
   -- Their readers should learn why the connection ended, not just "closed".
   for ws in pairs(self.connections) do ws:abort("server shutdown: no close reply in time") end
   for sock in pairs(self.sockets) do sock:close(true) end
+  -- The accept loop ends once it runs and sees its listener closed: let it,
+  -- so that nothing of this server is left in the loop.
+  if coroutine.status(self.accepting) ~= "dead" then core.sleep(0) end
   return self.count == 0
 end
 

@@ -1,0 +1,192 @@
+-- Real servers for the deployment specs: redis-server, nginx and haproxy on
+-- 127.0.0.1, each with its files in a private temp directory, run through
+-- support.proc (so proc.killall stops them too).
+--
+--   local services = require "support.services"
+--   local r = services.redis()           -- r.port, r.url; r:stop(); r:start() on the same port
+--   local conf = services.render("deploy/nginx.conf", { {"listen 80;", "listen 127.0.0.1:" .. port .. ";"} })
+--   local n = services.nginx(conf, port) -- waits until port accepts connections; n:stop()
+--   local h = services.haproxy(cfg, port)
+--
+-- They are not under test: the sanitizer runtime that scripts/asan-env
+-- preloads is kept out of them.
+local proc = require "support.proc"
+local core = require "duplex.core"
+local runtime = require "duplex.runtime"
+
+local services = {}
+
+services.env = { LD_PRELOAD = false }
+
+local function read_file(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function write_file(path, text)
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+end
+
+local function temp_dir()
+  local p = assert(io.popen("mktemp -d /tmp/duplex-deploy.XXXXXX"))
+  local dir = p:read("l")
+  p:close()
+  assert(dir and dir ~= "", "mktemp -d failed")
+  return dir
+end
+
+--- A TCP port that was free a moment ago (the kernel picks it).
+function services.free_port()
+  local l = assert(core.listen { host = "127.0.0.1", port = 0 })
+  local _, port = l:address()
+  l:close()
+  return port
+end
+
+--- Whether something accepts TCP connections on 127.0.0.1:port.
+function services.accepts(port)
+  return runtime.blocking(function()
+    local sock = core.connect { host = "127.0.0.1", port = port, timeout = 1 }
+    if not sock then return false end
+    sock:close()
+    return true
+  end)
+end
+
+--- Polls pred() every 20 ms (without running the duplex loop) until it
+--- returns a true value, or fails the spec after timeout seconds.
+function services.wait_for(what, timeout, pred)
+  local deadline = proc.now() + timeout
+  while true do
+    local v = pred()
+    if v then return v end
+    if proc.now() >= deadline then error("timed out waiting for " .. what, 2) end
+    proc.sleep(0.02)
+  end
+end
+
+--- The template's text with every { old, new } pair replaced; each old
+--- string must occur (so that a changed template breaks the spec loudly
+--- instead of silently testing something else).
+function services.render(path, substitutions)
+  local text = read_file(path)
+  for _, s in ipairs(substitutions) do
+    local old, new = s[1], s[2]
+    local i, j = text:find(old, 1, true)
+    if not i then error(path .. ": the template no longer contains " .. string.format("%q", old), 2) end
+    repeat
+      text = text:sub(1, i - 1) .. new .. text:sub(j + 1)
+      i, j = text:find(old, i + #new, true)
+    until not i
+  end
+  return text
+end
+
+local Service = {}
+Service.__index = Service
+
+function Service:start()
+  assert(not (self.h and self.h:running()), "already running")
+  self.h = proc.spawn(self.argv, { env = services.env, cwd = self.dir, limit = 300 })
+  local ok = pcall(services.wait_for, self.name .. " on port " .. self.port, 10, function()
+    if not self.h:running() then error(self.name .. " exited:\n" .. self:log()) end
+    return services.accepts(self.port)
+  end)
+  if not ok then
+    local log = self:log()
+    self.h:cleanup(1)
+    error(self.name .. " did not start on port " .. self.port .. ":\n" .. log, 2)
+  end
+  return self
+end
+
+--- Stop it (SIGTERM, or the given signal: "KILL" for a crash).
+function Service:stop(sig)
+  if not self.h then return end
+  if sig then self.h:kill(sig) end
+  self.h:cleanup(3)
+  self.h = nil
+end
+
+--- What it printed, and its error log if it keeps one.
+function Service:log()
+  local out = self.h and self.h:output() or ""
+  if self.error_log then
+    local f = io.open(self.error_log, "rb")
+    if f then out = out .. f:read("a"); f:close() end
+  end
+  return out
+end
+
+--- Stop it and remove its files.
+function Service:cleanup()
+  self:stop()
+  os.execute("rm -rf " .. proc.quote(self.dir))
+end
+
+local function service(name, argv_fn, port, dir)
+  local self = setmetatable({ name = name, port = port, dir = dir or temp_dir() }, Service)
+  self.argv = argv_fn(self)
+  return self:start()
+end
+
+--- redis-server on a free port, nothing saved to disk. r:stop("KILL") and
+--- r:start() bring it down and back on the same port. With opts.tls (from
+--- support.certs) it also listens with TLS on r.tls_port, and r.url is the
+--- rediss:// one.
+function services.redis(port, opts)
+  port = port or services.free_port()
+  local tls_port = opts and opts.tls and services.free_port()
+  local r = service("redis-server", function(self)
+    local argv = { "redis-server", "--port", tostring(port), "--bind", "127.0.0.1", "--save", "",
+      "--appendonly", "no", "--dir", self.dir }
+    if tls_port then
+      for _, a in ipairs { "--tls-port", tostring(tls_port), "--tls-cert-file", opts.tls.cert,
+        "--tls-key-file", opts.tls.key, "--tls-ca-cert-file", opts.tls.ca, "--tls-auth-clients", "no" } do
+        argv[#argv + 1] = a
+      end
+    end
+    return argv
+  end, port)
+  r.tls_port = tls_port
+  r.url = tls_port and ("rediss://127.0.0.1:" .. tls_port) or ("redis://127.0.0.1:" .. port)
+  return r
+end
+
+--- nginx with this configuration text, as the current user, every file
+--- (pid, logs, temp paths) in its own directory. The config must listen on
+--- port; its http block gets the log and temp path lines added here.
+function services.nginx(conf, port)
+  local dir = temp_dir()
+  conf = conf:gsub("\nhttp {\n", function()
+    local lines = { "\nhttp {" }
+    for _, d in ipairs { "client_body_temp_path", "proxy_temp_path", "fastcgi_temp_path",
+      "uwsgi_temp_path", "scgi_temp_path" } do
+      lines[#lines + 1] = "    " .. d .. " " .. dir .. "/" .. d .. ";"
+    end
+    lines[#lines + 1] = "    access_log " .. dir .. "/access.log;"
+    return table.concat(lines, "\n") .. "\n"
+  end, 1)
+  write_file(dir .. "/nginx.conf", conf)
+  local n = service("nginx", function()
+    return { "nginx", "-p", dir .. "/", "-e", dir .. "/error.log", "-c", dir .. "/nginx.conf",
+      "-g", "daemon off; pid " .. dir .. "/nginx.pid;" }
+  end, port, dir)
+  n.error_log = dir .. "/error.log"
+  return n
+end
+
+--- haproxy in the foreground with this configuration text.
+function services.haproxy(cfg, port)
+  local dir = temp_dir()
+  write_file(dir .. "/haproxy.cfg", cfg)
+  return service("haproxy", function()
+    return { "haproxy", "-db", "-f", dir .. "/haproxy.cfg" }
+  end, port, dir)
+end
+
+return services
