@@ -58,7 +58,8 @@ local function parse(buf, pos)
 end
 redis.parse = parse
 
--- A connection that yields RESP values. Handles AUTH and SELECT.
+-- A connection that yields RESP values; authenticates when the URL says so.
+-- Pub/sub channels are global to a Redis server, so no SELECT is needed.
 local function connect(cfg)
   local sock, err = core.connect { host = cfg.host, port = cfg.port, timeout = cfg.connect_timeout }
   if not sock then return nil, err end
@@ -76,6 +77,8 @@ local function connect(cfg)
         if conn.pos > 4096 then conn.buf, conn.pos = conn.buf:sub(conn.pos), 1 end
         return v
       end
+      -- every size has a limit: a reply that never ends is an error
+      if #conn.buf - conn.pos > cfg.max_reply then return nil, "Redis reply larger than max_reply" end
       local data, rerr = sock:read(nil, timeout)
       if not data then return nil, rerr end
       conn.buf = conn.buf .. data
@@ -113,9 +116,10 @@ local function parse_url(s)
   if not u then return nil, "invalid Redis URL: " .. tostring(err) end
   local cfg = { host = u.host, port = u.default_port and 6379 or u.port, tls = s:match("^rediss://") ~= nil }
   if u.userinfo then
+    local function decode(x) return (x:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
     local user, pass = u.userinfo:match("^([^:]*):(.*)$")
-    if user then cfg.user = user ~= "" and user or nil; cfg.password = pass
-    else cfg.password = u.userinfo end
+    if user then cfg.user = user ~= "" and decode(user) or nil; cfg.password = decode(pass)
+    else cfg.password = decode(u.userinfo) end
   end
   return cfg
 end
@@ -123,13 +127,14 @@ end
 --- Create a broker and start connecting (in the background).
 --- A rediss:// URL connects with TLS, verified against the system's CAs or
 --- opts.tls.ca (opts.tls = {ca =, servername =, verify = false}).
----@param opts {url: string|nil, prefix: string|nil, on_status: function|nil, backoff_min: number|nil, backoff_max: number|nil, ping_interval: number|nil, connect_timeout: number|nil, tls: table|nil}
+---@param opts {url: string|nil, prefix: string|nil, on_status: function|nil, backoff_min: number|nil, backoff_max: number|nil, ping_interval: number|nil, connect_timeout: number|nil, tls: table|nil, max_reply: integer|nil}
 ---@return duplex.RedisBroker|nil, string|nil
 function redis.broker(opts)
   opts = opts or {}
   local cfg, err = parse_url(opts.url)
   if not cfg then return nil, err end
   cfg.connect_timeout = opts.connect_timeout or 5
+  cfg.max_reply = opts.max_reply or (64 << 20)
   if cfg.tls then
     local tls = opts.tls or {}
     local ctx, terr = core.tls_context { mode = "client", ca = tls.ca, verify = tls.verify ~= false }
