@@ -14,7 +14,8 @@ end
 -- pid -> ppid of every process running echo.lua on this port
 local function processes(port)
   local found = {}
-  local p = io.popen("pgrep -f 'examples/echo.lua --port " .. port .. " ' || true")
+  -- (without the ASan runtime that scripts/asan-env preloads: pgrep deadlocks under it)
+  local p = io.popen("env -u LD_PRELOAD pgrep -f 'examples/echo.lua --port " .. port .. " ' || true")
   for pid in p:lines() do
     local c = io.open("/proc/" .. pid .. "/comm")
     local comm = c and c:read("l")
