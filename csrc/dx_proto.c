@@ -40,6 +40,18 @@ void dx_proto_release(dx_proto *p) {
   p->in_len = 0;
 }
 
+void dx_proto_shrink(dx_proto *p) {
+  dx_buf_shrink(&p->out);
+  dx_buf_shrink(&p->zin);
+  dx_buf_shrink(&p->zout);
+  /* msg, ctl and pend may hold a message being reassembled */
+  if (!p->release_msg) {
+    dx_buf_shrink(&p->msg);
+    dx_buf_shrink(&p->ctl);
+  }
+  if (p->in_len == 0) dx_buf_shrink(&p->pend);
+}
+
 int dx_random(uint8_t *out, size_t n) { return RAND_bytes(out, (int)n) == 1 ? 0 : -1; }
 
 const char *dx_proto_strerror(int err) {

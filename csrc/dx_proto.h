@@ -156,6 +156,9 @@ int dx_proto_close(dx_proto *p, unsigned code, const char *reason, size_t n);
  * written to many connections. Server role only (clients must mask). */
 int dx_proto_send_raw(dx_proto *p, const void *frame, size_t n);
 
+/* Give back the memory of every empty buffer (for idle connections). */
+void dx_proto_shrink(dx_proto *p);
+
 /* Bytes waiting in out. */
 static inline size_t dx_proto_pending(const dx_proto *p) { return dx_buf_size(&p->out); }
 

@@ -248,6 +248,12 @@ static int l_data_to_send(lua_State *L) {
   return 1;
 }
 
+/* e:shrink(): release the memory of empty buffers (an idle connection). */
+static int l_shrink(lua_State *L) {
+  dx_proto_shrink(&check(L, 1)->p);
+  return 0;
+}
+
 static int l_pending(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)dx_proto_pending(&check(L, 1)->p));
   return 1;
@@ -369,7 +375,8 @@ void dx_open_engine(lua_State *L) {
       {"send", l_send},       {"ping", l_ping},         {"pong", l_pong},
       {"close", l_close},     {"send_raw", l_send_raw}, {"data_to_send", l_data_to_send},
       {"pending", l_pending}, {"state", l_state},       {"role", l_role},
-      {"stats", l_stats},     {"release", l_release},   {NULL, NULL}};
+      {"stats", l_stats},     {"release", l_release},   {"shrink", l_shrink},
+      {NULL, NULL}};
   static const luaL_Reg meta[] = {
       {"__gc", l_release}, {"__close", l_release}, {"__tostring", l_tostring}, {NULL, NULL}};
   static const luaL_Reg funcs[] = {{"engine", l_engine_new},

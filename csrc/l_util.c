@@ -9,6 +9,10 @@
 #include "dx_utf8.h"
 #include "l_core.h"
 
+#ifdef __GLIBC__ /* defined by the system headers above */
+#include <malloc.h>
+#endif
+
 #define RANDOM_MAX 65536
 
 /* utf8_valid(s [, state]) -> true, state | false, nil
@@ -62,11 +66,33 @@ static int l_random(lua_State *L) {
   return 1;
 }
 
+/* core.tune_malloc(trim_bytes, mmap_bytes) -> true | false
+ * glibc returns the top of the heap to the kernel once 128 KiB are free and
+ * serves blocks of 128 KiB and more with mmap: a server that handles large
+ * messages then faults in fresh pages for each one (a third of a 64 KiB
+ * echo's time). Raising both thresholds keeps freed memory for reuse. It
+ * is process-wide, so duplex.run() applies it (opt out: tune_malloc = false)
+ * and a host embedding the engine decides for itself. */
+static int l_tune_malloc(lua_State *L) {
+  lua_Integer trim = luaL_checkinteger(L, 1);
+  lua_Integer mmap_min = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, trim >= 0 && trim <= INT32_MAX, 1, "out of range");
+  luaL_argcheck(L, mmap_min >= 0 && mmap_min <= (32 << 20), 2, "out of range (max 32 MiB)");
+#ifdef __GLIBC__
+  int ok = mallopt(M_TRIM_THRESHOLD, (int)trim) == 1 && mallopt(M_MMAP_THRESHOLD, (int)mmap_min) == 1;
+  lua_pushboolean(L, ok);
+#else
+  lua_pushboolean(L, 0);
+#endif
+  return 1;
+}
+
 void dx_open_util(lua_State *L) {
   static const luaL_Reg funcs[] = {
       {"utf8_valid", l_utf8_valid},
       {"mask", l_mask},
       {"random", l_random},
+      {"tune_malloc", l_tune_malloc},
       {NULL, NULL},
   };
   dx_setfuncs(L, funcs);

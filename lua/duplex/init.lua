@@ -100,6 +100,10 @@ end
 --- opts.setup() (which should call duplex.listen with reuseport = true) and
 --- supervise them: a dead worker is replaced, SIGTERM/SIGINT stop them all.
 function duplex.run(opts)
+  -- Keep freed memory for the next message instead of returning it to the
+  -- kernel after each large one (see core.tune_malloc); opt out with
+  -- tune_malloc = false.
+  if not (opts and opts.tune_malloc == false) then core.tune_malloc(64 << 20, 32 << 20) end
   if opts and opts.workers and opts.workers > 1 then
     return require("duplex.workers").run(opts)
   end

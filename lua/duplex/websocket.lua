@@ -182,6 +182,7 @@ local function receive(self, timeout)
       local n, err = sock:receive(engine, deadline and math.max(0, deadline - now()))
       if n then
         self._last_seen = now() -- any traffic proves the peer alive
+        self._shrunk = false
       elseif err == "timeout" then
         self._reading = false
         return nil, "timeout"
@@ -379,6 +380,12 @@ function WebSocket:sweep(t)
   if self.sock:buffered() > self.max_buffered then
     self:_slow_consumer("send buffer over max_buffered: the peer is not reading")
     return
+  end
+  -- Buffers keep their memory while traffic flows; a connection quiet for
+  -- a second gives it back.
+  if not self._shrunk and t - self._last_seen > 1 and self.engine:pending() == 0 then
+    self.engine:shrink()
+    self._shrunk = true
   end
   if self.ping_interval <= 0 then return end
   local sent = self._ping_sent
