@@ -1,7 +1,8 @@
 -- An echo server: every message goes back with its type.
 --   lua5.4 examples/echo.lua --port 9001 [--host 127.0.0.1] [--path /]
 --        [--tls-cert cert.pem --tls-key key.pem] [--max-size BYTES]
---        [--deflate] [--ping-interval SECONDS (0 = off)]
+--        [--deflate] [--deflate-takeover] [--deflate-window 8..15]
+--        [--ping-interval SECONDS (0 = off)]
 --        [--workers N (processes sharing the port; needs a fixed --port)]
 local root = arg[0]:match("^(.*)/examples/[^/]*$") or "."
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
@@ -14,6 +15,7 @@ local function usage(msg)
   io.stderr:write((msg and msg .. "\n" or "") .. [[
 usage: lua5.4 examples/echo.lua --port N [--host H] [--path P]
        [--tls-cert FILE --tls-key FILE] [--max-size BYTES] [--deflate]
+       [--deflate-takeover] [--deflate-window BITS]
        [--ping-interval SECONDS] [--workers N] [--max-connections N]
 ]])
   os.exit(2)
@@ -32,7 +34,18 @@ while i <= #arg do
   elseif a == "--ping-interval" then opts.ping_interval = tonumber(v) or usage("bad --ping-interval")
   elseif a == "--max-connections" then opts.max_connections = tonumber(v) or usage("bad --max-connections")
   elseif a == "--workers" then opts.workers = tonumber(v) or usage("bad --workers")
-  elseif a == "--deflate" then opts.deflate = true; i = i - 1
+  elseif a == "--deflate" then opts.deflate = opts.deflate or true; i = i - 1
+  elseif a == "--deflate-takeover" then
+    -- keep the server's compression context between messages (better ratio,
+    -- more memory per connection); the default compresses each on its own
+    opts.deflate = type(opts.deflate) == "table" and opts.deflate or {}
+    opts.deflate.server_no_context_takeover = false
+    i = i - 1
+  elseif a == "--deflate-window" then
+    opts.deflate = type(opts.deflate) == "table" and opts.deflate or { server_no_context_takeover = true }
+    local bits = tonumber(v)
+    if not bits or bits < 8 or bits > 15 then usage("--deflate-window must be 8..15") end
+    opts.deflate.server_max_window_bits, opts.deflate.client_max_window_bits = bits, bits
   elseif a == "--help" or a == "-h" then usage()
   else usage("unknown option " .. tostring(a)) end
   i = i + 2

@@ -66,10 +66,19 @@ describe("headless Chromium", function()
     h:cleanup()
   end)
 
-  for _, deflate in ipairs({false, true}) do
-    it("uses its own WebSocket API against the echo server" .. (deflate and " with --deflate" or ""), function()
+  -- server-side permessage-deflate settings, each with what the browser
+  -- must see in ws.extensions
+  local variants = {
+    { name = "" },
+    { name = " with --deflate", args = { "--deflate" }, ext = "server_no_context_takeover" },
+    { name = " with --deflate-takeover --deflate-window 10", args = { "--deflate-takeover", "--deflate-window", "10" },
+      ext = "server_max_window_bits=10", no_ext = "server_no_context_takeover" },
+  }
+  for _, variant in ipairs(variants) do
+    local deflate = variant.args ~= nil
+    it("uses its own WebSocket API against the echo server" .. variant.name, function()
       local argv = {"lua5.4", "examples/echo.lua", "--port", "0", "--max-size", tostring(2 << 20)}
-      if deflate then argv[#argv + 1] = "--deflate" end
+      for _, a in ipairs(variant.args or {}) do argv[#argv + 1] = a end
       local h, url = start(argv, "^echo server listening on (ws://127%.0%.0%.1:%d+/)$")
       local res = browser("echo", url, {"--oversize", tostring(3 << 20)})
       assert.is_true(res.text_ok)
@@ -79,6 +88,8 @@ describe("headless Chromium", function()
       -- Chromium offers permessage-deflate on its own.
       if deflate then
         assert.matches("^permessage%-deflate", res.extensions)
+        assert.truthy(res.extensions:find(variant.ext, 1, true), res.extensions)
+        if variant.no_ext then assert.falsy(res.extensions:find(variant.no_ext, 1, true), res.extensions) end
       else
         assert.equal("", res.extensions)
       end
