@@ -58,7 +58,7 @@ build = {
       libdirs = {"$(OPENSSL_LIBDIR)", "$(ZLIB_LIBDIR)"},
       libraries = {"ssl", "crypto", "z", "pthread", "m"},
     },
-    duplex = "lua/duplex/init.lua",
+    ["duplex"] = "lua/duplex/init.lua",
     ["duplex.addr"] = "lua/duplex/addr.lua",
     ["duplex.client"] = "lua/duplex/client.lua",
     ["duplex.pubsub"] = "lua/duplex/pubsub.lua",
@@ -67,5 +67,6 @@ build = {
     ["duplex.server"] = "lua/duplex/server.lua",
     ["duplex.url"] = "lua/duplex/url.lua",
     ["duplex.websocket"] = "lua/duplex/websocket.lua",
+    ["duplex.workers"] = "lua/duplex/workers.lua",
   },
 }
