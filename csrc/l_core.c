@@ -6,6 +6,27 @@
  */
 #include "l_core.h"
 
+lua_Integer dx_opt_integer(lua_State *L, int t, const char *field, lua_Integer dflt, lua_Integer lo,
+                           lua_Integer hi) {
+  lua_getfield(L, t, field);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return dflt;
+  }
+  int isint = 0;
+  lua_Integer v = lua_type(L, -1) == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : 0;
+  if (!isint || v < lo || v > hi)
+    luaL_error(L, "option '%s' must be an integer from %I to %I", field, lo, hi);
+  lua_pop(L, 1);
+  return v;
+}
+
+int dx_opt_flag(lua_State *L, int t, const char *field, int dflt) {
+  int v = lua_getfield(L, t, field) == LUA_TNIL ? dflt : lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
 __attribute__((visibility("default"))) int luaopen_duplex_core(lua_State *L);
 
 int luaopen_duplex_core(lua_State *L) {

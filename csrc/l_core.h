@@ -50,6 +50,13 @@ static inline void *dx_checkudata(lua_State *L, int idx, const void *key, const 
   return luaL_checkudata(L, idx, tname); /* raises the usual error */
 }
 
+/* Options tables: field of table t as an integer in lo..hi (dflt when nil),
+ * or as a truth value (dflt when nil). Wrong values raise a Lua error that
+ * names the field. */
+lua_Integer dx_opt_integer(lua_State *L, int t, const char *field, lua_Integer dflt, lua_Integer lo,
+                           lua_Integer hi);
+int dx_opt_flag(lua_State *L, int t, const char *field, int dflt);
+
 /* Add the functions in l to the table at the top of the stack. */
 static inline void dx_setfuncs(lua_State *L, const luaL_Reg *l) { luaL_setfuncs(L, l, 0); }
 

@@ -34,20 +34,6 @@ static engine *check(lua_State *L, int idx) {
 
 dx_proto *dx_check_engine(lua_State *L, int idx) { return &check(L, idx)->p; }
 
-static uint64_t opt_size(lua_State *L, int t, const char *key, uint64_t def) {
-  lua_getfield(L, t, key);
-  lua_Integer v = luaL_optinteger(L, -1, (lua_Integer)def);
-  if (v < 0) luaL_error(L, "option '%s' must be a non-negative integer", key);
-  lua_pop(L, 1);
-  return (uint64_t)v;
-}
-
-static int opt_bool(lua_State *L, int t, const char *key, int def) {
-  int v = lua_getfield(L, t, key) == LUA_TNIL ? def : lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  return v;
-}
-
 /* core.engine{ role = "server"|"client", max_message =, max_frame =,
  *              streaming = false, auto_pong = true } */
 static int l_engine_new(lua_State *L) {
@@ -58,11 +44,10 @@ static int l_engine_new(lua_State *L) {
   memset(&cfg, 0, sizeof cfg);
   cfg.role = luaL_checkoption(L, -1, NULL, roles) == 0 ? DX_ROLE_SERVER : DX_ROLE_CLIENT;
   lua_pop(L, 1);
-  cfg.max_message = opt_size(L, 1, "max_message", DX_DEFAULT_MAX_MESSAGE);
-  if (cfg.max_message == 0) luaL_error(L, "option 'max_message' must be positive");
-  cfg.max_frame = opt_size(L, 1, "max_frame", 0);
-  cfg.streaming = opt_bool(L, 1, "streaming", 0);
-  cfg.auto_pong = opt_bool(L, 1, "auto_pong", 1);
+  cfg.max_message = (uint64_t)dx_opt_integer(L, 1, "max_message", DX_DEFAULT_MAX_MESSAGE, 1, LUA_MAXINTEGER);
+  cfg.max_frame = (uint64_t)dx_opt_integer(L, 1, "max_frame", 0, 0, LUA_MAXINTEGER);
+  cfg.streaming = dx_opt_flag(L, 1, "streaming", 0);
+  cfg.auto_pong = dx_opt_flag(L, 1, "auto_pong", 1);
   engine *e = lua_newuserdatauv(L, sizeof *e, 1);
   memset(e, 0, sizeof *e);
   dx_proto_init(&e->p, &cfg);

@@ -88,21 +88,6 @@ static dx_str opt_string(lua_State *L, int t, const char *field) {
   return s;
 }
 
-static lua_Integer opt_integer(lua_State *L, int t, const char *field, lua_Integer dflt,
-                               lua_Integer lo, lua_Integer hi) {
-  lua_getfield(L, t, field);
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    return dflt;
-  }
-  int isint = 0;
-  lua_Integer v = lua_type(L, -1) == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : 0;
-  if (!isint || v < lo || v > hi)
-    luaL_error(L, "option '%s' must be an integer from %I to %I", field, lo, hi);
-  lua_pop(L, 1);
-  return v;
-}
-
 static int opt_boolean(lua_State *L, int t, const char *field) {
   int type = lua_getfield(L, t, field);
   if (type != LUA_TNIL && type != LUA_TBOOLEAN) luaL_error(L, "option '%s' must be a boolean", field);
@@ -289,7 +274,7 @@ static int push_rest(lua_State *L) {
 }
 
 static size_t opt_limit(lua_State *L, int t, const char *field, size_t dflt, size_t hi) {
-  return (size_t)opt_integer(L, t, field, (lua_Integer)dflt, 16, (lua_Integer)hi);
+  return (size_t)dx_opt_integer(L, t, field, (lua_Integer)dflt, 16, (lua_Integer)hi);
 }
 
 static const char *state_name(const dx_http_parser *p, int closed) {
@@ -312,7 +297,7 @@ static int l_handshake_server(lua_State *L) {
   if (!lua_isnoneornil(L, 1)) {
     luaL_checktype(L, 1, LUA_TTABLE);
     max_size = opt_limit(L, 1, "max_header_size", max_size, MAX_HEADER_SIZE_LIMIT);
-    max_headers = (size_t)opt_integer(L, 1, "max_headers", (lua_Integer)max_headers, 1, MAX_HEADERS_LIMIT);
+    max_headers = (size_t)dx_opt_integer(L, 1, "max_headers", (lua_Integer)max_headers, 1, MAX_HEADERS_LIMIT);
   }
   hs_server *s = lua_newuserdatauv(L, sizeof *s, 1);
   s->closed = 0;
@@ -450,14 +435,14 @@ static int l_handshake_client(lua_State *L) {
   memset(&o, 0, sizeof o);
   o.host = opt_string(L, 1, "host");
   if (!o.host.p) luaL_error(L, "option 'host' is required");
-  o.port = (int)opt_integer(L, 1, "port", 0, 1, 65535);
+  o.port = (int)dx_opt_integer(L, 1, "port", 0, 1, 65535);
   o.secure = opt_boolean(L, 1, "secure");
   o.target = opt_string(L, 1, "target");
   o.origin = opt_string(L, 1, "origin");
   o.extensions = opt_string(L, 1, "extensions");
   int ext_idx = lua_gettop(L);
   size_t max_size = opt_limit(L, 1, "max_header_size", DX_HTTP_DEFAULT_MAX_SIZE, MAX_HEADER_SIZE_LIMIT);
-  size_t max_headers = (size_t)opt_integer(L, 1, "max_headers", DX_HTTP_DEFAULT_MAX_HEADERS, 1,
+  size_t max_headers = (size_t)dx_opt_integer(L, 1, "max_headers", DX_HTTP_DEFAULT_MAX_HEADERS, 1,
                                            MAX_HEADERS_LIMIT);
   o.protocols = check_protocols(L, 1, &o.nprotocols);
   int protocols_copy = lua_gettop(L);

@@ -22,23 +22,7 @@ static const char *const role_names[] = {"server", "client", NULL};
 
 /* Field key of table t as window bits 8..15, or def when nil. */
 static int opt_bits(lua_State *L, int t, const char *key, int def) {
-  lua_getfield(L, t, key);
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    return def;
-  }
-  int isint = 0;
-  lua_Integer v = lua_type(L, -1) == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : 0;
-  if (!isint || v < 8 || v > 15) luaL_error(L, "'%s' must be an integer from 8 to 15", key);
-  lua_pop(L, 1);
-  return (int)v;
-}
-
-static int opt_flag(lua_State *L, int t, const char *key) {
-  lua_getfield(L, t, key);
-  int v = lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  return v;
+  return (int)dx_opt_integer(L, t, key, def, 8, 15);
 }
 
 /* Agreed parameters (or a server policy, which has the same fields) from
@@ -48,18 +32,10 @@ static void check_params(lua_State *L, int arg, dx_pmd_params *p) {
   p->server_max_window_bits = p->client_max_window_bits = 15;
   if (lua_isnoneornil(L, arg)) return;
   luaL_checktype(L, arg, LUA_TTABLE);
-  p->server_no_context_takeover = opt_flag(L, arg, "server_no_context_takeover");
-  p->client_no_context_takeover = opt_flag(L, arg, "client_no_context_takeover");
+  p->server_no_context_takeover = dx_opt_flag(L, arg, "server_no_context_takeover", 0);
+  p->client_no_context_takeover = dx_opt_flag(L, arg, "client_no_context_takeover", 0);
   p->server_max_window_bits = opt_bits(L, arg, "server_max_window_bits", 15);
   p->client_max_window_bits = opt_bits(L, arg, "client_max_window_bits", 15);
-}
-
-static int opt_level(lua_State *L, int t, const char *key, int def, int lo, int hi) {
-  lua_getfield(L, t, key);
-  lua_Integer v = luaL_optinteger(L, -1, def);
-  if (v < lo || v > hi) luaL_error(L, "'%s' must be from %d to %d", key, lo, hi);
-  lua_pop(L, 1);
-  return (int)v;
 }
 
 static void check_config(lua_State *L, int arg, dx_pmd_config *c) {
@@ -67,8 +43,8 @@ static void check_config(lua_State *L, int arg, dx_pmd_config *c) {
   c->compress_level = 6;
   if (lua_isnoneornil(L, arg)) return;
   luaL_checktype(L, arg, LUA_TTABLE);
-  c->mem_level = opt_level(L, arg, "mem_level", 5, 1, 9);
-  c->compress_level = opt_level(L, arg, "compress_level", 6, 0, 9);
+  c->mem_level = (int)dx_opt_integer(L, arg, "mem_level", 5, 1, 9);
+  c->compress_level = (int)dx_opt_integer(L, arg, "compress_level", 6, 0, 9);
 }
 
 /* Our own offer, as given to pmd_offer (also needed to check the answer). */
@@ -76,8 +52,8 @@ static void check_offer(lua_State *L, int arg, dx_pmd_offer *o) {
   dx_pmd_offer_init(o);
   if (lua_isnoneornil(L, arg)) return;
   luaL_checktype(L, arg, LUA_TTABLE);
-  o->server_no_context_takeover = opt_flag(L, arg, "server_no_context_takeover");
-  o->client_no_context_takeover = opt_flag(L, arg, "client_no_context_takeover");
+  o->server_no_context_takeover = dx_opt_flag(L, arg, "server_no_context_takeover", 0);
+  o->client_no_context_takeover = dx_opt_flag(L, arg, "client_no_context_takeover", 0);
   o->server_max_window_bits = opt_bits(L, arg, "server_max_window_bits", DX_PMD_ABSENT);
   if (lua_getfield(L, arg, "client_max_window_bits") == LUA_TBOOLEAN) {
     o->client_max_window_bits = lua_toboolean(L, -1) ? DX_PMD_NOVALUE : DX_PMD_ABSENT;
