@@ -3,6 +3,7 @@
  * random bytes for masking keys and handshake nonces.
  */
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/rand.h>
 
 #include "dx_mask.h"
@@ -51,6 +52,20 @@ static int l_mask(lua_State *L) {
   return 1;
 }
 
+/* base64(s) -> s in standard base64 (OpenSSL's encoder, as for the
+ * handshake keys); used for HTTP basic authentication. */
+static int l_base64(lua_State *L) {
+  size_t n;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  luaL_argcheck(L, n <= (1u << 24), 1, "longer than 16 MiB");
+  size_t len = 4 * ((n + 2) / 3);
+  luaL_Buffer b;
+  unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, len + 1);
+  EVP_EncodeBlock(out, s, (int)n);
+  luaL_pushresultsize(&b, len);
+  return 1;
+}
+
 /* random(n) -> n bytes from OpenSSL's CSPRNG */
 static int l_random(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
@@ -92,6 +107,7 @@ void dx_open_util(lua_State *L) {
       {"utf8_valid", l_utf8_valid},
       {"mask", l_mask},
       {"random", l_random},
+      {"base64", l_base64},
       {"tune_malloc", l_tune_malloc},
       {NULL, NULL},
   };

@@ -15,23 +15,6 @@ client.defaults = {
   follow_redirects = false, -- or the number of redirects to follow (true = 5)
 }
 
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local function base64(s)
-  return ((s:gsub(".", function(c)
-    local b, bits = c:byte(), ""
-    for i = 8, 1, -1 do bits = bits .. ((b >> (i - 1)) & 1) end
-    return bits
-  end) .. "0000"):gsub("%d%d%d?%d?%d?%d?", function(x)
-    if #x < 6 then return "" end
-    local n = tonumber(x, 2)
-    return B64:sub(n + 1, n + 1)
-  end) .. ({ "", "==", "=" })[#s % 3 + 1])
-end
-
-local function unescape(s)
-  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
-end
-
 local function left(deadline) return math.max(0, deadline - now()) end
 
 -- Ask an HTTP proxy for a tunnel (RFC 9110 §9.3.6 CONNECT).
@@ -39,8 +22,8 @@ local function proxy_tunnel(sock, proxy, u, deadline)
   local authority = (u.host:find(":", 1, true) and "[" .. u.host .. "]" or u.host) .. ":" .. u.port
   local req = { "CONNECT " .. authority .. " HTTP/1.1", "Host: " .. authority }
   if proxy.userinfo then
-    local user, pass = proxy.userinfo:match("^([^:]*):?(.*)$")
-    req[#req + 1] = "Proxy-Authorization: Basic " .. base64(unescape(user) .. ":" .. unescape(pass))
+    local user, pass = url.credentials(proxy)
+    req[#req + 1] = "Proxy-Authorization: Basic " .. core.base64(user .. ":" .. (pass or ""))
   end
   sock:write(table.concat(req, "\r\n") .. "\r\n\r\n")
   local buf = ""

@@ -116,10 +116,10 @@ local function parse_url(s)
   if not u then return nil, "invalid Redis URL: " .. tostring(err) end
   local cfg = { host = u.host, port = u.default_port and 6379 or u.port, tls = s:match("^rediss://") ~= nil }
   if u.userinfo then
-    local function decode(x) return (x:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
-    local user, pass = u.userinfo:match("^([^:]*):(.*)$")
-    if user then cfg.user = user ~= "" and decode(user) or nil; cfg.password = decode(pass)
-    else cfg.password = decode(u.userinfo) end
+    -- redis://password@host, redis://:password@host, redis://user:password@host
+    local user, pass = url.credentials(u)
+    if pass then cfg.user, cfg.password = user ~= "" and user or nil, pass
+    else cfg.password = user end
   end
   return cfg
 end

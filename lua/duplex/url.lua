@@ -49,6 +49,21 @@ function url.parse(s)
   }
 end
 
+local function unescape(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+--- User name and password from the URL's userinfo, percent-decoded; the
+--- password is nil when there is no ":".
+---@param u duplex.URL
+---@return string|nil user, string|nil password
+function url.credentials(u)
+  if not u.userinfo then return nil end
+  local user, pass = u.userinfo:match("^([^:]*):(.*)$")
+  if not user then return unescape(u.userinfo), nil end
+  return unescape(user), unescape(pass)
+end
+
 --- The Host header value for a parsed URL.
 ---@param u duplex.URL
 ---@return string
