@@ -3,6 +3,7 @@
 local core = require "duplex.core"
 local WebSocket = require "duplex.websocket"
 local addr = require "duplex.addr"
+local runtime = require "duplex.runtime"
 
 local now = core.now
 
@@ -295,7 +296,7 @@ end
 --- then drop the rest. Returns true when every connection ended in time.
 ---@param timeout number|nil
 function Server:shutdown(timeout)
-  return require("duplex.runtime").blocking(shutdown, self, timeout)
+  return runtime.blocking(shutdown, self, timeout)
 end
 
 return server

@@ -244,10 +244,12 @@ local function check_kind(kind, level)
   end
 end
 
-local function send(self, data, kind, compress)
-  local ok, err = self.engine:send(data, kind, true, compress)
-  if not ok then return nil, self.state == "open" and err or "closed" end
-  return wait_for_room(self)
+-- After queueing a frame: return at once while the queue is under
+-- high_water (the common case, no detour through runtime.blocking), else
+-- wait for the peer to catch up.
+local function room(self)
+  if self.sock:buffered() <= self.high_water then return true end
+  return blocking(wait_for_room, self)
 end
 
 --- Send a whole message. kind is "text" (the default) or "binary"; text must
@@ -268,16 +270,9 @@ function WebSocket:send(data, kind, opts)
     if opts and opts.compress ~= nil then compress = opts.compress
     else compress = #data >= self.compress_threshold end
   end
-  return blocking(send, self, data, kind, compress)
-end
-
-local function send_fragment(self, data, kind, fin)
-  local first = not self._sending
-  local ok, err = self.engine:send(data, first and kind or "continuation", fin,
-    first and self.deflate and not self._no_compress_stream)
+  local ok, err = self.engine:send(data, kind, true, compress)
   if not ok then return nil, self.state == "open" and err or "closed" end
-  self._sending = not fin
-  return wait_for_room(self)
+  return room(self)
 end
 
 --- Send a message in pieces: the first call gives the kind, the last one
@@ -290,7 +285,12 @@ function WebSocket:send_fragment(data, kind, fin)
   kind = kind or "text"
   if not self._sending then check_kind(kind, 2) end
   if self.state ~= "open" then return nil, "closed" end
-  return blocking(send_fragment, self, data, kind, fin and true or false)
+  local first = not self._sending
+  local ok, err = self.engine:send(data, first and kind or "continuation", fin and true or false,
+    first and self.deflate)
+  if not ok then return nil, self.state == "open" and err or "closed" end
+  self._sending = not fin
+  return room(self)
 end
 
 --- A pre-encoded frame (duplex.encode_frame / pubsub): queued as is, no wait.
