@@ -7,7 +7,6 @@
 local duplex = require "duplex"
 local core = require "duplex.core"
 local runtime = require "duplex.runtime"
-local redis = require "duplex.redis"
 local proc = require "support.proc"
 local peers = require "support.peers"
 local certs = require "support.certs"
@@ -130,19 +129,7 @@ function Client:copies(line, quiet)
   return n
 end
 
--- Subscribers of a channel, as Redis counts them.
-local function numsub(port, channel)
-  return runtime.blocking(function()
-    local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = 2 })
-    sock:write(redis.command("PUBSUB", "NUMSUB", channel))
-    local buf = ""
-    while true do
-      local v = redis.parse(buf, 1)
-      if v then sock:close(); return v[2] end
-      buf = buf .. assert(sock:read(nil, 2))
-    end
-  end)
-end
+local numsub = services.numsub
 
 local cert
 setup(function() cert = certs.generate() end)

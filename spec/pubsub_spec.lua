@@ -255,19 +255,7 @@ describe("pubsub in one process", function()
   end)
 end)
 
--- Subscribers of a channel, as Redis counts them.
-local function numsub(port, channel)
-  return run(function()
-    local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = 2 })
-    sock:write(redis.command("PUBSUB", "NUMSUB", channel))
-    local buf = ""
-    while true do
-      local v = redis.parse(buf, 1)
-      if v then sock:close(); return v[2] end
-      buf = buf .. assert(sock:read(nil, 2))
-    end
-  end)
-end
+local numsub = services.numsub
 
 describe("pubsub across nodes through Redis", function()
   local server_ref

@@ -160,6 +160,21 @@ end
 --- nginx with this configuration text, as the current user, every file
 --- (pid, logs, temp paths) in its own directory. The config must listen on
 --- port; its http block gets the log and temp path lines added here.
+-- Subscribers of a Redis channel, as Redis counts them (PUBSUB NUMSUB).
+function services.numsub(port, channel)
+  local redis = require "duplex.redis"
+  return runtime.blocking(function()
+    local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = 2 })
+    sock:write(redis.command("PUBSUB", "NUMSUB", channel))
+    local buf = ""
+    while true do
+      local v = redis.parse(buf, 1)
+      if v then sock:close(); return v[2] end
+      buf = buf .. assert(sock:read(nil, 2))
+    end
+  end)
+end
+
 function services.nginx(conf, port)
   local dir = temp_dir()
   conf = conf:gsub("\nhttp {\n", function()
