@@ -185,21 +185,17 @@ static int l_send(lua_State *L) {
   return push_result(L, dx_proto_send(&e->p, op, s, n, fin, compress));
 }
 
-static int l_ping(lua_State *L) {
+/* e:ping([data]) and e:pong([data]): a control frame of at most 125 bytes */
+static int send_control(lua_State *L, int (*send)(dx_proto *, const void *, size_t)) {
   engine *e = check(L, 1);
   size_t n;
   const char *s = luaL_optlstring(L, 2, "", &n);
-  if (n > DX_CONTROL_MAX) return luaL_argerror(L, 2, "ping payload longer than 125 bytes");
-  return push_result(L, dx_proto_ping(&e->p, s, n));
+  if (n > DX_CONTROL_MAX) return luaL_argerror(L, 2, "control frame payload longer than 125 bytes");
+  return push_result(L, send(&e->p, s, n));
 }
 
-static int l_pong(lua_State *L) {
-  engine *e = check(L, 1);
-  size_t n;
-  const char *s = luaL_optlstring(L, 2, "", &n);
-  if (n > DX_CONTROL_MAX) return luaL_argerror(L, 2, "pong payload longer than 125 bytes");
-  return push_result(L, dx_proto_pong(&e->p, s, n));
-}
+static int l_ping(lua_State *L) { return send_control(L, dx_proto_ping); }
+static int l_pong(lua_State *L) { return send_control(L, dx_proto_pong); }
 
 /* e:close([code [, reason]]) starts the closing handshake. */
 static int l_close(lua_State *L) {
