@@ -188,12 +188,12 @@ void dx_proto_feed(dx_proto *p, uint8_t *data, size_t n) {
     return;
   }
   /* The previous bytes are not used up: keep them in order, in our memory. */
-  if (p->in != dx_buf_head(&p->pend) || dx_buf_size(&p->pend) == 0) {
+  int in_pend = p->pend.data && p->in >= p->pend.data && p->in < p->pend.data + p->pend.len;
+  if (in_pend) {
+    p->pend.off = p->pend.len - p->in_len; /* drop the parsed prefix */
+  } else {
     dx_buf_clear(&p->pend);
     if (dx_buf_append(&p->pend, p->in, p->in_len)) goto nomem;
-  } else {
-    /* in already points into pend: drop the consumed prefix */
-    p->pend.off = p->pend.len - p->in_len;
   }
   if (dx_buf_append(&p->pend, data, n)) goto nomem;
   p->in = dx_buf_head(&p->pend);
