@@ -55,6 +55,4 @@ function runtime.unwatch(m)
   end
 end
 
-function runtime.watched() return count end
-
 return runtime
