@@ -3,6 +3,7 @@
 local core = require "duplex.core"
 local url = require "duplex.url"
 local WebSocket = require "duplex.websocket"
+local hs = require "duplex.handshake"
 
 local now = core.now
 
@@ -11,7 +12,7 @@ local client = {}
 client.defaults = {
   timeout = 10,            -- seconds for TCP connect + TLS + handshake
   max_header_size = 8192,
-  max_message = 16 << 20,
+  max_message = hs.max_message,
   follow_redirects = false, -- or the number of redirects to follow (true = 5)
 }
 
@@ -78,53 +79,24 @@ local function open_transport(u, opts, deadline)
   return sock
 end
 
-local function deflate_offer(opts)
-  if not opts.deflate then return nil end
-  local offer = type(opts.deflate) == "table" and opts.deflate or { client_max_window_bits = true }
-  return core.pmd_offer(offer), offer
-end
-
 local function handshake(sock, u, opts, deadline)
-  local ext_header, offer = deflate_offer(opts)
-  local hc = core.handshake_client {
-    host = u.host, port = u.port, secure = u.secure, target = u.target,
-    origin = opts.origin, protocols = opts.protocols, extensions = ext_header,
-    headers = opts.headers, max_header_size = opts.max_header_size,
-  }
+  local hc, offer = hs.start(u, opts)
   sock:write(hc:request())
-  local res
-  while not res do
+  while true do
     local data, err = sock:read(nil, left(deadline))
     if not data then
       return nil, err == "timeout" and "handshake timed out" or "connection closed during handshake: " .. tostring(err)
     end
-    local r, herr, rejected = hc:feed(data)
-    if herr then return nil, herr, rejected end
-    res = r
-  end
-  local pmd_params
-  if offer then
-    for _, e in ipairs(res.extensions or {}) do
-      if e.name == "permessage-deflate" then
-        local p, perr = core.pmd_check_response(res.extensions, offer)
-        if not p then return nil, "handshake failed: " .. tostring(perr) end
-        pmd_params = p
-      end
+    local engine, info, res = hs.feed(hc, offer, opts, data)
+    if engine then
+      sock:attach(engine)
+      info.remote_address, info.remote_port = sock:peer()
+      info.url = u
+      return WebSocket.new(sock, engine, opts, info)
+    elseif info then
+      return nil, info, res
     end
   end
-  local engine = core.engine {
-    role = "client", max_message = opts.max_message, max_frame = opts.max_frame,
-    streaming = opts.streaming,
-  }
-  if pmd_params then core.pmd_attach(engine, "client", pmd_params, offer) end
-  sock:attach(engine)
-  local rest = hc:rest()
-  if #rest > 0 then engine:feed(rest) end
-  local ip, port = sock:peer()
-  return WebSocket.new(sock, engine, opts, {
-    response = res, protocol = res.protocol, extensions = res.headers["sec-websocket-extensions"],
-    deflate = pmd_params ~= nil, remote_address = ip, remote_port = port, url = u,
-  })
 end
 
 local REDIRECT = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }

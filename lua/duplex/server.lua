@@ -2,6 +2,7 @@
 --- connection; plain HTTP on the same port; graceful shutdown.
 local core = require "duplex.core"
 local WebSocket = require "duplex.websocket"
+local handshake = require "duplex.handshake"
 local addr = require "duplex.addr"
 local runtime = require "duplex.runtime"
 
@@ -24,7 +25,7 @@ local defaults = {
   handshake_timeout = 10,
   max_header_size = 8192,
   max_headers = 100,
-  max_message = 16 << 20,
+  max_message = handshake.max_message,
 }
 server.defaults = defaults
 
@@ -32,47 +33,12 @@ local function default_log(level, msg)
   io.stderr:write(string.format("duplex %s: %s\n", level, msg))
 end
 
--- Per-route settings fall back to the server's, then to the library's.
-local ROUTE_KEYS = {
-  "handler", "protocols", "select_protocol", "origins", "on_request", "headers",
-  "max_message", "max_frame", "streaming", "deflate", "ping_interval", "ping_timeout",
-  "close_timeout", "high_water", "low_water", "max_buffered", "send_timeout",
-  "compress_threshold",
-}
-
-local function make_route(opts, spec)
-  if type(spec) == "function" then spec = { handler = spec } end
-  if type(spec) ~= "table" or type(spec.handler) ~= "function" then
-    error("listen: every route needs a handler function", 4)
-  end
-  local route = {}
-  for _, k in ipairs(ROUTE_KEYS) do
-    local v = spec[k]
-    if v == nil then v = opts[k] end
-    route[k] = v
-  end
-  if route.max_message == nil then route.max_message = defaults.max_message end
-  if route.origins then
-    local set = {}
-    for _, o in ipairs(route.origins) do set[o:lower()] = true end
-    route.origin_set = set
-  end
-  if route.deflate then
-    -- By default the server compresses every message on its own (no
-    -- context takeover): no deflate state is kept between messages, and one
-    -- compressed broadcast frame suits every such connection.
-    route.deflate_policy = type(route.deflate) == "table" and route.deflate
-      or { server_no_context_takeover = true }
-  end
-  return route
-end
-
 local function make_routes(opts)
   local routes = {}
   if opts.routes then
-    for path, spec in pairs(opts.routes) do routes[path] = make_route(opts, spec) end
+    for path, spec in pairs(opts.routes) do routes[path] = handshake.route(opts, spec, 4) end
   end
-  if opts.handler then routes[opts.path or "*"] = make_route(opts, opts) end
+  if opts.handler then routes[opts.path or "*"] = handshake.route(opts, opts, 4) end
   if next(routes) == nil then error("listen: give a handler (and path) or routes", 3) end
   return routes
 end
@@ -81,18 +47,6 @@ local function respond(sock, status, headers, body)
   sock:write(core.http_response(status, headers, body))
   sock:flush(5)
   sock:close()
-end
-
-local function choose_protocol(route, req)
-  if route.select_protocol then return route.select_protocol(req.protocols, req) end
-  if not route.protocols then return nil end
-  -- The server's order of preference decides among what the client offers.
-  local offered = {}
-  for _, p in ipairs(req.protocols) do offered[p] = true end
-  for _, p in ipairs(route.protocols) do
-    if offered[p] then return p end
-  end
-  return nil
 end
 
 -- Read the upgrade request within the handshake deadline (a client that
@@ -130,35 +84,14 @@ local function serve_http(self, sock, req, route)
 end
 
 local function upgrade(self, sock, req, hs, route)
-  if route.origin_set and not (req.origin and route.origin_set[req.origin:lower()]) then
-    return respond(sock, 403, nil, "origin not allowed")
-  end
-  if route.on_request then
-    local status, body, headers = route.on_request(req)
-    if status then return respond(sock, status, headers, body) end
-  end
-  local protocol = choose_protocol(route, req)
-  local ext, pmd_params
-  if route.deflate then
-    ext, pmd_params = core.pmd_accept(req.extensions, route.deflate_policy)
-    if not ext then pmd_params = nil end -- no acceptable offer: no compression
-  end
-  sock:write(core.handshake_response {
-    key = req.key, protocol = protocol, extensions = ext, headers = route.headers,
-  })
-  local engine = core.engine {
-    role = "server", max_message = route.max_message, max_frame = route.max_frame,
-    streaming = route.streaming,
-  }
-  if pmd_params then core.pmd_attach(engine, "server", pmd_params, route.deflate_policy) end
+  local response, engine, info, body = handshake.accept(route, req)
+  if not response then return respond(sock, engine, info, body) end -- refused: status, headers
+  sock:write(response)
   sock:attach(engine)
   local rest = hs:rest()
   if #rest > 0 then engine:feed(rest) end
-  local ws = WebSocket.new(sock, engine, route, {
-    request = req, protocol = protocol, extensions = ext, deflate = pmd_params ~= nil,
-    deflate_params = pmd_params,
-    remote_address = req.remote_address, remote_port = req.peer_port, server = self,
-  })
+  info.remote_address, info.remote_port, info.server = req.remote_address, req.peer_port, self
+  local ws = WebSocket.new(sock, engine, route, info)
   self.connections[ws] = true
   local ok, err = xpcall(route.handler, debug.traceback, ws, req)
   if not ok then

@@ -23,14 +23,20 @@ local now = core.now
 ---@field latency number|nil           round trip of the last heartbeat, seconds
 local WebSocket = {}
 WebSocket.__index = WebSocket
+-- Connections on our loop: a loop timer drives their heartbeats, waiting
+-- goes through runtime.blocking, and the loop writes queued frames at the
+-- end of each pass. WebSocket.Hosted (below) changes exactly these three.
+WebSocket.watched = true
+WebSocket._wait = blocking
+function WebSocket:_kick() return true end
 
 local defaults = {
   ping_interval = 20,   -- seconds of silence before a ping; 0 turns heartbeats off
   ping_timeout = 20,    -- seconds to wait for any traffic after that ping
   close_timeout = 5,    -- seconds to wait for the peer's close frame / TCP close
-  high_water = 1 << 20, -- send() waits while more than this is buffered
-  low_water = 256 << 10,-- ... until it drops below this
-  max_buffered = 16 << 20, -- a peer that lets more pile up (broadcasts) is closed
+  high_water = 1048576, -- send() waits while more than this is buffered (1 MiB)
+  low_water = 262144,   -- ... until it drops below this (256 KiB)
+  max_buffered = 16777216, -- a peer that lets more pile up (broadcasts) is closed
   send_timeout = 30,    -- seconds send() may wait for a slow peer before closing it
   compress_threshold = 128, -- with permessage-deflate, smaller messages go plain
 }
@@ -43,8 +49,10 @@ local function opt(opts, k)
 end
 
 --- Wrap an engine attached to a socket. Used by duplex.server and
---- duplex.client once the handshake is done.
-function WebSocket.new(sock, engine, opts, info)
+--- duplex.client once the handshake is done; class is WebSocket (our loop)
+--- or WebSocket.Hosted (a host's stream, see duplex.transport).
+function WebSocket.new(sock, engine, opts, info, class)
+  class = class or WebSocket
   local self = setmetatable({
     sock = sock,
     engine = engine,
@@ -61,10 +69,10 @@ function WebSocket.new(sock, engine, opts, info)
     compress_threshold = opt(opts, "compress_threshold"),
     deflate = info.deflate or false,
     _last_seen = now(),
-  }, WebSocket)
+  }, class)
   for k, v in pairs(info) do self[k] = v end
   if self.low_water > self.high_water then self.low_water = self.high_water end
-  runtime.watch(self)
+  if class.watched then runtime.watch(self) end
   return self
 end
 
@@ -179,10 +187,20 @@ local function receive(self, timeout)
         return r1, r2, r3, r4
       end
     else
-      local n, err = sock:receive(engine, deadline and math.max(0, deadline - now()))
+      local wait = deadline and math.max(0, deadline - now())
+      local beat = false
+      if not self.watched then
+        -- No loop timer watches this connection: the heartbeat and the
+        -- close deadline are kept by whoever reads it, between reads.
+        local due = self:_due(now())
+        if due and (not wait or due < wait) then wait, beat = due, true end
+      end
+      local n, err = sock:receive(engine, wait)
       if n then
         self._last_seen = now() -- any traffic proves the peer alive
         self._shrunk = false
+      elseif err == "timeout" and beat then
+        self:sweep(now())
       elseif err == "timeout" then
         self._reading = false
         return nil, "timeout"
@@ -202,7 +220,7 @@ end
 ---@return string|nil message, string kind_or_error, integer|boolean|nil, string|nil
 function WebSocket:receive(timeout)
   if self._reading then error("receive: another coroutine is already reading this connection", 2) end
-  return blocking(receive, self, timeout)
+  return self._wait(receive, self, timeout)
 end
 
 --- Iterate over messages until the connection closes:
@@ -247,9 +265,9 @@ end
 -- After queueing a frame: return at once while the queue is under
 -- high_water (the common case, no detour through runtime.blocking), else
 -- wait for the peer to catch up.
-local function room(self)
+function WebSocket:_room()
   if self.sock:buffered() <= self.high_water then return true end
-  return blocking(wait_for_room, self)
+  return self._wait(wait_for_room, self)
 end
 
 --- Send a whole message. kind is "text" (the default) or "binary"; text must
@@ -272,7 +290,7 @@ function WebSocket:send(data, kind, opts)
   end
   local ok, err = self.engine:send(data, kind, true, compress)
   if not ok then return nil, self.state == "open" and err or "closed" end
-  return room(self)
+  return self:_room()
 end
 
 --- Send a message in pieces: the first call gives the kind, the last one
@@ -290,7 +308,7 @@ function WebSocket:send_fragment(data, kind, fin)
     first and self.deflate)
   if not ok then return nil, self.state == "open" and err or "closed" end
   self._sending = not fin
-  return room(self)
+  return self:_room()
 end
 
 --- A pre-encoded frame (duplex.encode_frame / pubsub): queued as is, no wait.
@@ -298,7 +316,7 @@ function WebSocket:send_frame(frame)
   if self.state ~= "open" or self._sending then return nil, "closed" end
   local ok, err = self.engine:send_raw(frame)
   if not ok then return nil, err end
-  return true
+  return self:_kick()
 end
 
 --- Send a ping. The pong's arrival is reported in ws.latency and to
@@ -307,13 +325,16 @@ end
 function WebSocket:ping(data)
   if self.state ~= "open" then return nil, "closed" end
   local ok, err = self.engine:ping(data or "")
-  if ok then self._ping_sent = self._ping_sent or now() end
-  return ok, err
+  if not ok then return nil, err end
+  self._ping_sent = self._ping_sent or now()
+  return self:_kick()
 end
 
 function WebSocket:pong(data)
   if self.state ~= "open" then return nil, "closed" end
-  return self.engine:pong(data or "")
+  local ok, err = self.engine:pong(data or "")
+  if not ok then return nil, err end
+  return self:_kick()
 end
 
 --- Send our close frame without waiting for the answer: whoever reads the
@@ -326,6 +347,7 @@ function WebSocket:start_close(code, reason)
   -- This fails only when the engine has already read the peer's close frame
   -- and answered it; the event waits in its queue for the next reader.
   self.engine:close(code or 1000, reason or "")
+  self:_kick()
   return true
 end
 
@@ -354,7 +376,7 @@ function WebSocket:close(code, reason)
   end
   if reason ~= nil and #reason > 123 then error("close: reason longer than 123 bytes", 2) end
   if self.state ~= "open" then return true end
-  return blocking(close, self, code or 1000, reason or "")
+  return self._wait(close, self, code or 1000, reason or "")
 end
 
 --- Drop the TCP connection at once, without a closing handshake.
@@ -398,5 +420,44 @@ function WebSocket:sweep(t)
     self:ping()
   end
 end
+
+--- Seconds until sweep has something to do (a ping to send, a pong or a
+--- close reply overdue), or nil when nothing is scheduled.
+function WebSocket:_due(t)
+  local due
+  if self.state == "closing" then
+    due = self._close_deadline
+  elseif self.state == "open" and self.ping_interval > 0 then
+    due = self._ping_sent and self._ping_sent + self.ping_timeout or self._last_seen + self.ping_interval
+  end
+  return due and math.max(0, due - t)
+end
+
+--- A connection over a host's stream (duplex.transport): the host's own
+--- coroutines wait (cqueues, nginx cosockets) or nothing waits at all (poll
+--- transports), the reader keeps the heartbeat, and whoever queues a frame
+--- writes it out.
+---@class duplex.HostedWebSocket: duplex.WebSocket
+local Hosted = setmetatable({}, { __index = WebSocket })
+Hosted.__index = Hosted
+Hosted.__tostring = WebSocket.__tostring
+Hosted.watched = false
+function Hosted._wait(fn, ...) return fn(...) end
+
+function Hosted:_room()
+  local sock = self.sock
+  local ok, err = sock:flush(self.nowait and 0 or self.send_timeout)
+  if ok then return true end
+  if err == "timeout" then
+    if self.nowait and sock:buffered() <= self.max_buffered then return true end
+    self:_slow_consumer(self.nowait and "send buffer over max_buffered: the peer is not reading"
+      or "send timed out: the peer is not reading")
+    return nil, "timeout"
+  end
+  return self:_lost(err)
+end
+Hosted._kick = Hosted._room
+
+WebSocket.Hosted = Hosted
 
 return WebSocket

@@ -1,0 +1,142 @@
+--- The opening handshake's decisions, for both roles and every host: which
+--- subprotocol, which origin, which permessage-deflate parameters, and the
+--- engine that follows. The bytes are parsed and built in C (duplex.core);
+--- reading and writing them is the host's business (duplex.server on our
+--- sockets, duplex.transport on any stream, duplex.nginx on cosockets).
+---
+--- Runs on Lua 5.4 and on LuaJIT: no integer operators here.
+local core = require "duplex.core"
+
+local handshake = {}
+
+handshake.max_message = 16 * 1024 * 1024
+
+-- Per-route settings fall back to the server's, then to the library's.
+local ROUTE_KEYS = {
+  "handler", "protocols", "select_protocol", "origins", "on_request", "headers",
+  "max_message", "max_frame", "streaming", "deflate", "ping_interval", "ping_timeout",
+  "close_timeout", "high_water", "low_water", "max_buffered", "send_timeout",
+  "compress_threshold",
+}
+
+--- Server side: the settings of one route (spec may be a handler function),
+--- each falling back to opts. level is the error level for a bad spec.
+function handshake.route(opts, spec, level)
+  if type(spec) == "function" then spec = { handler = spec } end
+  if type(spec) ~= "table" or type(spec.handler) ~= "function" then
+    error("every route needs a handler function", (level or 1) + 1)
+  end
+  local route = {}
+  for _, k in ipairs(ROUTE_KEYS) do
+    local v = spec[k]
+    if v == nil then v = opts[k] end
+    route[k] = v
+  end
+  if route.max_message == nil then route.max_message = handshake.max_message end
+  if route.origins then
+    local set = {}
+    for _, o in ipairs(route.origins) do set[o:lower()] = true end
+    route.origin_set = set
+  end
+  if route.deflate then
+    -- By default the server compresses every message on its own (no
+    -- context takeover): no deflate state is kept between messages, and one
+    -- compressed broadcast frame suits every such connection.
+    route.deflate_policy = type(route.deflate) == "table" and route.deflate
+      or { server_no_context_takeover = true }
+  end
+  return route
+end
+
+local function choose_protocol(route, req)
+  if route.select_protocol then return route.select_protocol(req.protocols, req) end
+  if not route.protocols then return nil end
+  -- The server's order of preference decides among what the client offers.
+  local offered = {}
+  for _, p in ipairs(req.protocols) do offered[p] = true end
+  for _, p in ipairs(route.protocols) do
+    if offered[p] then return p end
+  end
+  return nil
+end
+
+--- Server side: answer a valid upgrade request (from core.handshake_server)
+--- on a route. Returns the 101 response bytes, the engine and the fields
+--- the connection object carries; or nil and the refusal's status, headers
+--- and body (403 for a foreign origin, or whatever on_request decided).
+function handshake.accept(route, req)
+  if route.origin_set and not (req.origin and route.origin_set[req.origin:lower()]) then
+    return nil, 403, nil, "origin not allowed"
+  end
+  if route.on_request then
+    local status, body, headers = route.on_request(req)
+    if status then return nil, status, headers, body end
+  end
+  local protocol = choose_protocol(route, req)
+  local ext, pmd_params
+  if route.deflate then
+    ext, pmd_params = core.pmd_accept(req.extensions, route.deflate_policy)
+    if not ext then pmd_params = nil end -- no acceptable offer: no compression
+  end
+  local response = core.handshake_response {
+    key = req.key, protocol = protocol, extensions = ext, headers = route.headers,
+  }
+  local engine = core.engine {
+    role = "server", max_message = route.max_message, max_frame = route.max_frame,
+    streaming = route.streaming,
+  }
+  if pmd_params then core.pmd_attach(engine, "server", pmd_params, route.deflate_policy) end
+  return response, engine, {
+    request = req, protocol = protocol, extensions = ext, deflate = pmd_params ~= nil,
+    deflate_params = pmd_params,
+  }
+end
+
+--- Client side: the request for URL u (from duplex.url) and opts. Returns
+--- the parser for the response (hc:request() is the bytes to send) and the
+--- deflate offer, if any, for handshake.finish.
+function handshake.start(u, opts)
+  local ext_header, offer
+  if opts.deflate then
+    offer = type(opts.deflate) == "table" and opts.deflate or { client_max_window_bits = true }
+    ext_header = core.pmd_offer(offer)
+  end
+  local hc = core.handshake_client {
+    host = u.host, port = u.port, secure = u.secure, target = u.target,
+    origin = opts.origin, protocols = opts.protocols, extensions = ext_header,
+    headers = opts.headers, max_header_size = opts.max_header_size,
+  }
+  return hc, offer
+end
+
+--- Client side: feed response bytes. Returns nil while more are needed;
+--- then the engine and the connection's fields, or nil, err, response when
+--- the server refused or answered wrongly.
+function handshake.feed(hc, offer, opts, data)
+  local res, herr, rejected = hc:feed(data)
+  if herr then return nil, herr, rejected end
+  if not res then return nil end
+  local pmd_params
+  if offer then
+    for _, e in ipairs(res.extensions or {}) do
+      if e.name == "permessage-deflate" then
+        local p, perr = core.pmd_check_response(res.extensions, offer)
+        if not p then return nil, "handshake failed: " .. tostring(perr), res end
+        pmd_params = p
+      end
+    end
+  end
+  local engine = core.engine {
+    role = "client", max_message = opts.max_message or handshake.max_message,
+    max_frame = opts.max_frame, streaming = opts.streaming,
+  }
+  if pmd_params then core.pmd_attach(engine, "client", pmd_params, offer) end
+  local rest = hc:rest()
+  if #rest > 0 then engine:feed(rest) end
+  return engine, {
+    response = res, protocol = res.protocol, extensions = res.headers["sec-websocket-extensions"],
+    deflate = pmd_params ~= nil,
+  }
+end
+
+return handshake
