@@ -1,0 +1,228 @@
+--- WebSocket over any host's byte stream: the same connection object, with
+--- every protocol rule (auto-pong, heartbeat, closing handshake, limits,
+--- permessage-deflate) in the shared code, and only the bytes moved by the
+--- host.
+---
+--- A stream is any object with these methods (timeouts in seconds, nil for
+--- no limit):
+---
+---   stream:read(max, timeout)   -> 1..max bytes | nil, "timeout" | nil, "closed" (EOF) | nil, err
+---   stream:write(data, timeout) -> true | nil, "timeout", bytes_written | nil, err
+---   stream:close()
+---   stream:shutdown()           (optional) stop sending, keep reading
+---   stream:peer()               (optional) -> address, port
+---
+--- read and write may wait in the host's own way (yield to cqueues or to
+--- nginx), or not at all: a stream that returns "timeout" at once is a poll
+--- transport, for which pass nowait = true. A read that times out has
+--- consumed nothing, and bytes read are fed to the engine as they arrive, so
+--- a timeout or a short read never loses bytes or desynchronizes the stream.
+---
+--- Runs on Lua 5.4 and on LuaJIT.
+local core = require "duplex.core"
+local WebSocket = require "duplex.websocket"
+local handshake = require "duplex.handshake"
+local url = require "duplex.url"
+
+local now = core.now
+local Hosted = WebSocket.Hosted
+
+local transport = {}
+
+transport.read_size = 65536
+
+local function left(deadline)
+  return deadline and math.max(0, deadline - now())
+end
+
+--- The socket interface duplex.websocket uses, over a stream and an engine.
+local Conduit = {}
+Conduit.__index = Conduit
+
+function transport.wrap(stream, engine)
+  return setmetatable({ stream = stream, engine = engine, writing = false, closed = false }, Conduit)
+end
+
+--- Bytes queued for the peer: the engine's, plus the unwritten rest of a
+--- write that timed out.
+function Conduit:buffered()
+  if self.closed then return 0 end
+  return self.engine:pending() + (self.tail and #self.tail or 0)
+end
+
+--- Write everything queued. Only one coroutine writes at a time: a flush
+--- that finds another one writing returns at once, since that writer keeps
+--- going until the queue is empty, our bytes included.
+function Conduit:flush(timeout)
+  if self.closed then return nil, "closed" end
+  if self.writing then return true end
+  self.writing = true
+  local deadline = timeout and now() + timeout
+  local ok, err = true, nil
+  while not self.closed do
+    local data = self.tail
+    if not data then
+      if self.engine:pending() == 0 then break end
+      data = self.engine:data_to_send()
+    end
+    self.tail = nil
+    local done, werr, written = self.stream:write(data, left(deadline))
+    if not done then
+      if werr == "timeout" then self.tail = data:sub((written or 0) + 1) end
+      ok, err = nil, werr
+      break
+    end
+  end
+  self.writing = false
+  if self.closed and ok then return nil, "closed" end
+  return ok, err
+end
+
+function Conduit:drain(low, timeout)
+  return self:flush(timeout)
+end
+
+--- Read and feed until the engine has events; returns how many.
+function Conduit:receive(engine, timeout)
+  local deadline = timeout and now() + timeout
+  while true do
+    if self.closed then return nil, "closed" end
+    local data, err = self.stream:read(transport.read_size, left(deadline))
+    if not data then return nil, err end
+    local events = engine:feed(data)
+    if events > 0 then return events end
+  end
+end
+
+function Conduit:read(max, timeout)
+  if self.closed then return nil, "closed" end
+  return self.stream:read(max or transport.read_size, timeout)
+end
+
+function Conduit:shutdown(timeout)
+  if self.closed or not self.stream.shutdown then return false end
+  if not self:flush(timeout) then return false end
+  return self.stream:shutdown() ~= nil
+end
+
+function Conduit:close(hard)
+  if self.closed then return end
+  self.closed = true
+  self.stream:close(hard)
+end
+
+function Conduit:peer()
+  if self.stream.peer then return self.stream:peer() end
+  return nil
+end
+
+local function write_all(stream, data, deadline)
+  local ok, err = stream:write(data, left(deadline))
+  if not ok then return nil, err == "timeout" and "handshake timeout" or err end
+  return true
+end
+
+--- The connection object over stream, for an engine whose handshake is done
+--- (from duplex.handshake): for hosts that do the handshake their own way.
+function transport.connection(stream, engine, opts, info, nowait)
+  local sock = transport.wrap(stream, engine)
+  if not info.remote_address then info.remote_address, info.remote_port = sock:peer() end
+  local ws = WebSocket.new(sock, engine, opts, info, Hosted)
+  ws.nowait = nowait or false
+  -- Frames the first read produced (a pong, say) go out now.
+  if engine:pending() > 0 then ws:_kick() end
+  return ws
+end
+
+local function refuse(stream, status, headers, body, deadline)
+  write_all(stream, core.http_response(status, headers, body), deadline)
+  stream:close()
+end
+
+local function none() end
+
+--- Server side: read the upgrade request from stream (after opts.request,
+--- bytes of it the host has already read), check it and answer it. Takes the
+--- options of duplex.listen that concern one connection (protocols, origins,
+--- on_request, deflate, limits, heartbeat...), plus remote_address and
+--- nowait. Returns the connection and the request, or nil, err and (when it
+--- got that far) the request; a refused request has been answered (400,
+--- 403, 426...) and the stream closed.
+---@return duplex.WebSocket|nil, table|string, table|nil
+function transport.accept(stream, opts)
+  opts = opts or {}
+  local route = handshake.route(opts, { handler = none }, 2)
+  local deadline = now() + (opts.handshake_timeout or 10)
+  local hs = core.handshake_server { max_header_size = opts.max_header_size, max_headers = opts.max_headers }
+  local data, err = opts.request, nil
+  local req, status, msg
+  while true do
+    if data then
+      req, status, msg = hs:feed(data)
+      if req then break end
+      if status then
+        refuse(stream, status, nil, msg, deadline)
+        return nil, msg
+      end
+    end
+    if now() >= deadline then stream:close(); return nil, "handshake timeout" end
+    data, err = stream:read(transport.read_size, left(deadline))
+    if not data then
+      stream:close()
+      return nil, err == "timeout" and "handshake timeout" or err
+    end
+  end
+  if not req.websocket then
+    local code = req.upgrade and req.status or 426
+    refuse(stream, code, code == 426 and { ["Upgrade"] = "websocket" } or nil,
+      req.error or "this endpoint speaks WebSocket", deadline)
+    return nil, "not a WebSocket upgrade: " .. tostring(req.error or req.method .. " " .. req.target), req
+  end
+  local response, engine, info, body = handshake.accept(route, req)
+  if not response then
+    refuse(stream, engine, info, body, deadline)
+    return nil, "refused with " .. tostring(engine), req
+  end
+  local ok, werr = write_all(stream, response, deadline)
+  if not ok then
+    engine:release()
+    stream:close()
+    return nil, werr, req
+  end
+  local rest = hs:rest()
+  if #rest > 0 then engine:feed(rest) end
+  info.remote_address = opts.remote_address
+  return transport.connection(stream, engine, route, info, opts.nowait), req
+end
+
+--- Client side: open a WebSocket on a stream already connected (and, for
+--- wss, already encrypted) to the server of target, a ws:// or wss:// URL.
+--- Takes the per-connection options of duplex.connect (protocols, headers,
+--- origin, deflate, limits, heartbeat, timeout for the handshake) plus
+--- nowait. Returns the connection, or nil, err and the response when the
+--- server refused.
+---@return duplex.WebSocket|nil, string|nil, table|nil
+function transport.connect(stream, target, opts)
+  opts = opts or {}
+  local u, perr = url.parse(target)
+  if not u then return nil, perr end
+  local deadline = now() + (opts.timeout or 10)
+  local hc, offer = handshake.start(u, opts)
+  local ok, err = write_all(stream, hc:request(), deadline)
+  if not ok then return nil, err end
+  while true do
+    local data, rerr = stream:read(transport.read_size, left(deadline))
+    if not data then
+      return nil, rerr == "timeout" and "handshake timed out" or "connection closed during handshake: " .. tostring(rerr)
+    end
+    local engine, info, res = handshake.feed(hc, offer, opts, data)
+    if engine then
+      info.url = u
+      return transport.connection(stream, engine, opts, info, opts.nowait)
+    elseif info then
+      return nil, info, res
+    end
+  end
+end
+
+return transport
