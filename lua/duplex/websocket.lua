@@ -199,6 +199,9 @@ local function receive(self, timeout)
       if n then
         self._last_seen = now() -- any traffic proves the peer alive
         self._shrunk = false
+        -- Without a loop to write at the end of its pass, the frames this
+        -- read produced (pongs, a close reply) go out now.
+        if not self.watched and engine:pending() > 0 then self:_kick() end
       elseif err == "timeout" and beat then
         self:sweep(now())
       elseif err == "timeout" then

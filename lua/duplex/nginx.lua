@@ -1,0 +1,204 @@
+--- duplex inside nginx (lua-nginx-module, LuaJIT): an nginx location hands
+--- the request to duplex, which answers the upgrade and runs the connection
+--- over the raw request cosocket. Every protocol rule is the shared code's
+--- (duplex.websocket); this file moves bytes and fits nginx's rules:
+---
+--- * a cosocket belongs to the request that made it, so a timer or another
+---   request cannot write to it: duplex.nginx.post(ws, msg) queues the
+---   message and wakes a light thread of the connection's own request,
+---   which sends it (server push from anywhere in the worker);
+--- * a read that times out keeps nothing back (receiveany), so a heartbeat
+---   wait never cuts a frame in two.
+---
+--- location /ws { content_by_lua_block {
+---   require("duplex.nginx").serve { handler = function(ws, req)
+---     for msg, kind in ws:messages() do ws:send(msg, kind) end
+---   end }
+--- } }
+local core = require "duplex.core"
+local handshake = require "duplex.handshake"
+local transport = require "duplex.transport"
+
+local ngx = ngx
+local M = {}
+
+local NO_LIMIT = 2147483647 -- ms: the largest timeout a cosocket takes
+
+local function ms(timeout)
+  if not timeout then return NO_LIMIT end
+  return math.max(1, math.floor(timeout * 1000 + 0.5))
+end
+
+local Stream = {}
+Stream.__index = Stream
+
+--- The stream interface of duplex.transport over a cosocket (the raw request
+--- socket, or a tcp cosocket for a client connection).
+function M.stream(sock)
+  return setmetatable({ sock = sock }, Stream)
+end
+
+function Stream:read(max, timeout)
+  local sock = self.sock
+  sock:settimeouts(NO_LIMIT, NO_LIMIT, ms(timeout))
+  local data, err = sock:receiveany(max)
+  if data then return data end
+  return nil, err -- "timeout", "closed" or the system error
+end
+
+function Stream:write(data, timeout)
+  local sock = self.sock
+  sock:settimeouts(NO_LIMIT, ms(timeout), NO_LIMIT)
+  local n, err = sock:send(data)
+  if n then return true end
+  -- A cosocket does not say how much went out: after a timeout here the
+  -- connection cannot go on, and the connection object treats it so.
+  return nil, err, 0
+end
+
+function Stream:shutdown()
+  local sock = self.sock
+  if sock.shutdown then return sock:shutdown("send") end
+  return nil
+end
+
+function Stream:close()
+  -- The raw request socket closes when the request ends; a client
+  -- cosocket closes now.
+  if self.sock.close then self.sock:close() end
+end
+
+function Stream:peer()
+  return ngx.var.remote_addr, tonumber(ngx.var.remote_port)
+end
+
+local function refuse(status, headers, body)
+  ngx.status = status
+  for k, v in pairs(headers or {}) do ngx.header[k] = v end
+  if body then ngx.print(body) end
+  return ngx.exit(status)
+end
+
+-- nginx writes the status line and Connection itself; the other header
+-- lines of the response the shared code built are copied over as they are.
+local function send_switching_protocols(response)
+  for name, value in response:gmatch("\r\n([^:\r\n]+): ([^\r\n]*)") do
+    if name:lower() ~= "connection" then ngx.header[name] = value end
+  end
+  ngx.status = 101
+  local ok, err = ngx.send_headers()
+  if not ok then return nil, err end
+  return ngx.flush(true)
+end
+
+--- Answer the current request's upgrade and return the connection and the
+--- request (as duplex.listen's handlers get them), or nil, err after
+--- answering a refusal (400, 403, 426... through ngx.exit). opts are those
+--- of duplex.listen that concern one connection: protocols, origins,
+--- on_request, headers, deflate, limits, heartbeat, send_timeout...
+function M.accept(opts)
+  opts = opts or {}
+  local route = handshake.route(opts, { handler = function() end }, 2)
+  local hs = core.handshake_server { max_header_size = opts.max_header_size, max_headers = opts.max_headers }
+  -- nginx has read the request already: its raw header goes through the
+  -- same parser and checks as on our own sockets.
+  local req, status, msg = hs:feed(ngx.req.raw_header())
+  if not req then return nil, msg or "incomplete request", refuse(status or 400, nil, msg) end
+  if not req.websocket then
+    local code = req.upgrade and req.status or 426
+    refuse(code, code == 426 and { ["Upgrade"] = "websocket" } or nil,
+      req.error or "this endpoint speaks WebSocket")
+    return nil, "not a WebSocket upgrade"
+  end
+  req.remote_address, req.peer_port = ngx.var.remote_addr, tonumber(ngx.var.remote_port)
+  local response, engine, info, body = handshake.accept(route, req)
+  if not response then
+    refuse(engine, info, body)
+    return nil, "refused with " .. tostring(engine)
+  end
+  local ok, err = send_switching_protocols(response)
+  if not ok then engine:release(); return nil, "sending the 101 failed: " .. tostring(err) end
+  local sock, serr = ngx.req.socket(true)
+  if not sock then engine:release(); return nil, "no raw request socket: " .. tostring(serr) end
+  info.remote_address, info.remote_port = req.remote_address, req.peer_port
+  return transport.connection(M.stream(sock), engine, route, info), req
+end
+
+-- ---- server push ----
+
+local boxes = setmetatable({}, { __mode = "k" }) -- ws -> its outbox, per worker
+
+--- Queue a message for ws from anywhere in this nginx worker (a timer,
+--- another request, a shared-dict poller); ws's own request sends it.
+--- Returns true, or nil, err when the connection is closed or its backlog
+--- is over max_buffered (the connection is then closed as a slow consumer).
+function M.post(ws, data, kind)
+  local box = boxes[ws]
+  if not box or ws.state ~= "open" then return nil, "closed" end
+  box.bytes = box.bytes + #data
+  if box.bytes > ws.max_buffered then
+    box.overflow = true
+    box.sema:post(1)
+    return nil, "backlog over max_buffered"
+  end
+  local n = box.last + 1
+  box.last = n
+  box[n] = data
+  box.kind[n] = kind or "text"
+  box.sema:post(1)
+  return true
+end
+
+local function deliver(ws, box)
+  while ws.state == "open" do
+    local ok = box.sema:wait(3600)
+    if box.overflow then
+      ws:_slow_consumer("outbox over max_buffered: the peer is not reading")
+      break
+    end
+    if ok then
+      while box.first <= box.last and ws.state == "open" do
+        local i = box.first
+        local data, kind = box[i], box.kind[i]
+        box[i], box.kind[i] = nil, nil
+        box.first = i + 1
+        box.bytes = box.bytes - #data
+        ws:send(data, kind)
+      end
+    end
+  end
+end
+
+local function start_outbox(ws)
+  local semaphore = require "ngx.semaphore"
+  local box = { sema = semaphore.new(), first = 1, last = 0, bytes = 0, kind = {} }
+  boxes[ws] = box
+  return ngx.thread.spawn(deliver, ws, box)
+end
+
+--- The whole content phase of a WebSocket location: accept, run
+--- opts.handler(ws, req) (returning from it closes with 1000; an error in
+--- it closes with 1011), with duplex.nginx.post(ws, ...) delivering from
+--- anywhere in the worker while it runs.
+function M.serve(opts)
+  if type(opts) ~= "table" or type(opts.handler) ~= "function" then
+    error("duplex.nginx.serve: options with a handler function expected", 2)
+  end
+  local ws, req = M.accept(opts)
+  if not ws then return end
+  local writer = start_outbox(ws)
+  local ok, err = pcall(opts.handler, ws, req)
+  if not ok then
+    ngx.log(ngx.ERR, "duplex: handler failed: ", tostring(err))
+    ws:close(1011, "internal error")
+  elseif ws.state == "open" then
+    ws:close(1000)
+  end
+  if ws.state ~= "closed" then ws:abort("handler returned") end
+  boxes[ws].sema:post(1) -- let the writer see the end
+  ngx.thread.wait(writer)
+  boxes[ws] = nil
+  return ngx.exit(ngx.OK)
+end
+
+return M
