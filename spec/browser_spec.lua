@@ -5,19 +5,6 @@
 local proc = require "support.proc"
 local peers = require "support.peers"
 
-local function file_exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
-
-local function need_browser()
-  assert(file_exists(peers.chromium), "Chromium is not installed at " .. peers.chromium ..
-    ": run `scripts/deps check` (as root it installs Debian's chromium package)")
-  assert(file_exists(peers.interop .. "/node_modules/playwright-core/package.json"),
-    "interop/node_modules has no playwright-core: run `scripts/deps check`, which runs `npm ci` in interop/")
-end
-
 -- Start an example server; returns its handle and the URL it printed.
 local function start(argv, pattern)
   local h = proc.spawn(argv, {cwd = peers.root, limit = 120})
@@ -31,20 +18,10 @@ local function start(argv, pattern)
   return h, url
 end
 
--- Run the browser driver; returns its decoded JSON summary.
-local function browser(mode, url, extra)
-  local argv = {peers.node, "browser_test.js", mode, url, "--chromium", peers.chromium, "--timeout", "45"}
-  for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
-  local code, out, err = proc.run(argv, {env = peers.env, cwd = peers.interop, timeout = 60})
-  local ok, res = pcall(peers.json_decode, out:match("([^\n]*)\n?$") or "")
-  if not ok or type(res) ~= "table" then res = {} end
-  assert(code == 0 and res.ok, string.format("browser_test.js %s failed (exit %s): %s\nstdout: %s\nstderr: %s",
-    mode, tostring(code), tostring(res.error), out, err))
-  return res
-end
+local browser = peers.browser
 
 describe("headless Chromium", function()
-  before_each(need_browser)
+  before_each(peers.need_browser)
   teardown(proc.killall)
 
   it("chats: two tabs join one room, and each sees the other's message", function()

@@ -180,4 +180,25 @@ end
 
 peers.json_decode = json.decode
 
+--- Fails with what to run when headless Chromium or playwright-core is missing.
+function peers.need_browser()
+  assert(file_exists(peers.chromium), "Chromium is not installed at " .. peers.chromium ..
+    ": run `scripts/deps check` (as root it installs Debian's chromium package)")
+  assert(file_exists(peers.interop .. "/node_modules/playwright-core/package.json"),
+    "interop/node_modules has no playwright-core: run `scripts/deps check`, which runs `npm ci` in interop/")
+end
+
+--- Runs interop/browser_test.js (mode "chat" or "echo" against url, see its
+--- header); returns its decoded JSON summary, failing unless it succeeded.
+function peers.browser(mode, url, extra)
+  local argv = {peers.node, "browser_test.js", mode, url, "--chromium", peers.chromium, "--timeout", "45"}
+  for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
+  local code, out, err = proc.run(argv, {env = peers.env, cwd = peers.interop, timeout = 60})
+  local ok, res = pcall(json.decode, out:match("([^\n]*)\n?$") or "")
+  if not ok or type(res) ~= "table" then res = {} end
+  assert(code == 0 and res.ok, string.format("browser_test.js %s failed (exit %s): %s\nstdout: %s\nstderr: %s",
+    mode, tostring(code), tostring(res.error), out, err))
+  return res
+end
+
 return peers
