@@ -37,6 +37,7 @@ build = {
     ["duplex.core"] = {
       sources = {
         "csrc/dx_buf.c",
+        "csrc/dx_clock.c",
         "csrc/dx_frame.c",
         "csrc/dx_http.c",
         "csrc/dx_loop.c",
@@ -61,10 +62,15 @@ build = {
     ["duplex"] = "lua/duplex/init.lua",
     ["duplex.addr"] = "lua/duplex/addr.lua",
     ["duplex.client"] = "lua/duplex/client.lua",
+    ["duplex.cqueues"] = "lua/duplex/cqueues.lua",
+    ["duplex.handshake"] = "lua/duplex/handshake.lua",
+    ["duplex.nginx"] = "lua/duplex/nginx.lua",
+    ["duplex.poll"] = "lua/duplex/poll.lua",
     ["duplex.pubsub"] = "lua/duplex/pubsub.lua",
     ["duplex.redis"] = "lua/duplex/redis.lua",
     ["duplex.runtime"] = "lua/duplex/runtime.lua",
     ["duplex.server"] = "lua/duplex/server.lua",
+    ["duplex.transport"] = "lua/duplex/transport.lua",
     ["duplex.url"] = "lua/duplex/url.lua",
     ["duplex.websocket"] = "lua/duplex/websocket.lua",
     ["duplex.workers"] = "lua/duplex/workers.lua",

@@ -26,6 +26,11 @@ local function start_nginx()
   local conf = services.render(root .. "/examples/nginx/nginx.conf", {
     { "/opt/duplex", root }, { "127.0.0.1:8090", "127.0.0.1:" .. port },
   })
+  -- nginx started as root runs its workers as nobody, who may not be
+  -- allowed into the checkout (CI's may live under /root).
+  if proc.run({ "id", "-u" }) == 0 and select(2, proc.run({ "id", "-u" })):match("^0") then
+    conf = "user root;\n" .. conf
+  end
   local n = services.nginx(conf, port)
   n.port = port
   n.base = "127.0.0.1:" .. port

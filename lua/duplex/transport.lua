@@ -12,11 +12,11 @@
 ---   stream:shutdown()           (optional) stop sending, keep reading
 ---   stream:peer()               (optional) -> address, port
 ---
---- read and write may wait in the host's own way (yield to cqueues or to
---- nginx), or not at all: a stream that returns "timeout" at once is a poll
---- transport, for which pass nowait = true. A read that times out has
---- consumed nothing, and bytes read are fed to the engine as they arrive, so
---- a timeout or a short read never loses bytes or desynchronizes the stream.
+--- read and write wait in the host's own way (yield to cqueues or to
+--- nginx). A read that times out has consumed nothing, and bytes read are
+--- fed to the engine as they arrive, so a timeout or a short read never
+--- loses bytes or desynchronizes the stream. A write that times out ends
+--- the connection (the peer is not reading: 1008).
 ---
 --- Runs on Lua 5.4 and on LuaJIT.
 local core = require "duplex.core"
@@ -124,11 +124,10 @@ end
 
 --- The connection object over stream, for an engine whose handshake is done
 --- (from duplex.handshake): for hosts that do the handshake their own way.
-function transport.connection(stream, engine, opts, info, nowait)
+function transport.connection(stream, engine, opts, info)
   local sock = transport.wrap(stream, engine)
   if not info.remote_address then info.remote_address, info.remote_port = sock:peer() end
   local ws = WebSocket.new(sock, engine, opts, info, Hosted)
-  ws.nowait = nowait or false
   -- Frames the first read produced (a pong, say) go out now.
   if engine:pending() > 0 then ws:_kick() end
   return ws
@@ -144,8 +143,7 @@ local function none() end
 --- Server side: read the upgrade request from stream (after opts.request,
 --- bytes of it the host has already read), check it and answer it. Takes the
 --- options of duplex.listen that concern one connection (protocols, origins,
---- on_request, deflate, limits, heartbeat...), plus remote_address and
---- nowait. Returns the connection and the request, or nil, err and (when it
+--- on_request, deflate, limits, heartbeat...), plus remote_address. Returns the connection and the request, or nil, err and (when it
 --- got that far) the request; a refused request has been answered (400,
 --- 403, 426...) and the stream closed.
 ---@return duplex.WebSocket|nil, table|string, table|nil
@@ -192,14 +190,14 @@ function transport.accept(stream, opts)
   local rest = hs:rest()
   if #rest > 0 then engine:feed(rest) end
   info.remote_address = opts.remote_address
-  return transport.connection(stream, engine, route, info, opts.nowait), req
+  return transport.connection(stream, engine, route, info), req
 end
 
 --- Client side: open a WebSocket on a stream already connected (and, for
 --- wss, already encrypted) to the server of target, a ws:// or wss:// URL.
 --- Takes the per-connection options of duplex.connect (protocols, headers,
---- origin, deflate, limits, heartbeat, timeout for the handshake) plus
---- nowait. Returns the connection, or nil, err and the response when the
+--- origin, deflate, limits, heartbeat, timeout for the handshake).
+--- Returns the connection, or nil, err and the response when the
 --- server refused.
 ---@return duplex.WebSocket|nil, string|nil, table|nil
 function transport.connect(stream, target, opts)
@@ -218,7 +216,7 @@ function transport.connect(stream, target, opts)
     local engine, info, res = handshake.feed(hc, offer, opts, data)
     if engine then
       info.url = u
-      return transport.connection(stream, engine, opts, info, opts.nowait)
+      return transport.connection(stream, engine, opts, info)
     elseif info then
       return nil, info, res
     end

@@ -437,9 +437,8 @@ function WebSocket:_due(t)
 end
 
 --- A connection over a host's stream (duplex.transport): the host's own
---- coroutines wait (cqueues, nginx cosockets) or nothing waits at all (poll
---- transports), the reader keeps the heartbeat, and whoever queues a frame
---- writes it out.
+--- coroutines wait (cqueues, nginx cosockets), the reader keeps the
+--- heartbeat, and whoever queues a frame writes it out.
 ---@class duplex.HostedWebSocket: duplex.WebSocket
 local Hosted = setmetatable({}, { __index = WebSocket })
 Hosted.__index = Hosted
@@ -448,13 +447,10 @@ Hosted.watched = false
 function Hosted._wait(fn, ...) return fn(...) end
 
 function Hosted:_room()
-  local sock = self.sock
-  local ok, err = sock:flush(self.nowait and 0 or self.send_timeout)
+  local ok, err = self.sock:flush(self.send_timeout)
   if ok then return true end
   if err == "timeout" then
-    if self.nowait and sock:buffered() <= self.max_buffered then return true end
-    self:_slow_consumer(self.nowait and "send buffer over max_buffered: the peer is not reading"
-      or "send timed out: the peer is not reading")
+    self:_slow_consumer("send timed out: the peer is not reading")
     return nil, "timeout"
   end
   return self:_lost(err)
