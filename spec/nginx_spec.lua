@@ -28,7 +28,8 @@ local function start_nginx()
   })
   -- nginx started as root runs its workers as nobody, who may not be
   -- allowed into the checkout (CI's may live under /root).
-  if proc.run({ "id", "-u" }) == 0 and select(2, proc.run({ "id", "-u" })):match("^0") then
+  local _, uid = proc.run({ "id", "-u" })
+  if uid:match("^0%s") then
     conf = "user root;\n" .. conf
   end
   local n = services.nginx(conf, port)
@@ -41,7 +42,7 @@ end
 local function curl(args)
   local argv = { "curl", "-s", "-m", "10", "-w", "\n%{http_code}" }
   for _, a in ipairs(args) do argv[#argv + 1] = a end
-  local code, out = proc.run(argv, { timeout = 20 })
+  local code, out = proc.run(argv, { timeout = 20, env = peers.env })
   assert.equal(0, code, "curl failed: " .. out)
   local body, status = out:match("^(.*)\n(%d+)$")
   return tonumber(status), body
