@@ -6,12 +6,15 @@ LUA       ?= lua5.4
 BUSTED    ?= busted --lua=$(LUA)
 PREFIX    ?= /usr/local
 LUA_INC   ?= $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
+LUAJIT_INC ?= $(shell pkg-config --cflags luajit 2>/dev/null || echo -I/usr/include/luajit-2.1)
 LUA_LMOD  ?= $(PREFIX)/share/lua/5.4
 LUA_CMOD  ?= $(PREFIX)/lib/lua/5.4
 CC        ?= cc
 OPT       ?= -O2 -g
 WARN      = -Wall -Wextra -Wno-unused-parameter -Wshadow -Wstrict-prototypes
-DX_CFLAGS = -std=gnu11 -fPIC -fvisibility=hidden $(WARN) $(OPT) $(LUA_INC) $(CFLAGS)
+BASE_CFLAGS = -std=gnu11 -fPIC -fvisibility=hidden $(WARN) $(OPT)
+DX_CFLAGS = $(BASE_CFLAGS) $(LUA_INC) $(CFLAGS)
+LJ_CFLAGS = $(BASE_CFLAGS) $(LUAJIT_INC) $(CFLAGS)
 LIBS      = -lssl -lcrypto -lz -lpthread
 SAN       = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
@@ -21,10 +24,20 @@ OBJ       := $(SRC:csrc/%.c=build/obj/%.o)
 ASAN_OBJ  := $(SRC:csrc/%.c=build/asan-obj/%.o)
 ENGINE_SRC := $(filter csrc/dx_%.c,$(SRC))
 
+# LuaJIT (Lua 5.1 API, e.g. inside nginx with lua-nginx-module) gets the
+# sans-I/O part only: the event loop and sockets need lua_yieldk, which it
+# lacks. l_compat.h maps the rest of the 5.4 API; nothing is linked against
+# libluajit, the host provides it.
+LJ_SRC    := $(addprefix csrc/,l_core.c l_util.c l_engine.c l_handshake.c l_pmd.c \
+             dx_buf.c dx_frame.c dx_proto.c dx_mask.c dx_utf8.c dx_http.c dx_pmd.c dx_clock.c)
+LJ_OBJ    := $(LJ_SRC:csrc/%.c=build/luajit-obj/%.o)
+LJ_LIBS   = -lcrypto -lz
+
 CORE      = lua/duplex/core.so
 ASAN_CORE = build/asan/duplex/core.so
+LJ_CORE   = build/luajit/duplex/core.so
 
-.PHONY: all check demo install asan bench fuzz fuzz-build clean deps spec spec-asan test-fuzz interop
+.PHONY: all check demo install asan luajit bench fuzz fuzz-build clean deps spec spec-asan test-fuzz interop
 
 all: $(CORE)
 
@@ -45,7 +58,15 @@ $(ASAN_CORE): $(ASAN_OBJ) | build/asan/duplex
 build/asan-obj/%.o: csrc/%.c $(HDR) | build/asan-obj
 	$(CC) $(DX_CFLAGS) $(SAN) -O1 -c -o $@ $<
 
-build/obj build/asan-obj build/asan/duplex build/fuzz build/bench:
+luajit: $(LJ_CORE)
+
+$(LJ_CORE): $(LJ_OBJ) | build/luajit/duplex
+	$(CC) -shared -o $@ $(LJ_OBJ) $(LDFLAGS) $(LJ_LIBS)
+
+build/luajit-obj/%.o: csrc/%.c $(HDR) | build/luajit-obj
+	$(CC) $(LJ_CFLAGS) -c -o $@ $<
+
+build/obj build/asan-obj build/asan/duplex build/luajit-obj build/luajit/duplex build/fuzz build/bench:
 	mkdir -p $@
 
 deps:
@@ -55,7 +76,7 @@ deps:
 # into the one closing line `N passed, N failed`.
 check: deps
 	@rm -rf build/results && mkdir -p build/results
-	$(MAKE) all asan fuzz-build
+	$(MAKE) all asan luajit fuzz-build
 	@rc=0; \
 	scripts/suite spec       env BUSTED="$(BUSTED)" scripts/specs || rc=1; \
 	scripts/suite spec-asan  scripts/asan-env env BUSTED="$(BUSTED)" scripts/specs || rc=1; \

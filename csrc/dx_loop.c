@@ -14,12 +14,6 @@
 #define DX_POOL_THREADS 4 /* one slow DNS server must not stall every lookup */
 #define DX_EPOLL_BATCH 256
 
-double dx_now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* ---- timer heap ---- */
 
 static int timer_before(const dx_timer *a, const dx_timer *b) {
@@ -472,10 +466,12 @@ static int poll_timeout(const dx_loop *loop) {
   return (int)ms;
 }
 
-int dx_loop_poll(dx_loop *loop) {
+int dx_loop_poll(dx_loop *loop, int max_ms) {
   struct epoll_event evs[DX_EPOLL_BATCH];
   loop->pass++;
-  int n = epoll_wait(loop->epfd, evs, DX_EPOLL_BATCH, poll_timeout(loop));
+  int ms = poll_timeout(loop);
+  if (max_ms >= 0 && (ms < 0 || ms > max_ms)) ms = max_ms;
+  int n = epoll_wait(loop->epfd, evs, DX_EPOLL_BATCH, ms);
   if (n < 0) {
     if (errno != EINTR) return -errno;
     n = 0;

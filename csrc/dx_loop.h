@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <sys/epoll.h>
 
+#include "dx_clock.h"
+
 /* Intrusive circular doubly-linked list. */
 typedef struct dx_link {
   struct dx_link *prev, *next;
@@ -204,7 +206,6 @@ struct dx_loop {
 #define DX_LOOP_RBUF_SIZE (256u * 1024u)
 #define DX_WORK_MAX 1024
 
-double dx_now(void); /* CLOCK_MONOTONIC seconds */
 int dx_loop_init(dx_loop *loop); /* 0 or -errno */
 /* Release everything; pending work is joined and canceled. */
 void dx_loop_free(dx_loop *loop);
@@ -220,7 +221,7 @@ void dx_loop_flush(dx_loop *loop);
 int dx_loop_alive(const dx_loop *loop);
 /* Wait for events (not at all when tasks are ready), dispatch them and fire
  * due timers. 0 or -errno. */
-int dx_loop_poll(dx_loop *loop);
+int dx_loop_poll(dx_loop *loop, int max_ms); /* max_ms < 0: as long as nothing is due */
 
 /* ---- the Lua side of tasks, implemented in l_loop.c ----
  *

@@ -4,6 +4,8 @@
  * state that loaded it, so several states (threads, nginx workers) can load
  * it at once.
  */
+#include <stdio.h>
+
 #include "l_core.h"
 
 lua_Integer dx_opt_integer(lua_State *L, int t, const char *field, lua_Integer dflt, lua_Integer lo,
@@ -15,8 +17,11 @@ lua_Integer dx_opt_integer(lua_State *L, int t, const char *field, lua_Integer d
   }
   int isint = 0;
   lua_Integer v = lua_type(L, -1) == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : 0;
-  if (!isint || v < lo || v > hi)
-    luaL_error(L, "option '%s' must be an integer from %I to %I", field, lo, hi);
+  if (!isint || v < lo || v > hi) {
+    char range[64]; /* not %I: LuaJIT's luaL_error lacks it (l_compat.h) */
+    snprintf(range, sizeof range, "%lld to %lld", (long long)lo, (long long)hi);
+    luaL_error(L, "option '%s' must be an integer from %s", field, range);
+  }
   lua_pop(L, 1);
   return v;
 }
@@ -35,8 +40,10 @@ int luaopen_duplex_core(lua_State *L) {
   dx_open_engine(L);
   dx_open_handshake(L);
   dx_open_pmd(L);
+#if DX_HAVE_LOOP
   dx_open_loop(L);
   dx_open_socket(L);
+#endif
   lua_pushliteral(L, "0.1.0");
   lua_setfield(L, -2, "version");
   return 1;

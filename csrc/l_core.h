@@ -9,12 +9,13 @@
 #include <lua.h>
 
 #include "dx_proto.h"
+#include "l_compat.h" /* the 5.4 API on LuaJIT */
 
 #define DX_ENGINE_MT "duplex.engine"
 
 void dx_open_engine(lua_State *L);    /* l_engine.c: engine objects, frame encoding */
 void dx_open_handshake(lua_State *L); /* l_handshake.c: HTTP upgrade, both roles */
-void dx_open_util(lua_State *L);      /* l_util.c: utf8, mask, random, sha1/base64 */
+void dx_open_util(lua_State *L);      /* l_util.c: utf8, mask, random, base64, now */
 void dx_open_loop(lua_State *L);      /* l_loop.c: event loop, timers, coroutines */
 void dx_open_socket(lua_State *L);    /* l_socket.c: TCP/TLS sockets */
 void dx_open_pmd(lua_State *L);       /* l_pmd.c: permessage-deflate negotiation */

@@ -263,37 +263,74 @@ static void resume_task(lua_State *L, ltask *task) {
 
 static void dispatch_signals(lua_State *L, lloop *ll);
 
+/* Only the tasks ready now: those they wake run on the next pass. */
+static void resume_ready(lua_State *L, lloop *ll) {
+  size_t n = ll->loop.nready;
+  dx_task *t;
+  while (n-- > 0 && !ll->stop && (t = dx_loop_next_ready(&ll->loop)) != NULL) resume_task(L, (ltask *)t);
+}
+
 static int run_body(lua_State *L) {
   lloop *ll = lua_touserdata(L, 1);
   dx_loop *loop = &ll->loop;
   while (!ll->stop) {
-    /* only the tasks ready now: those they wake run on the next pass */
-    size_t n = loop->nready;
-    dx_task *t;
-    while (n-- > 0 && !ll->stop && (t = dx_loop_next_ready(loop)) != NULL) resume_task(L, (ltask *)t);
+    resume_ready(L, ll);
     if (ll->stop) break;
     dx_loop_flush(loop);
     if (!dx_loop_alive(loop)) break;
-    int rc = dx_loop_poll(loop);
+    int rc = dx_loop_poll(loop, -1);
     if (rc < 0) return luaL_error(L, "duplex.core.run: epoll_wait: %s", strerror(-rc));
     dispatch_signals(L, ll);
   }
   return 0;
 }
 
-static int l_run(lua_State *L) {
+/* One pass for a host that owns the main loop (a game's frame): what was
+ * ready runs, queued writes go out, I/O and timers are waited for at most
+ * max_ms, and the tasks that woke run and write too, all before returning. */
+static int step_body(lua_State *L) {
+  lloop *ll = lua_touserdata(L, 1);
+  int max_ms = (int)lua_tointeger(L, 2);
+  resume_ready(L, ll);
+  dx_loop_flush(&ll->loop);
+  if (ll->stop || !dx_loop_alive(&ll->loop)) return 0;
+  int rc = dx_loop_poll(&ll->loop, max_ms);
+  if (rc < 0) return luaL_error(L, "duplex.core.step: epoll_wait: %s", strerror(-rc));
+  dispatch_signals(L, ll);
+  resume_ready(L, ll);
+  dx_loop_flush(&ll->loop);
+  return 0;
+}
+
+/* Run body(ll, max_ms) protected, as the loop's one runner: the loop's
+ * flags are reset whatever happens, then an error goes on to the caller. */
+static void drive(lua_State *L, const char *who, lua_CFunction body, int max_ms) {
   lloop *ll = get_lloop(L);
-  if (ll->running) return luaL_error(L, "duplex.core.run: the loop is already running");
+  if (ll->running) luaL_error(L, "duplex.core.%s: the loop is already running", who);
   ll->running = 1;
   ll->stop = 0;
   ll->L = L;
-  lua_pushcfunction(L, run_body);
+  lua_pushcfunction(L, body);
   lua_pushlightuserdata(L, ll);
-  int status = lua_pcall(L, 1, 0, 0);
+  lua_pushinteger(L, max_ms);
+  int status = lua_pcall(L, 2, 0, 0);
   ll->running = 0;
   ll->stop = 0;
   ll->L = NULL;
-  if (status != LUA_OK) return lua_error(L);
+  if (status != LUA_OK) lua_error(L);
+}
+
+/* core.step([timeout = 0]) -> whether the loop has anything left to do */
+static int l_step(lua_State *L) {
+  double timeout = luaL_optnumber(L, 1, 0);
+  luaL_argcheck(L, timeout >= 0 && timeout < 86400, 1, "timeout must be 0 to 86400 seconds");
+  drive(L, "step", step_body, (int)(timeout * 1000.0 + 0.5));
+  lua_pushboolean(L, dx_loop_alive(&get_lloop(L)->loop));
+  return 1;
+}
+
+static int l_run(lua_State *L) {
+  drive(L, "run", run_body, -1);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -301,11 +338,6 @@ static int l_run(lua_State *L) {
 static int l_stop(lua_State *L) {
   get_lloop(L)->stop = 1;
   return 0;
-}
-
-static int l_now(lua_State *L) {
-  lua_pushnumber(L, dx_now());
-  return 1;
 }
 
 static int l_spawn(lua_State *L) {
@@ -660,7 +692,7 @@ static void new_metatable(lua_State *L, const char *name, const luaL_Reg *method
 void dx_open_loop(lua_State *L) {
   static const luaL_Reg timer_methods[] = {{"cancel", timer_cancel}, {"active", timer_active}, {NULL, NULL}};
   static const luaL_Reg funcs[] = {
-      {"run", l_run},         {"stop", l_stop},         {"now", l_now},         {"spawn", l_spawn},
+      {"run", l_run},         {"step", l_step},         {"stop", l_stop},         {"spawn", l_spawn},
       {"sleep", l_sleep},     {"park", l_park},         {"wake", l_wake},       {"timer", l_timer},
       {"on_error", l_on_error}, {"signal", l_signal},   {"loop_stats", l_loop_stats},
       {"fork", l_fork},       {"waitpid", l_waitpid},   {"kill", l_kill},       {"getpid", l_getpid},

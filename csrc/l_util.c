@@ -1,11 +1,13 @@
 /*
  * Lua access to the byte-level helpers: UTF-8 validation, masking, and
- * random bytes for masking keys and handshake nonces.
+ * random bytes for masking keys and handshake nonces; and the clock, which
+ * every build has, with or without the event loop.
  */
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
+#include "dx_clock.h"
 #include "dx_mask.h"
 #include "dx_utf8.h"
 #include "l_core.h"
@@ -102,6 +104,12 @@ static int l_tune_malloc(lua_State *L) {
   return 1;
 }
 
+/* now() -> monotonic seconds, the clock of the loop's timers */
+static int l_now(lua_State *L) {
+  lua_pushnumber(L, dx_now());
+  return 1;
+}
+
 void dx_open_util(lua_State *L) {
   static const luaL_Reg funcs[] = {
       {"utf8_valid", l_utf8_valid},
@@ -109,6 +117,7 @@ void dx_open_util(lua_State *L) {
       {"random", l_random},
       {"base64", l_base64},
       {"tune_malloc", l_tune_malloc},
+      {"now", l_now},
       {NULL, NULL},
   };
   dx_setfuncs(L, funcs);

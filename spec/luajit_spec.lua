@@ -1,0 +1,143 @@
+-- duplex.core for LuaJIT (`make luajit`: the sans-I/O part, for nginx with
+-- lua-nginx-module). spec/luajit/core_test.lua runs as a child process:
+-- by luajit against build/luajit, as it is and with the collector running
+-- all the time; then by lua5.4 against the 5.4 build, which must pass the
+-- same checks (under scripts/asan-env, the sanitized one).
+local proc = require "support.proc"
+local peers = require "support.peers"
+
+local ROOT = peers.root
+local SCRIPT = "spec/luajit/core_test.lua"
+local LJ_CORE = ROOT .. "/build/luajit/duplex/core.so"
+
+-- Every check the script makes, in its order: one that goes missing (the
+-- script died, or a check was dropped) fails here.
+local CHECKS = {
+  "module loads",
+  "now is a monotonic clock in seconds",
+  "engine round-trips text and binary at every length encoding",
+  "engine delivers frames fed byte by byte and several per read",
+  "engine fragmented messages",
+  "engine ping and auto-pong",
+  "engine close handshake with code and reason",
+  "engine protocol errors: 1002",
+  "engine invalid UTF-8: 1007",
+  "engine max_message and max_frame: 1009",
+  "engine send errors and argument checks",
+  "encode_frame and send_raw",
+  "handshake_server parses a real upgrade request",
+  "handshake_server refuses bad requests",
+  "accept_key matches RFC 6455",
+  "handshake_response and http_response",
+  "handshake_client request and response",
+  "permessage-deflate negotiation",
+  "permessage-deflate compressed engine round trip",
+  "utf8_valid",
+  "mask",
+  "random and base64",
+  "integer options given as non-integers raise errors",
+  "many engines and handshakes survive the collector",
+}
+
+local function file_exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- Runs the script once per mode and keeps what it printed.
+local runs = {}
+local function run(mode, argv, env)
+  if not runs[mode] then
+    local code, out, err = proc.run(argv, { cwd = ROOT, env = env, timeout = 180 })
+    local lines = {}
+    for line in out:gmatch("([^\n]*)\n") do lines[#lines + 1] = line end
+    runs[mode] = { code = code, out = out, err = err, lines = lines }
+  end
+  return runs[mode]
+end
+
+-- The uninstrumented luajit gains nothing from the ASan runtime that
+-- scripts/asan-env preloads.
+local function luajit(stress)
+  assert(file_exists(LJ_CORE), LJ_CORE .. " is missing: run `make luajit`")
+  return run(stress and "luajit stress" or "luajit", { "luajit", SCRIPT, stress and "stress" or nil },
+    { LD_PRELOAD = false, DUPLEX_CORE_CPATH = ROOT .. "/build/luajit/?.so" })
+end
+
+local function lua54()
+  return run("lua5.4", { "lua5.4", SCRIPT },
+    { DUPLEX_CORE_CPATH = os.getenv("DUPLEX_CPATH") or ROOT .. "/lua/?.so" })
+end
+
+local function describe_run(r)
+  return ("exit %s\n%s%s"):format(tostring(r.code), r.out, r.err)
+end
+
+-- Exactly the expected lines, all "ok", then "done N/N", and exit 0.
+local function assert_all_passed(r)
+  local failed = {}
+  for _, line in ipairs(r.lines) do
+    if line:match("^not ok ") then failed[#failed + 1] = line end
+  end
+  assert(#failed == 0, table.concat(failed, "\n") .. "\n" .. r.err)
+  local want = {}
+  for i, name in ipairs(CHECKS) do want[i] = "ok " .. name end
+  want[#want + 1] = ("done %d/%d"):format(#CHECKS, #CHECKS)
+  assert.same(want, r.lines, describe_run(r))
+  assert.equal(0, r.code, describe_run(r))
+end
+
+describe("duplex.core under LuaJIT", function()
+  teardown(proc.killall)
+
+  it("is built from sources that avoid what l_compat.h cannot map", function()
+    -- LuaJIT's lua_pushfstring knows no %I or %U and would misread the
+    -- arguments after one.
+    local mk = read(ROOT .. "/Makefile")
+    local list = assert(mk:match("\nLJ_SRC%s*:=%s*%$%(addprefix csrc/,(.-)%)"), "LJ_SRC in the Makefile")
+    local files = {}
+    for name in list:gsub("\\\n", " "):gmatch("[%w_]+%.c") do files[#files + 1] = name end
+    assert.is_true(#files >= 10, "LJ_SRC lists " .. #files .. " files")
+    for _, name in ipairs(files) do
+      local n = 0
+      for line in io.lines(ROOT .. "/csrc/" .. name) do
+        n = n + 1
+        assert.is_nil(line:find('"[^"]*%%[IU][^"]*"'), ("csrc/%s:%d uses %%I or %%U: %s"):format(name, n, line))
+      end
+      assert.is_nil(name:match("^l_loop") or name:match("^l_socket") or name:match("^dx_loop"),
+        name .. " needs lua_yieldk or the loop")
+    end
+  end)
+
+  for _, name in ipairs(CHECKS) do
+    it(name, function()
+      local r = luajit(false)
+      for _, line in ipairs(r.lines) do
+        if line == "ok " .. name then return end
+        local why = line:match("^not ok " .. name:gsub("%p", "%%%0") .. ": (.*)$")
+        if why then error(why, 0) end
+      end
+      error("no result for this check:\n" .. describe_run(r), 0)
+    end)
+  end
+
+  it("runs every check and exits 0", function()
+    assert_all_passed(luajit(false))
+  end)
+
+  it("passes every check with the collector running all the time", function()
+    assert_all_passed(luajit(true))
+  end)
+
+  it("behaves as the Lua 5.4 build does: the same checks pass there", function()
+    assert_all_passed(lua54())
+  end)
+end)
