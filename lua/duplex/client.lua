@@ -82,21 +82,12 @@ end
 local function handshake(sock, u, opts, deadline)
   local hc, offer = hs.start(u, opts)
   sock:write(hc:request())
-  while true do
-    local data, err = sock:read(nil, left(deadline))
-    if not data then
-      return nil, err == "timeout" and "handshake timed out" or "connection closed during handshake: " .. tostring(err)
-    end
-    local engine, info, res = hs.feed(hc, offer, opts, data)
-    if engine then
-      sock:attach(engine)
-      info.remote_address, info.remote_port = sock:peer()
-      info.url = u
-      return WebSocket.new(sock, engine, opts, info)
-    elseif info then
-      return nil, info, res
-    end
-  end
+  local engine, info, res = hs.read_response(sock, hc, offer, opts, deadline)
+  if not engine then return nil, info, res end
+  sock:attach(engine)
+  info.remote_address, info.remote_port = sock:peer()
+  info.url = u
+  return WebSocket.new(sock, engine, opts, info)
 end
 
 local REDIRECT = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }

@@ -90,14 +90,7 @@ function dcq.listen(cq, opts)
     local ws, req = transport.accept(dcq.stream(sock), opts)
     if not ws then return end
     server.connections[ws] = true
-    local hok, herr = pcall(opts.handler, ws, req)
-    if not hok then
-      io.stderr:write("duplex.cqueues: handler failed: ", tostring(herr), "\n")
-      ws:close(1011, "internal error")
-    elseif ws.state == "open" then
-      ws:close(1000)
-    end
-    if ws.state ~= "closed" then ws:abort("handler returned") end
+    ws:_serve(opts.handler, req, function(msg) io.stderr:write("duplex.cqueues: ", msg, "\n") end)
     server.connections[ws] = nil
   end
 

@@ -7,7 +7,11 @@
 --- Runs on Lua 5.4 and on LuaJIT: no integer operators here.
 local core = require "duplex.core"
 
+local now = core.now
+
 local handshake = {}
+
+local READ_SIZE = 65536 -- per read while handshaking: headers are limited far below
 
 handshake.max_message = 16 * 1024 * 1024
 
@@ -60,6 +64,37 @@ local function choose_protocol(route, req)
   return nil
 end
 
+--- Server side: read an upgrade request from src (anything with
+--- src:read(max, timeout): our sockets, duplex.transport streams) until
+--- deadline, after data, bytes of it already read. Returns the request and
+--- its parser (hs:rest() is what came after the request); or nil, status,
+--- message for a malformed request, to be answered so; or nil, nil, err when
+--- the connection failed or the deadline passed (a client that trickles
+--- bytes, slowloris-style, is dropped when it passes).
+function handshake.read_request(src, limits, deadline, data)
+  local hs = core.handshake_server { max_header_size = limits.max_header_size, max_headers = limits.max_headers }
+  while true do
+    if data then
+      local req, status, msg = hs:feed(data)
+      if req then return req, hs end
+      if status then return nil, status, msg end
+    end
+    local left = deadline - now()
+    if left <= 0 then return nil, nil, "handshake timeout" end
+    local err
+    data, err = src:read(READ_SIZE, left)
+    if not data then return nil, nil, err == "timeout" and "handshake timeout" or err end
+  end
+end
+
+--- Server side: the answer to a request that is not a valid upgrade:
+--- status, headers, body. A broken upgrade gets its error (400, or 426 for
+--- a version we do not speak); plain HTTP is told to upgrade.
+function handshake.refusal(req)
+  if req.upgrade or req.status == 426 then return req.status or 400, nil, req.error end
+  return 426, { ["Upgrade"] = "websocket" }, "this endpoint speaks WebSocket"
+end
+
 --- Server side: answer a valid upgrade request (from core.handshake_server)
 --- on a route. Returns the 101 response bytes, the engine and the fields
 --- the connection object carries; or nil and the refusal's status, headers
@@ -94,7 +129,7 @@ end
 
 --- Client side: the request for URL u (from duplex.url) and opts. Returns
 --- the parser for the response (hc:request() is the bytes to send) and the
---- deflate offer, if any, for handshake.finish.
+--- deflate offer, if any, for handshake.read_response.
 function handshake.start(u, opts)
   local ext_header, offer
   if opts.deflate then
@@ -109,10 +144,10 @@ function handshake.start(u, opts)
   return hc, offer
 end
 
---- Client side: feed response bytes. Returns nil while more are needed;
---- then the engine and the connection's fields, or nil, err, response when
---- the server refused or answered wrongly.
-function handshake.feed(hc, offer, opts, data)
+-- Feed response bytes. Returns nil while more are needed; then the engine
+-- and the connection's fields, or nil, err, response when the server
+-- refused or answered wrongly.
+local function feed(hc, offer, opts, data)
   local res, herr, rejected = hc:feed(data)
   if herr then return nil, herr, rejected end
   if not res then return nil end
@@ -137,6 +172,20 @@ function handshake.feed(hc, offer, opts, data)
     response = res, protocol = res.protocol, extensions = res.headers["sec-websocket-extensions"],
     deflate = pmd_params ~= nil,
   }
+end
+
+--- Client side: read the response to hc:request() from src until deadline.
+--- Returns the engine and the connection's fields, or nil, err and (when
+--- the server answered) the response.
+function handshake.read_response(src, hc, offer, opts, deadline)
+  while true do
+    local data, err = src:read(READ_SIZE, math.max(0, deadline - now()))
+    if not data then
+      return nil, err == "timeout" and "handshake timed out" or "connection closed during handshake: " .. tostring(err)
+    end
+    local engine, info, res = feed(hc, offer, opts, data)
+    if engine or info then return engine, info, res end
+  end
 end
 
 return handshake

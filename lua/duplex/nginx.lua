@@ -103,11 +103,12 @@ function M.accept(opts)
   -- nginx has read the request already: its raw header goes through the
   -- same parser and checks as on our own sockets.
   local req, status, msg = hs:feed(ngx.req.raw_header())
-  if not req then return nil, msg or "incomplete request", refuse(status or 400, nil, msg) end
+  if not req then
+    refuse(status or 400, nil, msg)
+    return nil, msg or "incomplete request"
+  end
   if not req.websocket then
-    local code = req.upgrade and req.status or 426
-    refuse(code, code == 426 and { ["Upgrade"] = "websocket" } or nil,
-      req.error or "this endpoint speaks WebSocket")
+    refuse(handshake.refusal(req))
     return nil, "not a WebSocket upgrade"
   end
   req.remote_address, req.peer_port = ngx.var.remote_addr, tonumber(ngx.var.remote_port)
@@ -187,14 +188,7 @@ function M.serve(opts)
   local ws, req = M.accept(opts)
   if not ws then return end
   local writer = start_outbox(ws)
-  local ok, err = pcall(opts.handler, ws, req)
-  if not ok then
-    ngx.log(ngx.ERR, "duplex: handler failed: ", tostring(err))
-    ws:close(1011, "internal error")
-  elseif ws.state == "open" then
-    ws:close(1000)
-  end
-  if ws.state ~= "closed" then ws:abort("handler returned") end
+  ws:_serve(opts.handler, req, function(msg) ngx.log(ngx.ERR, "duplex: ", msg) end)
   boxes[ws].sema:post(1) -- let the writer see the end
   ngx.thread.wait(writer)
   boxes[ws] = nil

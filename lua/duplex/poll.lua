@@ -49,8 +49,11 @@ local function run(self)
     self.state = "connecting"
     self.attempts = self.attempts + 1
     local ws, err = client.connect(self.url, self.opts)
-    if ws and self.closing then ws:close(1000) end
-    if ws and not self.closing then
+    if not ws then
+      push(self, "error", err)
+    elseif self.closing then
+      ws:close(1000)
+    else
       self.ws, self.state, self.attempts = ws, "open", 0
       push(self, "open")
       while true do
@@ -62,8 +65,6 @@ local function run(self)
         push(self, "message", msg, kind)
       end
       self.ws = nil
-    elseif not ws then
-      push(self, "error", err)
     end
     if self.closing or not self.reconnect then break end
     self.state = "waiting"

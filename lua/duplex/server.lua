@@ -57,19 +57,10 @@ local function read_request(self, sock)
     local ok, err = sock:starttls(self.tls_context, nil, self.handshake_timeout)
     if not ok then return nil, "TLS handshake failed: " .. tostring(err) end
   end
-  local hs = core.handshake_server { max_header_size = self.max_header_size, max_headers = self.max_headers }
-  while true do
-    local left = deadline - now()
-    if left <= 0 then return nil, "handshake timeout" end
-    local data, err = sock:read(nil, left)
-    if not data then return nil, err == "timeout" and "handshake timeout" or err end
-    local req, status, msg = hs:feed(data)
-    if req then return req, hs end
-    if status then
-      respond(sock, status, nil, msg)
-      return nil, msg
-    end
-  end
+  local req, hs, msg = handshake.read_request(sock, self, deadline)
+  if req then return req, hs end
+  if hs then respond(sock, hs, nil, msg) end -- malformed: hs is the status
+  return nil, msg
 end
 
 -- A request that is not (or not a valid) WebSocket upgrade.
@@ -79,8 +70,7 @@ local function serve_http(self, sock, req, route)
     if status then return respond(sock, status, headers, body) end
   end
   if not route then return respond(sock, 404, nil, "not found") end
-  if req.upgrade or req.status == 426 then return respond(sock, req.status or 400, nil, req.error) end
-  respond(sock, 426, { ["Upgrade"] = "websocket" }, "this endpoint speaks WebSocket")
+  respond(sock, handshake.refusal(req))
 end
 
 local function upgrade(self, sock, req, hs, route)
@@ -93,14 +83,7 @@ local function upgrade(self, sock, req, hs, route)
   info.remote_address, info.remote_port, info.server = req.remote_address, req.peer_port, self
   local ws = WebSocket.new(sock, engine, route, info)
   self.connections[ws] = true
-  local ok, err = xpcall(route.handler, debug.traceback, ws, req)
-  if not ok then
-    self.log("error", "handler failed: " .. tostring(err))
-    ws:close(1011, "internal error")
-  elseif ws.state == "open" then
-    ws:close(1000)
-  end
-  if ws.state ~= "closed" then ws:abort("handler returned") end
+  ws:_serve(route.handler, req, function(msg) self.log("error", msg) end)
   self.connections[ws] = nil
 end
 

@@ -128,8 +128,7 @@ function transport.connection(stream, engine, opts, info)
   local sock = transport.wrap(stream, engine)
   if not info.remote_address then info.remote_address, info.remote_port = sock:peer() end
   local ws = WebSocket.new(sock, engine, opts, info, Hosted)
-  -- Frames the first read produced (a pong, say) go out now.
-  if engine:pending() > 0 then ws:_kick() end
+  ws:_kick() -- frames the first read produced (a pong, say)
   return ws
 end
 
@@ -151,29 +150,14 @@ function transport.accept(stream, opts)
   opts = opts or {}
   local route = handshake.route(opts, { handler = none }, 2)
   local deadline = now() + (opts.handshake_timeout or 10)
-  local hs = core.handshake_server { max_header_size = opts.max_header_size, max_headers = opts.max_headers }
-  local data, err = opts.request, nil
-  local req, status, msg
-  while true do
-    if data then
-      req, status, msg = hs:feed(data)
-      if req then break end
-      if status then
-        refuse(stream, status, nil, msg, deadline)
-        return nil, msg
-      end
-    end
-    if now() >= deadline then stream:close(); return nil, "handshake timeout" end
-    data, err = stream:read(transport.read_size, left(deadline))
-    if not data then
-      stream:close()
-      return nil, err == "timeout" and "handshake timeout" or err
-    end
+  local req, hs, msg = handshake.read_request(stream, opts, deadline, opts.request)
+  if not req then
+    if hs then refuse(stream, hs, nil, msg, deadline) else stream:close() end -- hs: the status
+    return nil, msg
   end
   if not req.websocket then
-    local code = req.upgrade and req.status or 426
-    refuse(stream, code, code == 426 and { ["Upgrade"] = "websocket" } or nil,
-      req.error or "this endpoint speaks WebSocket", deadline)
+    local status, headers, body = handshake.refusal(req)
+    refuse(stream, status, headers, body, deadline)
     return nil, "not a WebSocket upgrade: " .. tostring(req.error or req.method .. " " .. req.target), req
   end
   local response, engine, info, body = handshake.accept(route, req)
@@ -208,19 +192,10 @@ function transport.connect(stream, target, opts)
   local hc, offer = handshake.start(u, opts)
   local ok, err = write_all(stream, hc:request(), deadline)
   if not ok then return nil, err end
-  while true do
-    local data, rerr = stream:read(transport.read_size, left(deadline))
-    if not data then
-      return nil, rerr == "timeout" and "handshake timed out" or "connection closed during handshake: " .. tostring(rerr)
-    end
-    local engine, info, res = handshake.feed(hc, offer, opts, data)
-    if engine then
-      info.url = u
-      return transport.connection(stream, engine, opts, info)
-    elseif info then
-      return nil, info, res
-    end
-  end
+  local engine, info, res = handshake.read_response(stream, hc, offer, opts, deadline)
+  if not engine then return nil, info, res end
+  info.url = u
+  return transport.connection(stream, engine, opts, info)
 end
 
 return transport

@@ -199,9 +199,9 @@ local function receive(self, timeout)
       if n then
         self._last_seen = now() -- any traffic proves the peer alive
         self._shrunk = false
-        -- Without a loop to write at the end of its pass, the frames this
-        -- read produced (pongs, a close reply) go out now.
-        if not self.watched and engine:pending() > 0 then self:_kick() end
+        -- Frames this read produced (pongs, a close reply) go out: at the
+        -- end of the loop's pass, or now on a host's stream.
+        self:_kick()
       elseif err == "timeout" and beat then
         self:sweep(now())
       elseif err == "timeout" then
@@ -380,6 +380,20 @@ function WebSocket:close(code, reason)
   if reason ~= nil and #reason > 123 then error("close: reason longer than 123 bytes", 2) end
   if self.state ~= "open" then return true end
   return self._wait(close, self, code or 1000, reason or "")
+end
+
+--- Run a server handler on this connection, the same on every host: an
+--- error in it goes to log(message) and closes with 1011, returning closes
+--- with 1000, and the connection is over when this returns.
+function WebSocket:_serve(handler, req, log)
+  local ok, err = xpcall(handler, debug.traceback, self, req)
+  if not ok then
+    log("handler failed: " .. tostring(err))
+    self:close(1011, "internal error")
+  elseif self.state == "open" then
+    self:close(1000)
+  end
+  if self.state ~= "closed" then self:abort("handler returned") end
 end
 
 --- Drop the TCP connection at once, without a closing handshake.
