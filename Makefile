@@ -23,6 +23,8 @@ HDR       := $(wildcard csrc/*.h)
 OBJ       := $(SRC:csrc/%.c=build/obj/%.o)
 ASAN_OBJ  := $(SRC:csrc/%.c=build/asan-obj/%.o)
 ENGINE_SRC := $(filter csrc/dx_%.c,$(SRC))
+# The sans-I/O protocol code: what the differential oracle links.
+PROTO_SRC := $(addprefix csrc/,dx_buf.c dx_frame.c dx_mask.c dx_pmd.c dx_proto.c dx_utf8.c)
 
 # LuaJIT (Lua 5.1 API, e.g. inside nginx with lua-nginx-module) gets the
 # sans-I/O part only: the event loop and sockets need lua_yieldk, which it
@@ -37,7 +39,7 @@ CORE      = lua/duplex/core.so
 ASAN_CORE = build/asan/duplex/core.so
 LJ_CORE   = build/luajit/duplex/core.so
 
-.PHONY: all check demo install asan luajit bench fuzz fuzz-build clean deps spec spec-asan test-fuzz interop
+.PHONY: all check demo install asan luajit bench fuzz fuzz-build fuzz-long seeds clean deps spec spec-asan test-fuzz interop
 
 all: $(CORE)
 
@@ -76,7 +78,7 @@ deps:
 # into the one closing line `N passed, N failed`.
 check: deps
 	@rm -rf build/results && mkdir -p build/results
-	$(MAKE) all asan luajit fuzz-build
+	$(MAKE) all asan luajit fuzz-build seeds
 	@rc=0; \
 	scripts/suite spec       env BUSTED="$(BUSTED)" scripts/specs || rc=1; \
 	scripts/suite spec-asan  scripts/asan-env env BUSTED="$(BUSTED)" scripts/specs || rc=1; \
@@ -102,6 +104,20 @@ build/fuzz/%: fuzz/%.c $(ENGINE_SRC) $(HDR) | build/fuzz
 
 fuzz: fuzz-build
 	scripts/fuzz-smoke $(FUZZ_TIME)
+
+# Every harness for FUZZ_CPU seconds of CPU time each, one after the other
+# (the issue-level soak; `make fuzz` is the quick one).
+FUZZ_CPU ?= 3600
+fuzz-long: fuzz-build
+	@for b in $(FUZZ_BIN); do scripts/fuzz-cpu $$(basename $$b) $(FUZZ_CPU) || exit 1; done
+
+# The differential oracle of fuzz/fuzz_roundtrip.c on fixed seeds, without
+# libFuzzer (gcc is enough), under ASan and UBSan: spec/roundtrip_spec.lua.
+SEEDS_BIN := build/fuzz/roundtrip_seeds
+seeds: $(SEEDS_BIN)
+
+$(SEEDS_BIN): fuzz/roundtrip_seeds.c fuzz/fuzz_roundtrip.c $(PROTO_SRC) $(HDR) | build/fuzz
+	$(CC) -g -O1 -std=gnu11 $(SAN) -Icsrc -o $@ fuzz/roundtrip_seeds.c fuzz/fuzz_roundtrip.c $(PROTO_SRC) -lcrypto -lz
 
 bench: all
 	$(MAKE) -C bench run

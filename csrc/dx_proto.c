@@ -44,11 +44,10 @@ void dx_proto_shrink(dx_proto *p) {
   dx_buf_shrink(&p->out);
   dx_buf_shrink(&p->zin);
   dx_buf_shrink(&p->zout);
-  /* msg, ctl and pend may hold a message being reassembled */
-  if (!p->release_msg) {
-    dx_buf_shrink(&p->msg);
-    dx_buf_shrink(&p->ctl);
-  }
+  /* msg and ctl may hold a message being reassembled, or the bytes of the
+   * last event */
+  if (!p->release_msg) dx_buf_shrink(&p->msg);
+  if (!p->release_ctl) dx_buf_shrink(&p->ctl);
   if (p->in_len == 0) dx_buf_shrink(&p->pend);
 }
 
@@ -61,14 +60,39 @@ const char *dx_proto_strerror(int err) {
   case DX_E_STATE: return "connection is closing or closed";
   case DX_E_SEQUENCE: return "fragment out of sequence";
   case DX_E_ARG: return "invalid argument";
+  case DX_E_OVERFLOW: return "output over its limit: the peer is not reading";
   default: return "unknown error";
   }
 }
 
 /* ------------------------------------------------------------------ send */
 
+/* The peer lets our output pile up past max_pending: the connection fails
+ * here, when the byte that passes the limit is queued, not at some later
+ * check; nothing more is queued or read. */
+static int overflow(dx_proto *p) {
+  p->overflowed = 1;
+  p->failed = 1;
+  p->state = DX_STATE_CLOSED;
+  p->in_len = 0;
+  return DX_E_OVERFLOW;
+}
+
+static int over_limit(const dx_proto *p) {
+  return p->cfg.max_pending && dx_buf_size(&p->out) > p->cfg.max_pending;
+}
+
+static void queued(dx_proto *p, size_t n, int was_empty) {
+  p->out.len += n;
+  p->out_total += n;
+  p->stats.frames_out++;
+  if (was_empty && p->on_output) p->on_output(p->on_output_ud);
+}
+
 static int queue_frame(dx_proto *p, int fin, int rsv, int opcode, const uint8_t *data,
                        size_t n) {
+  if (p->overflowed) return DX_E_OVERFLOW;
+  if (over_limit(p)) return overflow(p);
   int masked = p->cfg.role == DX_ROLE_CLIENT;
   size_t hsize = dx_frame_header_size(n, masked);
   int was_empty = dx_buf_size(&p->out) == 0;
@@ -81,9 +105,7 @@ static int queue_frame(dx_proto *p, int fin, int rsv, int opcode, const uint8_t 
     if (masked) dx_mask_copy(dst + hsize, data, n, key, 0);
     else memcpy(dst + hsize, data, n);
   }
-  p->out.len += hsize + n;
-  p->stats.frames_out++;
-  if (was_empty && p->on_output) p->on_output(p->on_output_ud);
+  queued(p, hsize + n, was_empty);
   return 0;
 }
 
@@ -169,17 +191,76 @@ int dx_proto_close(dx_proto *p, unsigned code, const char *reason, size_t n) {
 
 int dx_proto_send_raw(dx_proto *p, const void *frame, size_t n) {
   if (p->cfg.role != DX_ROLE_SERVER) return DX_E_ARG;
+  if (p->overflowed) return DX_E_OVERFLOW;
   if (p->state != DX_STATE_OPEN || p->close_sent) return DX_E_STATE;
   if (p->send_opcode) return DX_E_SEQUENCE;
+  if (over_limit(p)) return overflow(p);
   int was_empty = dx_buf_size(&p->out) == 0;
-  if (dx_buf_append(&p->out, frame, n)) return DX_E_NOMEM;
-  p->stats.frames_out++;
+  uint8_t *dst = dx_buf_reserve(&p->out, n);
+  if (!dst) return DX_E_NOMEM;
+  if (n) memcpy(dst, frame, n);
+  queued(p, n, was_empty);
   p->stats.messages_out++;
-  if (was_empty && p->on_output) p->on_output(p->on_output_ud);
   return 0;
 }
 
+/* Answer a ping by ourselves. Our previous answer, when it is still waiting
+ * unwritten (and not pinned by a TLS retry) at the end of out, is replaced
+ * instead of followed: the peer gets one pong for the latest ping. */
+static int auto_pong(dx_proto *p, const uint8_t *data, size_t n) {
+  uint64_t written = p->out_total - dx_buf_size(&p->out);
+  if (p->pong_end && p->pong_end == p->out_total && written + p->out_pinned <= p->pong_start) {
+    size_t old = (size_t)(p->pong_end - p->pong_start);
+    p->out.len -= old;
+    p->out_total -= old;
+    p->stats.frames_out--;
+  }
+  uint64_t start = p->out_total;
+  int rc = send_control(p, DX_OP_PONG, data, n);
+  if (rc == 0) {
+    p->pong_start = start;
+    p->pong_end = p->out_total;
+  }
+  return rc;
+}
+
 /* --------------------------------------------------------------- receive */
+
+static int input_in_pend(const dx_proto *p) {
+  return p->pend.data && p->in >= p->pend.data && p->in < p->pend.data + p->pend.len;
+}
+
+/* Move the unparsed input into pend (unless it is there already). */
+static int keep_input(dx_proto *p) {
+  if (p->in_len == 0) return 0;
+  if (input_in_pend(p)) {
+    p->pend.off = (size_t)(p->in - p->pend.data); /* drop the parsed prefix */
+    return 0;
+  }
+  /* pend's old bytes were used up when in moved to the caller's memory */
+  dx_buf_clear(&p->pend);
+  if (dx_buf_append(&p->pend, p->in, p->in_len)) return -1;
+  p->in = dx_buf_head(&p->pend);
+  return 0;
+}
+
+static void input_nomem(dx_proto *p) {
+  p->nomem = 1;
+  p->in_len = 0;
+}
+
+void dx_proto_keep(dx_proto *p) {
+  if (keep_input(p)) input_nomem(p);
+}
+
+/* Append n bytes behind the unparsed input, all of it in pend. */
+static void feed_pend(dx_proto *p, const uint8_t *data, size_t n) {
+  if (keep_input(p)) return input_nomem(p);
+  if (p->in_len == 0) dx_buf_clear(&p->pend);
+  if (dx_buf_append(&p->pend, data, n)) return input_nomem(p);
+  p->in = dx_buf_head(&p->pend);
+  p->in_len = dx_buf_size(&p->pend);
+}
 
 void dx_proto_feed(dx_proto *p, uint8_t *data, size_t n) {
   if (p->in_len == 0) {
@@ -188,20 +269,11 @@ void dx_proto_feed(dx_proto *p, uint8_t *data, size_t n) {
     return;
   }
   /* The previous bytes are not used up: keep them in order, in our memory. */
-  int in_pend = p->pend.data && p->in >= p->pend.data && p->in < p->pend.data + p->pend.len;
-  if (in_pend) {
-    p->pend.off = p->pend.len - p->in_len; /* drop the parsed prefix */
-  } else {
-    dx_buf_clear(&p->pend);
-    if (dx_buf_append(&p->pend, p->in, p->in_len)) goto nomem;
-  }
-  if (dx_buf_append(&p->pend, data, n)) goto nomem;
-  p->in = dx_buf_head(&p->pend);
-  p->in_len = dx_buf_size(&p->pend);
-  return;
-nomem:
-  p->failed = 1;
-  p->in_len = 0;
+  feed_pend(p, data, n);
+}
+
+void dx_proto_feed_copy(dx_proto *p, const uint8_t *data, size_t n) {
+  if (n) feed_pend(p, data, n);
 }
 
 /* Report a protocol violation: queue our close frame and stop reading. */
@@ -214,6 +286,17 @@ static int fail(dx_proto *p, dx_event *ev, int code, const char *reason) {
   ev->code = code;
   ev->data = (const uint8_t *)reason;
   ev->len = strlen(reason);
+  return DX_EV_ERROR;
+}
+
+/* Our output passed max_pending while we answered the peer: reported as an
+ * error with 1008, without a close frame (the peer is not reading ours). */
+static int overflow_event(dx_proto *p, dx_event *ev) {
+  static const char reason[] = "slow consumer: output over its limit";
+  ev->type = DX_EV_ERROR;
+  ev->code = DX_CLOSE_POLICY;
+  ev->data = (const uint8_t *)reason;
+  ev->len = sizeof reason - 1;
   return DX_EV_ERROR;
 }
 
@@ -341,8 +424,9 @@ static int on_close(dx_proto *p, dx_event *ev, const uint8_t *data, size_t n) {
 static int on_control(dx_proto *p, dx_event *ev, const uint8_t *data, size_t n) {
   switch (p->fh.opcode) {
   case DX_OP_PING:
-    if (p->cfg.auto_pong && p->state == DX_STATE_OPEN && !p->close_sent)
-      send_control(p, DX_OP_PONG, data, n);
+    if (p->cfg.auto_pong && p->state == DX_STATE_OPEN && !p->close_sent &&
+        auto_pong(p, data, n) == DX_E_OVERFLOW)
+      return overflow_event(p, ev);
     ev->type = DX_EV_PING;
     break;
   case DX_OP_PONG:
@@ -366,7 +450,7 @@ static int read_control(dx_proto *p, dx_event *ev) {
   if (dx_buf_append(&p->ctl, chunk, n)) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
   if (p->fh_left) return DX_EV_NONE;
   p->in_frame = 0;
-  p->release_msg = 1;
+  p->release_ctl = 1;
   return on_control(p, ev, dx_buf_head(&p->ctl), dx_buf_size(&p->ctl));
 }
 
@@ -466,12 +550,16 @@ static int read_data(dx_proto *p, dx_event *ev) {
 
 int dx_proto_next(dx_proto *p, dx_event *ev) {
   memset(ev, 0, sizeof *ev);
+  /* The last event's bytes are done with; a message under assembly is not. */
   if (p->release_msg) {
-    /* The last event pointed into msg or ctl; their bytes are done with. */
     dx_buf_consume(&p->msg, dx_buf_size(&p->msg));
-    dx_buf_consume(&p->ctl, dx_buf_size(&p->ctl));
     p->release_msg = 0;
   }
+  if (p->release_ctl) {
+    dx_buf_consume(&p->ctl, dx_buf_size(&p->ctl));
+    p->release_ctl = 0;
+  }
+  if (p->nomem && !p->failed) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
   for (;;) {
     if (p->failed || p->state == DX_STATE_CLOSED) p->in_len = 0;
     if (p->in_len == 0 && !(p->in_frame && p->fh_left == 0)) break;

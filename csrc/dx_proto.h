@@ -2,7 +2,10 @@
  * dx_proto: the RFC 6455 connection state machine, without I/O.
  *
  * Bytes read from the peer go in with dx_proto_feed(); events come out of
- * dx_proto_next() until it returns DX_EV_NONE. Send calls append framed
+ * dx_proto_next() one at a time, parsed only when asked for. A host that
+ * handles each event before asking for the next (and sends its replies)
+ * sees exactly the order of the wire: the replies to every message that
+ * precedes a bad frame leave before the close frame that fails it. Send calls append framed
  * bytes to the engine's output buffer (p->out), which the host writes to its
  * transport whenever it likes; many sends between two writes leave in one
  * write (corking).
@@ -58,6 +61,10 @@ typedef struct dx_config {
   uint64_t max_message; /* largest message (after inflation); default 16 MiB */
   int streaming;        /* deliver DX_EV_FRAGMENT pieces instead of whole messages */
   int auto_pong;        /* answer pings by itself (default 1) */
+  /* Output limit: a frame queued while more than this many bytes wait in
+   * out fails the connection (a peer that does not read). 0: no limit. One
+   * frame may pass the limit, so out stays under max_pending + one frame. */
+  uint64_t max_pending;
 } dx_config;
 
 #define DX_DEFAULT_MAX_MESSAGE (16u << 20)
@@ -79,6 +86,8 @@ typedef struct dx_event {
 #define DX_E_SEQUENCE (-3) /* fragment order: CONT without a message, or a new
                               message while a fragmented one is open */
 #define DX_E_ARG (-4)      /* bad opcode, control payload > 125, bad close code */
+#define DX_E_OVERFLOW (-5) /* more than max_pending bytes wait in out: the
+                              connection has failed (state CLOSED) */
 
 typedef struct dx_proto dx_proto;
 
@@ -91,7 +100,12 @@ struct dx_proto {
   int state;
   int close_by_peer;  /* who started the closing handshake */
   int close_sent;     /* a close frame is in out (or written) */
+  int overflowed;     /* failed because out passed max_pending */
   dx_buf out;         /* bytes to write to the peer */
+  /* Bytes at the head of out that the host has handed to a write it must
+   * repeat as they are (a TLS write that wants to be retried): the engine
+   * never rewrites them. */
+  size_t out_pinned;
   /* Called when out goes from empty to non-empty, so a host can schedule a
    * write without polling (the loop marks the socket for flushing). */
   void (*on_output)(void *ud);
@@ -115,14 +129,26 @@ struct dx_proto {
   dx_buf msg;         /* reassembly of a message or of a control frame */
   dx_buf ctl;         /* control frame payload split across reads */
   dx_buf zin;         /* inflated piece of a compressed message (streaming) */
-  dx_buf pend;        /* fed bytes kept when feed is called before next()
-                         used up the previous ones */
-  int release_msg;    /* msg/ctl were handed out: clear them on the next call */
+  dx_buf pend;        /* fed bytes the engine owns (dx_proto_keep, or feed
+                         called before next() used up the previous ones) */
+  /* The last event pointed into msg (a reassembled message) or into ctl (a
+   * control payload split across reads): clear that one on the next call.
+   * Separate flags, since a control frame may arrive in the middle of a
+   * fragmented message whose assembly must go on. */
+  int release_msg, release_ctl;
   int failed;         /* a protocol error was reported; input is ignored */
+  int nomem;          /* keeping input failed: report it as an error */
   int pending_close_event; /* close frame parsed, event not yet delivered */
   uint16_t peer_close_code;
 
   /* --- send side (private) --- */
+  uint64_t out_total; /* bytes ever queued in out: positions in the stream */
+  /* Our automatic pong still waiting in out, as stream positions
+   * [pong_start, pong_end); pong_end == 0 when none. A ping that arrives
+   * while it is unwritten and last in out replaces it (RFC 6455 §5.5.3:
+   * answering only the latest ping is allowed), so a ping flood that never
+   * reads its pongs costs one pong, not a queue of them. */
+  uint64_t pong_start, pong_end;
   int send_opcode; /* opcode of an open fragmented outgoing message, or 0 */
   int send_compressed;
   dx_buf zout;     /* compressed payload of the frame being sent */
@@ -139,8 +165,24 @@ void dx_proto_release(dx_proto *p); /* frees buffers and the pmd */
 void dx_proto_feed(dx_proto *p, uint8_t *data, size_t n);
 
 /* Next event, or DX_EV_NONE when the fed bytes are used up. Pointers in ev
- * stay valid until the next call to dx_proto_next or dx_proto_feed. */
+ * stay valid until the next call to dx_proto_next, dx_proto_feed or
+ * dx_proto_keep. */
 int dx_proto_next(dx_proto *p, dx_event *ev);
+
+/* Take a copy of the fed bytes not parsed yet, so that the host may reuse
+ * its buffer while events are still to come (a host that stops asking for
+ * events after the first one). Cheap when nothing or little is left. */
+void dx_proto_keep(dx_proto *p);
+
+/* Feed bytes the engine must copy (they are unmasked in place, and the
+ * caller's memory may be read-only or reused at once). */
+void dx_proto_feed_copy(dx_proto *p, const uint8_t *data, size_t n);
+
+/* Whether fed bytes wait to be parsed (dx_proto_next may have events
+ * without more input). */
+static inline int dx_proto_has_input(const dx_proto *p) {
+  return p->in_len > 0 || (p->nomem && !p->failed);
+}
 
 /* Send a message (opcode TEXT or BINARY, fin 1), or the pieces of one: the
  * first with its opcode and fin 0, the rest with DX_OP_CONT. compress asks for

@@ -22,13 +22,15 @@ void dx_open_pmd(lua_State *L);       /* l_pmd.c: permessage-deflate negotiation
 
 /* The engine behind a duplex.engine userdata (raises a Lua error otherwise). */
 dx_proto *dx_check_engine(lua_State *L, int idx);
+/* The same for an index already checked to hold an engine: NULL once the
+ * engine is released (its connection ended while a coroutine waited). */
+dx_proto *dx_live_engine(lua_State *L, int idx);
 
-/* Feed n bytes read from the peer to the engine at stack index idx and move
- * every resulting event into the engine's event queue (popped by
- * engine:next()). The engine is done with data when this returns, so the
- * caller may reuse one receive buffer for all connections. Returns the number
- * of events now queued. */
-int dx_engine_feed(lua_State *L, int idx, uint8_t *data, size_t n);
+/* Parse the engine's next event and push its values (kind first, as
+ * engine:next() returns them); returns how many, 0 when it needs more bytes.
+ * Whatever input is left is copied into the engine, so the caller may feed
+ * from one receive buffer shared by every connection. */
+int dx_engine_next(lua_State *L, dx_proto *p);
 
 /* luaL_checkudata for hot paths. luaL_checkudata finds the metatable by
  * name, which interns the name string on every call (a measurable share of a

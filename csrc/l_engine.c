@@ -1,10 +1,11 @@
 /*
  * duplex.engine: the sans-I/O protocol engine as a Lua object.
  *
- * Events are moved out of the C engine as soon as bytes are fed and kept in
- * a queue (the userdata's user value), so the caller's receive buffer is free
- * again when feeding returns, whatever the Lua side does next. Each message
- * becomes exactly one Lua string.
+ * Events are parsed when asked for, one per call, and each message becomes
+ * exactly one Lua string. Nothing is parsed ahead of the application: the
+ * replies it sends to one message leave before whatever the next frames
+ * cause (a pong, or the close frame that fails a bad frame), and a peer
+ * that pipelines costs its unparsed bytes, not a queue of Lua values.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -13,16 +14,7 @@
 
 typedef struct engine {
   dx_proto p;
-  lua_Integer qhead, qtail; /* queue slots [qhead, qtail) in the user value */
-  uint8_t *scratch;         /* writable copy of fed Lua strings (unmasking) */
-  size_t scratch_cap;
 } engine;
-
-/* Slots per queued event: how many values follow, then the kind, the data
- * and up to three details. Only the data slot holds memory worth freeing
- * (kinds are interned constants), so popping clears just that one. */
-#define SLOTS 6
-#define DATA_SLOT 2
 
 static const char ENGINE_KEY = 0; /* its address keys the metatable */
 
@@ -34,8 +26,13 @@ static engine *check(lua_State *L, int idx) {
 
 dx_proto *dx_check_engine(lua_State *L, int idx) { return &check(L, idx)->p; }
 
+dx_proto *dx_live_engine(lua_State *L, int idx) {
+  engine *e = lua_touserdata(L, idx);
+  return e && e->p.cfg.max_message ? &e->p : NULL;
+}
+
 /* core.engine{ role = "server"|"client", max_message =, max_frame =,
- *              streaming = false, auto_pong = true } */
+ *              max_buffered = 0, streaming = false, auto_pong = true } */
 static int l_engine_new(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   static const char *const roles[] = {"server", "client", NULL};
@@ -46,14 +43,12 @@ static int l_engine_new(lua_State *L) {
   lua_pop(L, 1);
   cfg.max_message = (uint64_t)dx_opt_integer(L, 1, "max_message", DX_DEFAULT_MAX_MESSAGE, 1, LUA_MAXINTEGER);
   cfg.max_frame = (uint64_t)dx_opt_integer(L, 1, "max_frame", 0, 0, LUA_MAXINTEGER);
+  cfg.max_pending = (uint64_t)dx_opt_integer(L, 1, "max_buffered", 0, 0, LUA_MAXINTEGER);
   cfg.streaming = dx_opt_flag(L, 1, "streaming", 0);
   cfg.auto_pong = dx_opt_flag(L, 1, "auto_pong", 1);
-  engine *e = lua_newuserdatauv(L, sizeof *e, 1);
+  engine *e = lua_newuserdatauv(L, sizeof *e, 0);
   memset(e, 0, sizeof *e);
   dx_proto_init(&e->p, &cfg);
-  e->qhead = e->qtail = 1;
-  lua_createtable(L, SLOTS * 4, 0);
-  lua_setiuservalue(L, -2, 1);
   luaL_setmetatable(L, DX_ENGINE_MT);
   return 1;
 }
@@ -93,69 +88,32 @@ static int push_event(lua_State *L, const dx_event *ev) {
   }
 }
 
-int dx_engine_feed(lua_State *L, int idx, uint8_t *data, size_t n) {
-  idx = lua_absindex(L, idx);
-  engine *e = check(L, idx);
-  lua_getiuservalue(L, idx, 1);
-  int q = lua_gettop(L);
-  dx_proto_feed(&e->p, data, n);
+int dx_engine_next(lua_State *L, dx_proto *p) {
   dx_event ev;
-  while (dx_proto_next(&e->p, &ev) != DX_EV_NONE) {
-    int k = push_event(L, &ev);
-    lua_Integer base = e->qtail;
-    for (int i = k; i >= 1; i--) lua_rawseti(L, q, base + i);
-    lua_pushinteger(L, k);
-    lua_rawseti(L, q, base);
-    e->qtail += SLOTS;
-  }
-  lua_pop(L, 1);
-  return (int)((e->qtail - e->qhead) / SLOTS);
+  if (dx_proto_next(p, &ev) == DX_EV_NONE) return 0;
+  int k = push_event(L, &ev);
+  dx_proto_keep(p); /* the rest of the input may be in the caller's buffer */
+  return k;
 }
 
-/* e:feed(data) -> number of events queued */
+/* e:feed(data): the engine keeps a copy (it unmasks in place); parsing
+ * happens in e:next(). */
 static int l_feed(lua_State *L) {
   engine *e = check(L, 1);
   size_t n;
   const char *s = luaL_checklstring(L, 2, &n);
-  /* Lua strings are immutable and the engine unmasks in place. */
-  if (n > e->scratch_cap) {
-    void *p = realloc(e->scratch, n);
-    if (!p) return luaL_error(L, "out of memory");
-    e->scratch = p;
-    e->scratch_cap = n;
-  }
-  if (n) memcpy(e->scratch, s, n);
-  lua_pushinteger(L, dx_engine_feed(L, 1, e->scratch, n));
-  if (e->scratch_cap > 65536) {
-    free(e->scratch);
-    e->scratch = NULL;
-    e->scratch_cap = 0;
-  }
-  return 1;
+  dx_proto_feed_copy(&e->p, (const uint8_t *)s, n);
+  return 0;
 }
 
-/* e:next() -> kind, data, ... | nil */
+/* e:next() -> kind, data, ... | nil when more bytes are needed */
 static int l_next(lua_State *L) {
-  engine *e = check(L, 1);
-  if (e->qhead == e->qtail) return 0;
-  lua_getiuservalue(L, 1, 1);
-  int q = lua_gettop(L);
-  lua_Integer base = e->qhead;
-  lua_rawgeti(L, q, base);
-  int k = (int)lua_tointeger(L, -1);
-  lua_pop(L, 1);
-  for (int i = 1; i <= k; i++) lua_rawgeti(L, q, base + i);
-  lua_pushnil(L);
-  lua_rawseti(L, q, base + DATA_SLOT);
-  e->qhead += SLOTS;
-  if (e->qhead == e->qtail) e->qhead = e->qtail = 1;
-  return k;
+  return dx_engine_next(L, &check(L, 1)->p);
 }
 
-/* e:queued() -> number of events waiting in the queue */
-static int l_queued(lua_State *L) {
-  engine *e = check(L, 1);
-  lua_pushinteger(L, (e->qtail - e->qhead) / SLOTS);
+/* e:has_input() -> whether fed bytes wait to be parsed */
+static int l_has_input(lua_State *L) {
+  lua_pushboolean(L, dx_proto_has_input(&check(L, 1)->p));
   return 1;
 }
 
@@ -166,7 +124,9 @@ static int push_result(lua_State *L, int rc) {
   }
   if (rc == DX_E_ARG) return luaL_error(L, "%s", dx_proto_strerror(rc));
   luaL_pushfail(L);
-  lua_pushstring(L, dx_proto_strerror(rc));
+  /* the word the Lua layer acts on: this connection has failed */
+  if (rc == DX_E_OVERFLOW) lua_pushliteral(L, "overflow");
+  else lua_pushstring(L, dx_proto_strerror(rc));
   return 2;
 }
 
@@ -276,9 +236,6 @@ static int l_release(lua_State *L) {
     dx_proto_release(&e->p);
     e->p.cfg.max_message = 0;
   }
-  free(e->scratch);
-  e->scratch = NULL;
-  e->scratch_cap = 0;
   return 0;
 }
 
@@ -352,7 +309,7 @@ static int l_close_code_valid(lua_State *L) {
 
 void dx_open_engine(lua_State *L) {
   static const luaL_Reg methods[] = {
-      {"feed", l_feed},       {"next", l_next},         {"queued", l_queued},
+      {"feed", l_feed},       {"next", l_next},         {"has_input", l_has_input},
       {"send", l_send},       {"ping", l_ping},         {"pong", l_pong},
       {"close", l_close},     {"send_raw", l_send_raw}, {"data_to_send", l_data_to_send},
       {"pending", l_pending}, {"state", l_state},       {"role", l_role},

@@ -28,7 +28,12 @@
 
 #define SOCK_MAX_OUTPUT (64u << 20) /* bytes a socket buffers before write fails */
 #define ACCEPT_BURST 64 /* accepts in one loop pass before letting others run */
-#define READ_BURST 16   /* receive reads without an event before letting others run */
+/* What one connection's receive may take of a loop pass before it lets the
+ * others run: a peer that floods (pings, a burst of messages, one huge
+ * message) then waits for the next pass like everyone else, and accepts,
+ * timers and writes go on between its turns. */
+#define PASS_EVENTS 64
+#define PASS_BYTES (256u << 10)
 #define ERR_MAX 256
 
 /* uservalues of a socket */
@@ -55,6 +60,10 @@ typedef struct lsock {
   /* The peer's FIN (or an error) was seen with some data: the data and the
    * end can be reported by one edge, so after it every read really reads. */
   int rd_hup;
+  /* receive's share of the current loop pass (see PASS_EVENTS) */
+  uint64_t pass;
+  unsigned pass_events;
+  size_t pass_bytes;
 } lsock;
 
 typedef struct llistener {
@@ -142,11 +151,14 @@ static int flush_tls(lsock *s) {
     dx_buf *b = source_buf(s, src);
     size_t put;
     int rc = dx_tls_write(s->ssl, dx_buf_head(b), dx_buf_size(b), &put, err, sizeof err);
+    if (src == 2) s->engine->out_pinned = 0;
     if (rc == DX_TLS_DONE) {
       s->tls_wsrc = 0;
       dx_buf_consume(b, put);
     } else if (rc == DX_TLS_WANT_READ || rc == DX_TLS_WANT_WRITE) {
       s->tls_wsrc = src;
+      /* the retry must offer these bytes again: the engine leaves them be */
+      if (src == 2) s->engine->out_pinned = dx_buf_size(b);
       s->flush_want = rc == DX_TLS_WANT_READ ? EPOLLIN : EPOLLOUT;
       return 1;
     } else {
@@ -199,6 +211,7 @@ static const char SOCK_KEY = 0; /* its address keys the metatable (dx_checkudata
 static lsock *to_sock(lua_State *L, int idx) { return dx_checkudata(L, idx, &SOCK_KEY, SOCK_MT); }
 
 static void detach_engine(lsock *s) {
+  if (s->engine) s->engine->out_pinned = 0;
   if (s->engine && s->engine->on_output_ud == s) {
     s->engine->on_output = NULL;
     s->engine->on_output_ud = NULL;
@@ -420,13 +433,29 @@ static int sock_read(lua_State *L) {
   return read_k(L, LUA_OK, (lua_KContext)t);
 }
 
-/* stack: sock, engine, timeout, reads since the last yield */
+static int over_budget(lsock *s) {
+  if (s->pass != s->loop->pass) {
+    s->pass = s->loop->pass;
+    s->pass_events = 0;
+    s->pass_bytes = 0;
+  }
+  return s->pass_events >= PASS_EVENTS || s->pass_bytes >= PASS_BYTES;
+}
+
+/* The engine's next event, reading as needed. stack: sock, engine, timeout */
 static int receive_k(lua_State *L, int status, lua_KContext ctx) {
   dx_task *t = (dx_task *)ctx;
   lsock *s = to_sock(L, 1);
   if (status == LUA_YIELD && dx_lua_woken(L, t) == DX_WAKE_TIMEOUT) return fail(L, "timeout");
-  int reads = 0;
+  dx_proto *p = dx_live_engine(L, 2);
+  if (!p) return fail(L, "closed");
   for (;;) {
+    if (over_budget(s)) return dx_lua_yield(L, t, receive_k);
+    int k = dx_engine_next(L, p);
+    if (k) {
+      s->pass_events++;
+      return k;
+    }
     if (s->closed) return fail(L, "closed");
     if (s->handshaking) return fail(L, "tls handshake in progress");
     uint32_t want = 0;
@@ -435,13 +464,8 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx) {
     if (n == 0) return fail(L, "closed");
     if (n == RD_AGAIN) return dx_lua_wait_io(L, t, &s->io, want, 0, receive_k);
     if (n < 0) return fail(L, err);
-    int events = dx_engine_feed(L, 2, s->loop->rbuf, (size_t)n);
-    if (events >= 1) {
-      lua_pushinteger(L, events);
-      return 1;
-    }
-    /* a large message arriving: let the others run now and then */
-    if (++reads >= READ_BURST) return dx_lua_yield(L, t, receive_k);
+    s->pass_bytes += (size_t)n;
+    dx_proto_feed(p, s->loop->rbuf, (size_t)n);
   }
 }
 

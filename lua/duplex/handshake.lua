@@ -6,8 +6,10 @@
 ---
 --- Runs on Lua 5.4 and on LuaJIT: no integer operators here.
 local core = require "duplex.core"
+local WebSocket = require "duplex.websocket"
 
 local now = core.now
+local max_buffered = WebSocket.defaults.max_buffered
 
 local handshake = {}
 
@@ -118,7 +120,7 @@ function handshake.accept(route, req)
   }
   local engine = core.engine {
     role = "server", max_message = route.max_message, max_frame = route.max_frame,
-    streaming = route.streaming,
+    streaming = route.streaming, max_buffered = route.max_buffered or max_buffered,
   }
   if pmd_params then core.pmd_attach(engine, "server", pmd_params, route.deflate_policy) end
   return response, engine, {
@@ -164,6 +166,7 @@ local function feed(hc, offer, opts, data)
   local engine = core.engine {
     role = "client", max_message = opts.max_message or handshake.max_message,
     max_frame = opts.max_frame, streaming = opts.streaming,
+    max_buffered = opts.max_buffered or max_buffered,
   }
   if pmd_params then core.pmd_attach(engine, "client", pmd_params, offer) end
   local rest = hc:rest()

@@ -82,15 +82,18 @@ function Conduit:drain(low, timeout)
   return self:flush(timeout)
 end
 
---- Read and feed until the engine has events; returns how many.
+--- The engine's next event (its values, kind first), reading and feeding
+--- as needed; nil, err when the stream fails or the timeout passes.
 function Conduit:receive(engine, timeout)
-  local deadline = timeout and now() + timeout
+  local deadline
   while true do
+    local kind, data, a, b, c = engine:next()
+    if kind then return kind, data, a, b, c end
     if self.closed then return nil, "closed" end
-    local data, err = self.stream:read(transport.read_size, left(deadline))
-    if not data then return nil, err end
-    local events = engine:feed(data)
-    if events > 0 then return events end
+    deadline = deadline or (timeout and now() + timeout)
+    local chunk, err = self.stream:read(transport.read_size, left(deadline))
+    if not chunk then return nil, err end
+    engine:feed(chunk)
   end
 end
 

@@ -36,7 +36,7 @@ local defaults = {
   close_timeout = 5,    -- seconds to wait for the peer's close frame / TCP close
   high_water = 1048576, -- send() waits while more than this is buffered (1 MiB)
   low_water = 262144,   -- ... until it drops below this (256 KiB)
-  max_buffered = 16777216, -- a peer that lets more pile up (broadcasts) is closed
+  max_buffered = 16777216, -- a peer that lets more pile up is closed (checked by the engine as frames are queued)
   send_timeout = 30,    -- seconds send() may wait for a slow peer before closing it
   compress_threshold = 128, -- with permessage-deflate, smaller messages go plain
 }
@@ -136,12 +136,13 @@ function WebSocket:_linger()
   end
 end
 
--- Handle one engine event. Returns true when receive() should return the
--- values that follow; otherwise the event was consumed here.
+-- Handle one engine event other than a whole message. Returns true when
+-- receive() should return the values that follow; otherwise the event was
+-- consumed here.
 function WebSocket:_event(kind, data, a, b, c)
-  if kind == "text" or kind == "binary" then return true, data, kind end
   if kind == "fragment" then return true, data, a, c end
   if kind == "ping" then
+    self:_kick() -- the engine queued the pong: on a host's stream, write it now
     return false
   elseif kind == "pong" then
     if self._ping_sent then
@@ -155,6 +156,9 @@ function WebSocket:_event(kind, data, a, b, c)
     self.state = "closing"
     self:_end_tcp()
     self:_finish(a, data)
+    return true, self:_closed_result()
+  elseif a == 1008 then -- the engine's output limit (max_buffered) was passed
+    self:_slow_consumer("send buffer over max_buffered: the peer is not reading")
     return true, self:_closed_result()
   else -- "error": the peer broke the protocol; our close frame is queued
     self.close_code, self.close_reason = a, data
@@ -176,41 +180,36 @@ local function receive(self, timeout)
       self._reading = false
       return self:_closed_result()
     end
-    local kind, data, a, b, c = engine:next()
-    if kind == "text" or kind == "binary" then -- the common case, first
-      self._reading = false
-      return data, kind
-    elseif kind then
+    local wait = deadline and math.max(0, deadline - now())
+    local beat = false
+    if not self.watched then
+      -- No loop timer watches this connection: the heartbeat and the
+      -- close deadline are kept by whoever reads it, between reads.
+      local due = self:_due(now())
+      if due and (not wait or due < wait) then wait, beat = due, true end
+    end
+    -- The next event, parsed from what was read before or from a new read.
+    local kind, data, a, b, c = sock:receive(engine, wait)
+    if kind then
+      self._last_seen = now() -- any traffic proves the peer alive
+      self._shrunk = false
+      if kind == "text" or kind == "binary" then -- the common case, first
+        self._reading = false
+        return data, kind
+      end
       local deliver, r1, r2, r3, r4 = self:_event(kind, data, a, b, c)
       if deliver then
         self._reading = false
         return r1, r2, r3, r4
       end
+    elseif data == "timeout" and beat then
+      self:sweep(now())
+    elseif data == "timeout" then
+      self._reading = false
+      return nil, "timeout"
     else
-      local wait = deadline and math.max(0, deadline - now())
-      local beat = false
-      if not self.watched then
-        -- No loop timer watches this connection: the heartbeat and the
-        -- close deadline are kept by whoever reads it, between reads.
-        local due = self:_due(now())
-        if due and (not wait or due < wait) then wait, beat = due, true end
-      end
-      local n, err = sock:receive(engine, wait)
-      if n then
-        self._last_seen = now() -- any traffic proves the peer alive
-        self._shrunk = false
-        -- Frames this read produced (pongs, a close reply) go out: at the
-        -- end of the loop's pass, or now on a host's stream.
-        self:_kick()
-      elseif err == "timeout" and beat then
-        self:sweep(now())
-      elseif err == "timeout" then
-        self._reading = false
-        return nil, "timeout"
-      else
-        self._reading = false
-        return self:_lost(err)
-      end
+      self._reading = false
+      return self:_lost(data)
     end
   end
 end
@@ -259,6 +258,16 @@ function WebSocket:_slow_consumer(why)
   self:_finish(1006, why)
 end
 
+-- The engine refused a frame: on its output limit (max_buffered, counted
+-- when a frame is queued) the connection has failed.
+function WebSocket:_refused(err)
+  if err == "overflow" then
+    self:_slow_consumer("send buffer over max_buffered: the peer is not reading")
+    return nil, "closed"
+  end
+  return nil, self.state == "open" and err or "closed"
+end
+
 local function check_kind(kind, level)
   if kind ~= "text" and kind ~= "binary" then
     error("message kind must be \"text\" or \"binary\", got " .. tostring(kind), level + 1)
@@ -292,7 +301,7 @@ function WebSocket:send(data, kind, opts)
     else compress = #data >= self.compress_threshold end
   end
   local ok, err = self.engine:send(data, kind, true, compress)
-  if not ok then return nil, self.state == "open" and err or "closed" end
+  if not ok then return self:_refused(err) end
   return self:_room()
 end
 
@@ -309,7 +318,7 @@ function WebSocket:send_fragment(data, kind, fin)
   local first = not self._sending
   local ok, err = self.engine:send(data, first and kind or "continuation", fin and true or false,
     first and self.deflate)
-  if not ok then return nil, self.state == "open" and err or "closed" end
+  if not ok then return self:_refused(err) end
   self._sending = not fin
   return self:_room()
 end
@@ -318,7 +327,7 @@ end
 function WebSocket:send_frame(frame)
   if self.state ~= "open" or self._sending then return nil, "closed" end
   local ok, err = self.engine:send_raw(frame)
-  if not ok then return nil, err end
+  if not ok then return self:_refused(err) end
   return self:_kick()
 end
 
@@ -328,7 +337,7 @@ end
 function WebSocket:ping(data)
   if self.state ~= "open" then return nil, "closed" end
   local ok, err = self.engine:ping(data or "")
-  if not ok then return nil, err end
+  if not ok then return self:_refused(err) end
   self._ping_sent = self._ping_sent or now()
   return self:_kick()
 end
@@ -336,7 +345,7 @@ end
 function WebSocket:pong(data)
   if self.state ~= "open" then return nil, "closed" end
   local ok, err = self.engine:pong(data or "")
-  if not ok then return nil, err end
+  if not ok then return self:_refused(err) end
   return self:_kick()
 end
 
@@ -416,10 +425,6 @@ function WebSocket:sweep(t)
     return
   end
   if self.state ~= "open" then return end
-  if self.sock:buffered() > self.max_buffered then
-    self:_slow_consumer("send buffer over max_buffered: the peer is not reading")
-    return
-  end
   -- Buffers keep their memory while traffic flows; a connection quiet for
   -- a second gives it back.
   if not self._shrunk and t - self._last_seen > 1 and self.engine:pending() == 0 then
