@@ -110,6 +110,7 @@ static int queue_frame(dx_proto *p, int fin, int rsv, int opcode, const uint8_t 
 }
 
 int dx_proto_send(dx_proto *p, int opcode, const void *data, size_t n, int fin, int compress) {
+  if (p->overflowed) return DX_E_OVERFLOW;
   if (p->state != DX_STATE_OPEN || p->close_sent) return DX_E_STATE;
   int compressed;
   if (opcode == DX_OP_TEXT || opcode == DX_OP_BINARY) {
@@ -152,11 +153,13 @@ static int send_control(dx_proto *p, int opcode, const void *data, size_t n) {
 }
 
 int dx_proto_ping(dx_proto *p, const void *data, size_t n) {
+  if (p->overflowed) return DX_E_OVERFLOW;
   if (p->state != DX_STATE_OPEN) return DX_E_STATE;
   return send_control(p, DX_OP_PING, data, n);
 }
 
 int dx_proto_pong(dx_proto *p, const void *data, size_t n) {
+  if (p->overflowed) return DX_E_OVERFLOW;
   if (p->state != DX_STATE_OPEN) return DX_E_STATE;
   return send_control(p, DX_OP_PONG, data, n);
 }

@@ -543,6 +543,18 @@ static int sock_flush(lua_State *L) {
   return drain_start(L, 0, 2, 0);
 }
 
+/* sock:try_flush() -> bytes still buffered: writes what the kernel takes
+ * now, without waiting (a publisher asking whether a backlog is real). */
+static int sock_try_flush(lua_State *L) {
+  lsock *s = to_sock(L, 1);
+  if (!s->closed && buffered(s) > 0 && !s->blocked) {
+    flush_step(s);
+    if (buffered(s) == 0) dx_dirty_clear(&s->dirty);
+  }
+  lua_pushinteger(L, s->closed ? 0 : (lua_Integer)buffered(s));
+  return 1;
+}
+
 static int sock_drain(lua_State *L) {
   lua_Integer low = luaL_checkinteger(L, 2);
   luaL_argcheck(L, low >= 0, 2, "must be >= 0");
@@ -1059,6 +1071,7 @@ static void new_class(lua_State *L, const char *name, const luaL_Reg *methods, c
 void dx_open_socket(lua_State *L) {
   static const luaL_Reg sock_methods[] = {
       {"read", sock_read},         {"write", sock_write},       {"flush", sock_flush},
+      {"try_flush", sock_try_flush},
       {"drain", sock_drain},       {"buffered", sock_buffered}, {"shutdown", sock_shutdown},
       {"close", sock_close_m},     {"peer", sock_peer},         {"local_address", sock_local_address},
       {"fd", sock_fd},             {"setnodelay", sock_setnodelay}, {"attach", sock_attach},

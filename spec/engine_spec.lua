@@ -429,3 +429,101 @@ describe("engine: sending", function()
     assert.matches("released", tostring(e))
   end)
 end)
+
+describe("engine: control frames inside a fragmented message", function()
+  -- The reassembly buffer of the message and the payload of a control frame
+  -- split across reads are two things: releasing one must not drop the other.
+  local function pair(sender_role, deflate)
+    local tx = core.engine { role = sender_role }
+    local rx = core.engine { role = sender_role == "client" and "server" or "client" }
+    if deflate then
+      local p = { server_no_context_takeover = false, client_no_context_takeover = false,
+        server_max_window_bits = 15, client_max_window_bits = 15 }
+      core.pmd_attach(tx, sender_role, p, {})
+      core.pmd_attach(rx, sender_role == "client" and "server" or "client", p, {})
+    end
+    return tx, rx
+  end
+
+  for _, role in ipairs { "client", "server" } do
+    for _, deflate in ipairs { false, true } do
+      it(string.format("keeps the fragments when a ping is split across reads (%s sends%s)", role,
+        deflate and ", compressed" or ""), function()
+        local tx, rx = pair(role, deflate)
+        assert(tx:send("first half, ", "text", false, deflate))
+        assert(tx:ping("a ping payload"))
+        assert(tx:send("second half ✓", "continuation", true))
+        local wire = tx:data_to_send()
+        local ping_at = wire:find(role == "client" and "\x89\x8e" or "\x89\x0e", 1, true)
+        assert.is_truthy(ping_at, "ping frame not found")
+        -- every cut inside the ping frame (header, mask, payload)
+        for cut = ping_at, ping_at + 6 + 14 - 1 do
+          local r = select(2, pair(role, deflate))
+          r:feed(wire:sub(1, cut))
+          local evs = drain(r)
+          r:feed(wire:sub(cut + 1))
+          for _, ev in ipairs(drain(r)) do evs[#evs + 1] = ev end
+          assert.same({ { "ping", "a ping payload", n = 2 }, { "text", "first half, second half ✓", n = 2 } },
+            evs, "cut at " .. cut)
+        end
+        rx:feed(wire)
+        assert.same({ "ping", "a ping payload" }, { rx:next() })
+      end)
+    end
+  end
+end)
+
+describe("engine: output under a peer that does not read", function()
+  it("answers a ping flood with one pong for the latest ping while it waits unwritten", function()
+    local e = core.engine { role = "server" }
+    local flood = {}
+    for i = 1, 200 do flood[i] = masked { op = "ping", payload = "p" .. i } end
+    e:feed(table.concat(flood))
+    assert.equal(200, #drain(e))
+    assert.equal(F.build { op = "pong", payload = "p200" }, e:data_to_send())
+    -- once written, the next ping gets its own pong
+    e:feed(masked { op = "ping", payload = "again" })
+    drain(e)
+    assert.equal(F.build { op = "pong", payload = "again" }, e:data_to_send())
+  end)
+
+  it("does not move a pong behind other output", function()
+    local e = core.engine { role = "server" }
+    e:feed(masked { op = "ping", payload = "1" })
+    drain(e)
+    assert(e:send("reply"))
+    e:feed(masked { op = "ping", payload = "2" } .. masked { op = "ping", payload = "3" })
+    drain(e)
+    assert.equal(F.build { op = "pong", payload = "1" } .. F.build { op = "text", payload = "reply" }
+      .. F.build { op = "pong", payload = "3" }, e:data_to_send())
+  end)
+
+  it("fails the connection when a frame is queued over max_buffered", function()
+    local e = core.engine { role = "server", max_buffered = 100 }
+    local frame = core.encode_frame(string.rep("x", 40))
+    local sent = 0
+    while true do
+      local ok, err = e:send_raw(frame)
+      if not ok then
+        assert.equal("overflow", err)
+        break
+      end
+      sent = sent + 1
+    end
+    assert.equal(3, sent) -- 0, 42 and 84 bytes waiting were under the limit
+    assert.equal("closed", e:state())
+    assert.same({ nil, "overflow" }, { e:send("more") })
+    assert.same({ nil, "overflow" }, { e:ping() })
+    e:feed(masked { op = "text", payload = "ignored" })
+    assert.is_nil(e:next())
+  end)
+
+  it("reports 1008 when its own pongs pass max_buffered", function()
+    local e = core.engine { role = "server", max_buffered = 50 }
+    assert(e:send(string.rep("x", 60)))
+    e:feed(masked { op = "ping", payload = "p" } .. masked { op = "text", payload = "after" })
+    assert.same({ "error", "slow consumer: output over its limit", 1008 }, { e:next() })
+    assert.is_nil(e:next())
+    assert.equal("closed", e:state())
+  end)
+end)

@@ -7,6 +7,7 @@ local runtime = require "duplex.runtime"
 local proc = require "support.proc"
 local peers = require "support.peers"
 local certs = require "support.certs"
+local examples = require "support.examples"
 
 local connect, listen = require("support.tracked").install(after_each, teardown)
 
@@ -23,7 +24,7 @@ local function wait_for(pred, timeout)
 end
 
 local function spawn(argv)
-  return proc.spawn(argv, {cwd = peers.root, limit = 60})
+  return examples.spawn(argv, {limit = 60})
 end
 
 -- Run an example to its end while the loop keeps running; returns exit
@@ -36,26 +37,7 @@ local function run_example(argv, timeout)
   return code, out, err
 end
 
--- Start a server example; returns its handle and the first line it printed
--- matched against pattern (the captures).
-local function start_server(argv, pattern)
-  local h = spawn(argv)
-  local line, why = h:read_line(15)
-  local a, b = (line or ""):match(pattern)
-  if not a then
-    local out = h:output()
-    h:cleanup()
-    error(string.format("%s: expected a line like %q, got %s: %s", table.concat(argv, " "), pattern,
-      tostring(line or why), out), 2)
-  end
-  return h, a, b
-end
-
-local function start_echo(args)
-  local argv = {LUA, "examples/echo.lua"}
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  return start_server(argv, "^echo server listening on (wss?://127%.0%.0%.1:(%d+)/?.*)$")
-end
+local start_echo = examples.echo
 
 local function recv(ws, timeout)
   local m, kind, code, reason = ws:receive(timeout or 10)
@@ -338,8 +320,7 @@ end)
 describe("examples/chat/server.lua", function()
   local h, port, base
   setup(function()
-    h, base, port = start_server({LUA, "examples/chat/server.lua", "--port", "0"},
-      "^chat server: open (http://127%.0%.0%.1:(%d+)/) in a browser$")
+    h, base, port = examples.chat({"--port", "0"})
   end)
   teardown(function()
     proc.killall()

@@ -62,6 +62,10 @@ function Stream:shutdown()
   return self.sock:shutdown("w")
 end
 
+function Stream:yield()
+  cqueues.sleep(0)
+end
+
 function Stream:close()
   self.sock:close()
 end

@@ -56,6 +56,10 @@ function Stream:write(data, timeout)
   return nil, err, 0
 end
 
+function Stream:yield()
+  ngx.sleep(0)
+end
+
 function Stream:shutdown()
   local sock = self.sock
   if sock.shutdown then return sock:shutdown("send") end

@@ -4,6 +4,9 @@
 --- subscriber. A subscriber whose send buffer is over max_backlog never holds
 --- up the others: it is closed (policy "close", code 1008) or misses the
 --- message (policy "drop", counted in ws.dropped and reported to on_drop).
+--- Before that verdict its socket gets a chance to write what the kernel
+--- takes at once, so that only a backlog the peer really leaves unread
+--- counts, not what one busy loop pass queued.
 local core = require "duplex.core"
 
 local pubsub = {}
@@ -96,7 +99,7 @@ function Hub:deliver(topic, message, kind)
   for ws in pairs(subs) do
     if ws.state ~= "open" then
       self:unsubscribe(ws, topic)
-    elseif ws:buffered() > limit then
+    elseif ws:buffered() > limit and ws:try_flush() > limit then
       overflow(self, ws, topic)
     elseif ws.role == "server" then
       local f = frame

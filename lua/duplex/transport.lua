@@ -11,6 +11,7 @@
 ---   stream:close()
 ---   stream:shutdown()           (optional) stop sending, keep reading
 ---   stream:peer()               (optional) -> address, port
+---   stream:yield()              (optional) let the host's other work run
 ---
 --- read and write wait in the host's own way (yield to cqueues or to
 --- nginx). A read that times out has consumed nothing, and bytes read are
@@ -30,6 +31,10 @@ local Hosted = WebSocket.Hosted
 local transport = {}
 
 transport.read_size = 65536
+-- A connection's share of the host before it yields (when the stream can):
+-- an event counts 1, every 4 KiB read counts 1, so a flood of pings or a
+-- burst of messages is read in turns with everyone else.
+transport.turn = 64
 
 local function left(deadline)
   return deadline and math.max(0, deadline - now())
@@ -40,7 +45,18 @@ local Conduit = {}
 Conduit.__index = Conduit
 
 function transport.wrap(stream, engine)
-  return setmetatable({ stream = stream, engine = engine, writing = false, closed = false }, Conduit)
+  return setmetatable({ stream = stream, engine = engine, writing = false, closed = false, spent = 0 },
+    Conduit)
+end
+
+-- Charge a turn; a full one yields to the host.
+function Conduit:_spend(units)
+  local spent = self.spent + units
+  if spent >= transport.turn and self.stream.yield then
+    spent = 0
+    self.stream:yield()
+  end
+  self.spent = spent
 end
 
 --- Bytes queued for the peer: the engine's, plus the unwritten rest of a
@@ -78,6 +94,11 @@ function Conduit:flush(timeout)
   return ok, err
 end
 
+--- Frames go out as they are queued here: what is left waits for a writer.
+function Conduit:try_flush()
+  return self:buffered()
+end
+
 function Conduit:drain(low, timeout)
   return self:flush(timeout)
 end
@@ -88,12 +109,16 @@ function Conduit:receive(engine, timeout)
   local deadline
   while true do
     local kind, data, a, b, c = engine:next()
-    if kind then return kind, data, a, b, c end
+    if kind then
+      self:_spend(1)
+      return kind, data, a, b, c
+    end
     if self.closed then return nil, "closed" end
     deadline = deadline or (timeout and now() + timeout)
     local chunk, err = self.stream:read(transport.read_size, left(deadline))
     if not chunk then return nil, err end
     engine:feed(chunk)
+    self:_spend(math.floor(#chunk / 4096))
   end
 end
 

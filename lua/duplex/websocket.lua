@@ -418,6 +418,14 @@ function WebSocket:buffered()
   return self.sock:buffered()
 end
 
+--- Write what the kernel takes now, without waiting; returns the bytes
+--- still queued (what the peer is really not reading yet).
+---@return integer
+function WebSocket:try_flush()
+  if self.state == "closed" then return 0 end
+  return self.sock:try_flush()
+end
+
 --- Heartbeat and close deadline, called by the runtime's sweep timer.
 function WebSocket:sweep(t)
   if self.state == "closing" and self._close_deadline and t > self._close_deadline then

@@ -1,0 +1,147 @@
+-- Composed under hostile and busy peers, the server loses nothing and
+-- starves nobody: a client that floods pings and never reads, a member
+-- that bursts lines into a chat room, and frames that break the protocol
+-- right behind valid messages. The servers are the examples, run as child
+-- processes (a real loop, measured from the outside); probe clients check
+-- that everyone else is still served, with generous deadlines only.
+local duplex = require "duplex"
+local core = require "duplex.core"
+local runtime = require "duplex.runtime"
+local proc = require "support.proc"
+local examples = require "support.examples"
+local F = require "support.frames"
+
+local connect, listen = require("support.tracked").install(after_each, teardown)
+teardown(proc.killall)
+
+local run = runtime.blocking
+
+describe("a client that floods pings and never reads", function()
+  it("leaves other connections, new handshakes and timers served, within max_buffered", function()
+    local h, url, port = examples.echo({ "--port", "0" })
+    local probe = assert(connect(url))
+    assert(probe:send("warm up"))
+    assert.equal("warm up", (probe:receive(10)))
+    local rss0 = examples.rss_kb(h)
+
+    local flooders = {}
+    for i = 1, 2 do
+      flooders[i] = examples.spawn({ examples.LUA, "spec/support/flood.lua", port })
+      assert.equal("flooding", (flooders[i]:read_line(15)))
+    end
+    run(core.sleep, 1) -- the flood is on
+
+    run(function()
+      for i = 1, 20 do
+        assert(probe:send("probe " .. i))
+        local m, err = probe:receive(10)
+        assert.equal("probe " .. i, m, "the probe was not served during the flood: " .. tostring(err))
+        core.sleep(0.05)
+      end
+    end)
+    -- new handshakes go through too
+    local fresh = assert(connect(url, { timeout = 10 }))
+    assert(fresh:send("fresh"))
+    assert.equal("fresh", (fresh:receive(10)))
+    fresh:close()
+
+    -- the queued pongs coalesce, and every queued byte counts against
+    -- max_buffered (16 MiB) when it is queued: growth stays well below a
+    -- queue per flooder
+    local grown = examples.rss_kb(h) - rss0
+    assert.is_true(grown < 48 * 1024, string.format("server RSS grew by %d KiB during the flood", grown))
+    for _, f in ipairs(flooders) do assert.is_true(f:running(), "the flooder was cut off") end
+    probe:close()
+  end)
+end)
+
+describe("a chat member that bursts 400 KB of lines in one write", function()
+  it("reaches every other member, who keep their connections", function()
+    local h, _, port = examples.chat({ "--port", "0" })
+    local function join(nick)
+      local ws = assert(connect(string.format("ws://127.0.0.1:%s/ws?nick=%s&room=burst", port, nick)))
+      assert.matches("^%* you are " .. nick, (ws:receive(10)))
+      return ws
+    end
+    local members = {}
+    for i = 1, 4 do members[i] = join("m" .. i) end
+    local loud = join("loud")
+    local LINES = 10000 -- 400 KB of 40-byte lines
+    local got, closed = {}, {}
+    run(function()
+      local done = 0
+      for i, ws in ipairs(members) do
+        got[i] = 0
+        core.spawn(function()
+          while got[i] < LINES do
+            local m, err, code, reason = ws:receive(30)
+            if not m then
+              closed[i] = string.format("%s %s %s", err, tostring(code), tostring(reason))
+              break
+            end
+            if m:match("^loud: line ") then got[i] = got[i] + 1 end
+          end
+          done = done + 1
+        end)
+      end
+      -- every line queued before the loop writes any: one burst on the wire
+      for n = 1, LINES do assert(loud:send(string.format("line %05d of the burst, padded to 40 B", n))) end
+      local deadline = core.now() + 60
+      while done < #members and core.now() < deadline do core.sleep(0.05) end
+    end)
+    for i = 1, #members do
+      assert.is_nil(closed[i], "member " .. i .. " was closed: " .. tostring(closed[i]))
+      assert.equal(LINES, got[i], "member " .. i .. " got " .. got[i] .. " lines")
+    end
+    assert(h:running())
+  end)
+end)
+
+describe("a protocol error right behind a valid message", function()
+  local function echo(ws)
+    for m, k in ws:messages() do
+      if not ws:send(m, k) then break end
+    end
+  end
+
+  -- Everything the server writes back until it closes the connection.
+  local function exchange(srv, bytes)
+    return run(function()
+      local sock = assert(core.connect { host = "127.0.0.1", port = srv.port, timeout = 5 })
+      local hc = core.handshake_client { host = "127.0.0.1", port = srv.port, target = "/" }
+      sock:write(hc:request())
+      repeat until hc:feed(assert(sock:read(nil, 5)))
+      sock:write(bytes) -- one write: the server reads it all at once
+      local got = {}
+      while true do
+        local d = sock:read(nil, 5)
+        if not d then break end
+        got[#got + 1] = d
+      end
+      sock:close()
+      return table.concat(got)
+    end)
+  end
+
+  local KEY = "k3y!"
+  local valid = F.build { op = "text", payload = "before the bad frame", key = KEY }
+  local cases = {
+    { "a reserved opcode", F.build { op = 3, payload = "", key = KEY }, 1002 },
+    { "reserved bits", F.build { op = "text", rsv = 2, payload = "x", key = KEY }, 1002 },
+    { "a continuation without a message", F.build { op = "cont", payload = "x", key = KEY }, 1002 },
+    { "invalid UTF-8", F.build { op = "text", payload = "\xff", key = KEY }, 1007 },
+    { "a bad close code", F.build { op = "close", payload = F.close_payload(1005), key = KEY }, 1002 },
+    { "an unmasked frame", F.build { op = "text", payload = "x" }, 1002 },
+  }
+  for _, case in ipairs(cases) do
+    it("delivers the message, sends its reply, then fails at " .. case[1], function()
+      local srv = listen { host = "127.0.0.1", port = 0, handler = echo }
+      local got = exchange(srv, valid .. F.build { op = "ping", payload = "p", key = KEY } .. case[2])
+      local want = F.build { op = "text", payload = "before the bad frame" } .. F.build { op = "pong", payload = "p" }
+      assert.equal(F.hex(want), F.hex(got:sub(1, #want)))
+      local close = got:sub(#want + 1)
+      assert.equal(0x88, close:byte(1), "a close frame follows: " .. F.hex(close))
+      assert.equal(case[3], close:byte(3) * 256 + close:byte(4))
+    end)
+  end
+end)
