@@ -20,8 +20,13 @@ uint8_t *dx_buf_reserve(dx_buf *b, size_t extra) {
     return b->data + b->len;
   }
   if (extra > SIZE_MAX / 2 - used) return NULL;
-  size_t cap = b->cap ? b->cap : 256;
-  while (cap < used + extra) cap *= 2;
+  size_t need = used + extra, cap = b->cap ? b->cap : 256;
+  while (cap < need) cap *= 2;
+  /* Doubling keeps many small appends linear; for large buffers (a queued
+   * megabyte echo, a reassembled message) it would also leave up to half of
+   * the block unused on every connection: grow by a quarter past the need
+   * at most, which still amortizes. */
+  if (need >= DX_BUF_KEEP && cap - need > need / 4) cap = need + need / 4;
   uint8_t *p;
   if (b->off == 0) {
     p = realloc(b->data, cap);

@@ -551,8 +551,7 @@ static int read_data(dx_proto *p, dx_event *ev) {
   return DX_EV_MESSAGE;
 }
 
-int dx_proto_next(dx_proto *p, dx_event *ev) {
-  memset(ev, 0, sizeof *ev);
+void dx_proto_done(dx_proto *p) {
   /* The last event's bytes are done with; a message under assembly is not. */
   if (p->release_msg) {
     dx_buf_consume(&p->msg, dx_buf_size(&p->msg));
@@ -562,6 +561,11 @@ int dx_proto_next(dx_proto *p, dx_event *ev) {
     dx_buf_consume(&p->ctl, dx_buf_size(&p->ctl));
     p->release_ctl = 0;
   }
+}
+
+int dx_proto_next(dx_proto *p, dx_event *ev) {
+  memset(ev, 0, sizeof *ev);
+  dx_proto_done(p);
   if (p->nomem && !p->failed) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
   for (;;) {
     if (p->failed || p->state == DX_STATE_CLOSED) p->in_len = 0;

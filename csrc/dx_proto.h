@@ -169,6 +169,10 @@ void dx_proto_feed(dx_proto *p, uint8_t *data, size_t n);
  * dx_proto_keep. */
 int dx_proto_next(dx_proto *p, dx_event *ev);
 
+/* The host is done with the last event's bytes (it copied them): a large
+ * reassembled message gives its memory back now, not at the next call. */
+void dx_proto_done(dx_proto *p);
+
 /* Take a copy of the fed bytes not parsed yet, so that the host may reuse
  * its buffer while events are still to come (a host that stops asking for
  * events after the first one). Cheap when nothing or little is left. */

@@ -55,16 +55,29 @@ static int l_engine_new(lua_State *L) {
 
 static const char *kind_name(int opcode) { return opcode == DX_OP_TEXT ? "text" : "binary"; }
 
+/* A large message becomes a large Lua string that is usually garbage soon
+ * after (echoed, parsed, relayed). The collector paces itself by the Lua
+ * heap alone, which here is small beside the engines' C buffers, so such
+ * strings pile up for a whole cycle: with hundreds of connections moving
+ * megabyte messages that is most of the process's memory. Each one pays for
+ * its own collection work at once instead. */
+#define BIG_MESSAGE (64u << 10)
+
+static void push_message(lua_State *L, const uint8_t *data, size_t len) {
+  lua_pushlstring(L, (const char *)data, len);
+  if (len >= BIG_MESSAGE) lua_gc(L, LUA_GCSTEP, (int)(len >> 10));
+}
+
 /* Push one event's values (kind first); returns how many. */
 static int push_event(lua_State *L, const dx_event *ev) {
   switch (ev->type) {
   case DX_EV_MESSAGE:
     lua_pushstring(L, kind_name(ev->opcode));
-    lua_pushlstring(L, (const char *)ev->data, ev->len);
+    push_message(L, ev->data, ev->len);
     return 2;
   case DX_EV_FRAGMENT:
     lua_pushliteral(L, "fragment");
-    lua_pushlstring(L, (const char *)ev->data, ev->len);
+    push_message(L, ev->data, ev->len);
     lua_pushstring(L, kind_name(ev->opcode));
     lua_pushboolean(L, ev->first);
     lua_pushboolean(L, ev->fin);
@@ -92,6 +105,7 @@ int dx_engine_next(lua_State *L, dx_proto *p) {
   dx_event ev;
   if (dx_proto_next(p, &ev) == DX_EV_NONE) return 0;
   int k = push_event(L, &ev);
+  dx_proto_done(p); /* copied into Lua values */
   dx_proto_keep(p); /* the rest of the input may be in the caller's buffer */
   return k;
 }
