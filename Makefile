@@ -24,14 +24,14 @@ OBJ       := $(SRC:csrc/%.c=build/obj/%.o)
 ASAN_OBJ  := $(SRC:csrc/%.c=build/asan-obj/%.o)
 ENGINE_SRC := $(filter csrc/dx_%.c,$(SRC))
 # The sans-I/O protocol code: what the differential oracle links.
-PROTO_SRC := $(addprefix csrc/,dx_buf.c dx_frame.c dx_mask.c dx_pmd.c dx_proto.c dx_utf8.c)
+PROTO_SRC := $(addprefix csrc/,dx_buf.c dx_out.c dx_frame.c dx_mask.c dx_pmd.c dx_proto.c dx_utf8.c)
 
 # LuaJIT (Lua 5.1 API, e.g. inside nginx with lua-nginx-module) gets the
 # sans-I/O part only: the event loop and sockets need lua_yieldk, which it
 # lacks. l_compat.h maps the rest of the 5.4 API; nothing is linked against
 # libluajit, the host provides it.
 LJ_SRC    := $(addprefix csrc/,l_core.c l_util.c l_engine.c l_handshake.c l_pmd.c \
-             dx_buf.c dx_frame.c dx_proto.c dx_mask.c dx_utf8.c dx_http.c dx_pmd.c dx_clock.c)
+             dx_buf.c dx_out.c dx_frame.c dx_proto.c dx_mask.c dx_utf8.c dx_http.c dx_pmd.c dx_clock.c)
 LJ_OBJ    := $(LJ_SRC:csrc/%.c=build/luajit-obj/%.o)
 LJ_LIBS   = -lcrypto -lz
 

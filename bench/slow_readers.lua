@@ -13,41 +13,14 @@ package.cpath = (os.getenv("DUPLEX_CPATH") or ROOT .. "/lua/?.so") .. ";" .. pac
 local duplex = require "duplex"
 local core = require "duplex.core"
 
-local opts = { peers = 200, size = 1 << 20, seconds = 8, push = 0 }
+local opts = { peers = 200, size = 1 << 20, seconds = 8 }
 for i = 1, #arg, 2 do
   local k = arg[i]:match("^%-%-(%w+)$")
   if not (k and opts[k] and tonumber(arg[i + 1])) then
     io.stderr:write("usage: lua5.4 bench/slow_readers.lua [--peers N] [--size BYTES] [--seconds S]\n")
-    -- (--push PORT: internal, runs the pushing peers against PORT)
     os.exit(2)
   end
   opts[k] = tonumber(arg[i + 1])
-end
-
-local function upgrade(port)
-  local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = 10 })
-  local hc = core.handshake_client { host = "127.0.0.1", port = port, target = "/" }
-  sock:write(hc:request())
-  repeat until hc:feed(assert(sock:read(nil, 10)))
-  return sock
-end
-
--- The pushing peers run in a process of their own, so that their work does
--- not delay the fresh clients measured here.
-if opts.push > 0 then
-  duplex.spawn(function()
-    local e = core.engine { role = "client" }
-    assert(e:send(string.rep("m", opts.size), "binary"))
-    local frame = e:data_to_send()
-    for _ = 1, opts.peers do
-      core.spawn(function()
-        local sock = upgrade(opts.push)
-        while sock:write(frame) and sock:flush(3600) do end
-      end)
-    end
-  end)
-  duplex.run()
-  os.exit(0)
 end
 
 local function rss_kb(pid)
@@ -79,8 +52,10 @@ duplex.spawn(function()
   core.sleep(0.3)
   local base = rss_kb(pid)
   local stop = false
-  local pusher = io.popen(string.format("exec lua5.4 %s/bench/slow_readers.lua --peers %d --size %d --push %d & echo $!",
-    ROOT, opts.peers, opts.size, port))
+  -- the pushing peers run in a process of their own, so that their work
+  -- does not delay the fresh clients measured here
+  local pusher = io.popen(string.format("cd %s && exec lua5.4 spec/support/flood.lua %d push %d %d & echo $!",
+    ROOT, port, opts.peers, opts.size))
   local pusher_pid = pusher:read("l")
   local peak, lat = base, {}
   local deadline = core.now() + opts.seconds

@@ -27,7 +27,7 @@ void dx_proto_init(dx_proto *p, const dx_config *cfg) {
 }
 
 void dx_proto_release(dx_proto *p) {
-  dx_buf_free(&p->out);
+  dx_out_free(&p->out);
   dx_buf_free(&p->msg);
   dx_buf_free(&p->ctl);
   dx_buf_free(&p->zin);
@@ -41,7 +41,7 @@ void dx_proto_release(dx_proto *p) {
 }
 
 void dx_proto_shrink(dx_proto *p) {
-  dx_buf_shrink(&p->out);
+  dx_out_shrink(&p->out);
   dx_buf_shrink(&p->zin);
   dx_buf_shrink(&p->zout);
   /* msg and ctl may hold a message being reassembled, or the bytes of the
@@ -79,37 +79,64 @@ static int overflow(dx_proto *p) {
 }
 
 static int over_limit(const dx_proto *p) {
-  return p->cfg.max_pending && dx_buf_size(&p->out) > p->cfg.max_pending;
+  return p->cfg.max_pending && dx_out_size(&p->out) > p->cfg.max_pending;
 }
 
-static void queued(dx_proto *p, size_t n, int was_empty) {
-  p->out.len += n;
-  p->out_total += n;
+static void queued(dx_proto *p, int was_empty) {
   p->stats.frames_out++;
   if (was_empty && p->on_output) p->on_output(p->on_output_ud);
 }
 
-static int queue_frame(dx_proto *p, int fin, int rsv, int opcode, const uint8_t *data,
-                       size_t n) {
+/* Frame and queue one payload: copied (and masked, for a client), or, with
+ * ref_id set on a server's plain frame, by reference. *referenced says
+ * which. */
+static int queue_frame_ref(dx_proto *p, int fin, int rsv, int opcode, const uint8_t *data,
+                           size_t n, uint64_t ref_id, int *referenced) {
+  *referenced = 0;
   if (p->overflowed) return DX_E_OVERFLOW;
   if (over_limit(p)) return overflow(p);
   int masked = p->cfg.role == DX_ROLE_CLIENT;
+  int by_ref = ref_id && !masked && n > 0;
   size_t hsize = dx_frame_header_size(n, masked);
-  int was_empty = dx_buf_size(&p->out) == 0;
-  uint8_t *dst = dx_buf_reserve(&p->out, hsize + n);
+  size_t inline_n = by_ref ? hsize : hsize + n;
+  int was_empty = dx_out_size(&p->out) == 0;
+  uint8_t *dst = dx_out_reserve(&p->out, inline_n);
   if (!dst) return DX_E_NOMEM;
   uint8_t key[4];
   if (masked && dx_random(key, 4) != 0) return DX_E_NOMEM;
   dx_frame_encode(dst, fin, rsv, opcode, n, masked ? key : NULL);
-  if (n) {
-    if (masked) dx_mask_copy(dst + hsize, data, n, key, 0);
-    else memcpy(dst + hsize, data, n);
+  if (by_ref) {
+    dx_out_commit(&p->out, hsize);
+    if (dx_out_ref(&p->out, data, n, ref_id)) {
+      dx_out_truncate(&p->out, hsize);
+      return DX_E_NOMEM;
+    }
+    *referenced = 1;
+  } else {
+    if (n) {
+      if (masked) dx_mask_copy(dst + hsize, data, n, key, 0);
+      else memcpy(dst + hsize, data, n);
+    }
+    dx_out_commit(&p->out, hsize + n);
   }
-  queued(p, hsize + n, was_empty);
+  queued(p, was_empty);
   return 0;
 }
 
+static int queue_frame(dx_proto *p, int fin, int rsv, int opcode, const uint8_t *data,
+                       size_t n) {
+  int referenced;
+  return queue_frame_ref(p, fin, rsv, opcode, data, n, 0, &referenced);
+}
+
 int dx_proto_send(dx_proto *p, int opcode, const void *data, size_t n, int fin, int compress) {
+  int referenced;
+  return dx_proto_send_ref(p, opcode, data, n, fin, compress, 0, &referenced);
+}
+
+int dx_proto_send_ref(dx_proto *p, int opcode, const void *data, size_t n, int fin, int compress,
+                      uint64_t ref_id, int *referenced) {
+  *referenced = 0;
   if (p->overflowed) return DX_E_OVERFLOW;
   if (p->state != DX_STATE_OPEN || p->close_sent) return DX_E_STATE;
   int compressed;
@@ -131,7 +158,8 @@ int dx_proto_send(dx_proto *p, int opcode, const void *data, size_t n, int fin, 
     n = dx_buf_size(&p->zout);
     if (opcode != DX_OP_CONT) rsv = DX_RSV1;
   }
-  int rc = queue_frame(p, fin, rsv, opcode, payload, n);
+  /* a compressed payload lives in zout: always copied */
+  int rc = queue_frame_ref(p, fin, rsv, opcode, payload, n, compressed ? 0 : ref_id, referenced);
   if (compressed) dx_buf_consume(&p->zout, dx_buf_size(&p->zout));
   if (rc) return rc;
   if (opcode != DX_OP_CONT) {
@@ -193,16 +221,28 @@ int dx_proto_close(dx_proto *p, unsigned code, const char *reason, size_t n) {
 }
 
 int dx_proto_send_raw(dx_proto *p, const void *frame, size_t n) {
+  int referenced;
+  return dx_proto_send_raw_ref(p, frame, n, 0, &referenced);
+}
+
+int dx_proto_send_raw_ref(dx_proto *p, const void *frame, size_t n, uint64_t ref_id, int *referenced) {
+  *referenced = 0;
   if (p->cfg.role != DX_ROLE_SERVER) return DX_E_ARG;
   if (p->overflowed) return DX_E_OVERFLOW;
   if (p->state != DX_STATE_OPEN || p->close_sent) return DX_E_STATE;
   if (p->send_opcode) return DX_E_SEQUENCE;
   if (over_limit(p)) return overflow(p);
-  int was_empty = dx_buf_size(&p->out) == 0;
-  uint8_t *dst = dx_buf_reserve(&p->out, n);
-  if (!dst) return DX_E_NOMEM;
-  if (n) memcpy(dst, frame, n);
-  queued(p, n, was_empty);
+  int was_empty = dx_out_size(&p->out) == 0;
+  if (ref_id && n > 0) {
+    if (dx_out_ref(&p->out, frame, n, ref_id)) return DX_E_NOMEM;
+    *referenced = 1;
+  } else {
+    uint8_t *dst = dx_out_reserve(&p->out, n);
+    if (!dst) return DX_E_NOMEM;
+    if (n) memcpy(dst, frame, n);
+    dx_out_commit(&p->out, n);
+  }
+  queued(p, was_empty);
   p->stats.messages_out++;
   return 0;
 }
@@ -211,18 +251,16 @@ int dx_proto_send_raw(dx_proto *p, const void *frame, size_t n) {
  * unwritten (and not pinned by a TLS retry) at the end of out, is replaced
  * instead of followed: the peer gets one pong for the latest ping. */
 static int auto_pong(dx_proto *p, const uint8_t *data, size_t n) {
-  uint64_t written = p->out_total - dx_buf_size(&p->out);
-  if (p->pong_end && p->pong_end == p->out_total && written + p->out_pinned <= p->pong_start) {
-    size_t old = (size_t)(p->pong_end - p->pong_start);
-    p->out.len -= old;
-    p->out_total -= old;
+  uint64_t written = p->out.total - dx_out_size(&p->out);
+  if (p->pong_end && p->pong_end == p->out.total && written + p->out_pinned <= p->pong_start) {
+    dx_out_truncate(&p->out, (size_t)(p->pong_end - p->pong_start));
     p->stats.frames_out--;
   }
-  uint64_t start = p->out_total;
+  uint64_t start = p->out.total;
   int rc = send_control(p, DX_OP_PONG, data, n);
   if (rc == 0) {
     p->pong_start = start;
-    p->pong_end = p->out_total;
+    p->pong_end = p->out.total;
   }
   return rc;
 }

@@ -23,6 +23,7 @@
 
 #include "dx_buf.h"
 #include "dx_frame.h"
+#include "dx_out.h"
 #include "dx_pmd.h"
 
 enum dx_role { DX_ROLE_SERVER = 0, DX_ROLE_CLIENT = 1 };
@@ -101,7 +102,7 @@ struct dx_proto {
   int close_by_peer;  /* who started the closing handshake */
   int close_sent;     /* a close frame is in out (or written) */
   int overflowed;     /* failed because out passed max_pending */
-  dx_buf out;         /* bytes to write to the peer */
+  dx_out out;         /* bytes to write to the peer */
   /* Bytes at the head of out that the host has handed to a write it must
    * repeat as they are (a TLS write that wants to be retried): the engine
    * never rewrites them. */
@@ -142,7 +143,6 @@ struct dx_proto {
   uint16_t peer_close_code;
 
   /* --- send side (private) --- */
-  uint64_t out_total; /* bytes ever queued in out: positions in the stream */
   /* Our automatic pong still waiting in out, as stream positions
    * [pong_start, pong_end); pong_end == 0 when none. A ping that arrives
    * while it is unwritten and last in out replaces it (RFC 6455 §5.5.3:
@@ -202,11 +202,19 @@ int dx_proto_close(dx_proto *p, unsigned code, const char *reason, size_t n);
  * written to many connections. Server role only (clients must mask). */
 int dx_proto_send_raw(dx_proto *p, const void *frame, size_t n);
 
+/* The same two, with the payload (the frame) queued by reference under
+ * ref_id when the engine can (a server's uncompressed payload): then
+ * *referenced is 1 and the bytes must stay alive and unchanged until
+ * p->out.released reaches ref_id. Ids must grow from call to call. */
+int dx_proto_send_ref(dx_proto *p, int opcode, const void *data, size_t n, int fin, int compress,
+                      uint64_t ref_id, int *referenced);
+int dx_proto_send_raw_ref(dx_proto *p, const void *frame, size_t n, uint64_t ref_id, int *referenced);
+
 /* Give back the memory of every empty buffer (for idle connections). */
 void dx_proto_shrink(dx_proto *p);
 
-/* Bytes waiting in out. */
-static inline size_t dx_proto_pending(const dx_proto *p) { return dx_buf_size(&p->out); }
+/* Bytes waiting in out (take them with dx_out_spans, then dx_out_consume). */
+static inline size_t dx_proto_pending(const dx_proto *p) { return dx_out_size(&p->out); }
 
 /* Human-readable text for a DX_E_* code. */
 const char *dx_proto_strerror(int err);

@@ -26,11 +26,11 @@ dx_proto *dx_check_engine(lua_State *L, int idx);
  * engine is released (its connection ended while a coroutine waited). */
 dx_proto *dx_live_engine(lua_State *L, int idx);
 
-/* Parse the engine's next event and push its values (kind first, as
+/* Parse the next event of the engine at stack index idx and push its values (kind first, as
  * engine:next() returns them); returns how many, 0 when it needs more bytes.
  * Whatever input is left is copied into the engine, so the caller may feed
  * from one receive buffer shared by every connection. */
-int dx_engine_next(lua_State *L, dx_proto *p);
+int dx_engine_next(lua_State *L, int idx);
 
 /* luaL_checkudata for hot paths. luaL_checkudata finds the metatable by
  * name, which interns the name string on every call (a measurable share of a

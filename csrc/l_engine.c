@@ -14,7 +14,13 @@
 
 typedef struct engine {
   dx_proto p;
+  uint64_t ref_seq;     /* id of the last payload queued by reference */
+  uint64_t ref_dropped; /* ids up to this one are no longer held */
 } engine;
+
+/* Payloads from this size are queued by reference to their Lua string
+ * (kept in the user value's table until written) instead of copied. */
+#define REF_MIN (16u << 10)
 
 static const char ENGINE_KEY = 0; /* its address keys the metatable */
 
@@ -46,26 +52,76 @@ static int l_engine_new(lua_State *L) {
   cfg.max_pending = (uint64_t)dx_opt_integer(L, 1, "max_buffered", 0, 0, LUA_MAXINTEGER);
   cfg.streaming = dx_opt_flag(L, 1, "streaming", 0);
   cfg.auto_pong = dx_opt_flag(L, 1, "auto_pong", 1);
-  engine *e = lua_newuserdatauv(L, sizeof *e, 0);
+  engine *e = lua_newuserdatauv(L, sizeof *e, 1);
   memset(e, 0, sizeof *e);
   dx_proto_init(&e->p, &cfg);
   luaL_setmetatable(L, DX_ENGINE_MT);
   return 1;
 }
 
+/* Forget the strings of payloads written since the last call. */
+static void drop_released(lua_State *L, int idx, engine *e) {
+  uint64_t upto = e->p.out.released;
+  if (e->ref_dropped >= upto) return;
+  lua_getiuservalue(L, idx, 1);
+  for (uint64_t id = e->ref_dropped + 1; id <= upto; id++) {
+    lua_pushnil(L);
+    lua_rawseti(L, -2, (lua_Integer)id);
+  }
+  lua_pop(L, 1);
+  e->ref_dropped = upto;
+}
+
+/* The id to queue the string at stack index s by reference under, when it
+ * is large enough to be worth it; 0 to copy. */
+static uint64_t ref_id_for(engine *e, size_t n) {
+  return n >= REF_MIN && e->p.cfg.role == DX_ROLE_SERVER ? e->ref_seq + 1 : 0;
+}
+
+/* The engine now points into the string at index s: keep it alive. */
+static void hold(lua_State *L, int idx, engine *e, int s) {
+  e->ref_seq++;
+  if (lua_getiuservalue(L, idx, 1) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, idx, 1);
+  }
+  lua_pushvalue(L, s);
+  lua_rawseti(L, -2, (lua_Integer)e->ref_seq);
+  lua_pop(L, 1);
+}
+
 static const char *kind_name(int opcode) { return opcode == DX_OP_TEXT ? "text" : "binary"; }
 
 /* A large message becomes a large Lua string that is usually garbage soon
- * after (echoed, parsed, relayed). The collector paces itself by the Lua
- * heap alone, which here is small beside the engines' C buffers, so such
- * strings pile up for a whole cycle: with hundreds of connections moving
- * megabyte messages that is most of the process's memory. Each one pays for
- * its own collection work at once instead. */
+ * after (echoed, parsed, relayed). Left to its pause, the collector lets the
+ * heap double before it looks again: with hundreds of connections moving
+ * megabyte messages, the dead ones would be as much as everything live. So
+ * after every BIG_BATCH bytes of large messages the collector runs a whole
+ * cycle (a few milliseconds here, for as many bytes as take tens to copy),
+ * and dead messages never add up to more than that. The count lives in the
+ * registry: one per Lua state. */
 #define BIG_MESSAGE (64u << 10)
+#define BIG_BATCH (32 << 20)
+
+static const char BIG_KEY = 0;
+
+static void count_big(lua_State *L, size_t len) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &BIG_KEY);
+  lua_Integer sofar = lua_tointeger(L, -1) + (lua_Integer)len;
+  lua_pop(L, 1);
+  if (sofar >= BIG_BATCH) {
+    sofar = 0;
+    lua_gc(L, LUA_GCCOLLECT, 0);
+  }
+  lua_pushinteger(L, sofar);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &BIG_KEY);
+}
 
 static void push_message(lua_State *L, const uint8_t *data, size_t len) {
   lua_pushlstring(L, (const char *)data, len);
-  if (len >= BIG_MESSAGE) lua_gc(L, LUA_GCSTEP, (int)(len >> 10));
+  if (len >= BIG_MESSAGE) count_big(L, len);
 }
 
 /* Push one event's values (kind first); returns how many. */
@@ -101,7 +157,10 @@ static int push_event(lua_State *L, const dx_event *ev) {
   }
 }
 
-int dx_engine_next(lua_State *L, dx_proto *p) {
+int dx_engine_next(lua_State *L, int idx) {
+  engine *e = lua_touserdata(L, idx);
+  dx_proto *p = &e->p;
+  drop_released(L, idx, e);
   dx_event ev;
   if (dx_proto_next(p, &ev) == DX_EV_NONE) return 0;
   int k = push_event(L, &ev);
@@ -122,7 +181,8 @@ static int l_feed(lua_State *L) {
 
 /* e:next() -> kind, data, ... | nil when more bytes are needed */
 static int l_next(lua_State *L) {
-  return dx_engine_next(L, &check(L, 1)->p);
+  check(L, 1);
+  return dx_engine_next(L, 1);
 }
 
 /* e:has_input() -> whether fed bytes wait to be parsed */
@@ -156,7 +216,11 @@ static int l_send(lua_State *L) {
   int op = kind_opcodes[luaL_checkoption(L, 3, "text", kinds)];
   int fin = lua_isnoneornil(L, 4) ? 1 : lua_toboolean(L, 4);
   int compress = lua_toboolean(L, 5);
-  return push_result(L, dx_proto_send(&e->p, op, s, n, fin, compress));
+  drop_released(L, 1, e);
+  int referenced;
+  int rc = dx_proto_send_ref(&e->p, op, s, n, fin, compress, ref_id_for(e, n), &referenced);
+  if (referenced) hold(L, 1, e, 2);
+  return push_result(L, rc);
 }
 
 /* e:ping([data]) and e:pong([data]): a control frame of at most 125 bytes */
@@ -191,15 +255,32 @@ static int l_send_raw(lua_State *L) {
   const char *s = luaL_checklstring(L, 2, &n);
   if (e->p.cfg.role != DX_ROLE_SERVER)
     return luaL_error(L, "send_raw: client frames must be masked one by one");
-  return push_result(L, dx_proto_send_raw(&e->p, s, n));
+  drop_released(L, 1, e);
+  int referenced;
+  int rc = dx_proto_send_raw_ref(&e->p, s, n, ref_id_for(e, n), &referenced);
+  if (referenced) hold(L, 1, e, 2);
+  return push_result(L, rc);
 }
 
 /* e:data_to_send() -> bytes to write to the peer (taken out of the engine) */
 static int l_data_to_send(lua_State *L) {
   engine *e = check(L, 1);
-  size_t n = dx_buf_size(&e->p.out);
-  lua_pushlstring(L, (const char *)dx_buf_head(&e->p.out), n);
-  dx_buf_consume(&e->p.out, n);
+  size_t n = dx_proto_pending(&e->p);
+  luaL_Buffer b;
+  char *dst = luaL_buffinitsize(L, &b, n);
+  size_t got = 0;
+  while (got < n) {
+    dx_span sp[16];
+    size_t k = dx_out_spans(&e->p.out, sp, 16), batch = 0;
+    for (size_t i = 0; i < k; i++) {
+      memcpy(dst + got + batch, sp[i].p, sp[i].n);
+      batch += sp[i].n;
+    }
+    dx_out_consume(&e->p.out, batch);
+    got += batch;
+  }
+  luaL_pushresultsize(&b, n);
+  drop_released(L, 1, e);
   return 1;
 }
 
@@ -249,6 +330,8 @@ static int l_release(lua_State *L) {
   if (e->p.cfg.max_message) {
     dx_proto_release(&e->p);
     e->p.cfg.max_message = 0;
+    lua_pushnil(L); /* the strings the output pointed into */
+    lua_setiuservalue(L, 1, 1);
   }
   return 0;
 }

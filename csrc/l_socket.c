@@ -109,8 +109,6 @@ static void set_blocked(lsock *s, int blocked) {
     s->loop->nblocked--;
 }
 
-static dx_buf *source_buf(lsock *s, int src) { return src == 1 ? &s->out : &s->engine->out; }
-
 static void consume2(lsock *s, size_t n) {
   size_t own = dx_buf_size(&s->out);
   if (own > 0) {
@@ -118,17 +116,22 @@ static void consume2(lsock *s, size_t n) {
     dx_buf_consume(&s->out, k);
     n -= k;
   }
-  if (n > 0) dx_buf_consume(&s->engine->out, n);
+  if (n > 0) dx_out_consume(&s->engine->out, n);
 }
+
+#define FLUSH_IOV 16
 
 /* 0: all written, 1: blocked (flush_want set), -1: failed (werr set) */
 static int flush_plain(lsock *s) {
   for (;;) {
-    struct iovec iov[2];
+    struct iovec iov[FLUSH_IOV];
     int n = 0;
     if (dx_buf_size(&s->out)) iov[n++] = (struct iovec){dx_buf_head(&s->out), dx_buf_size(&s->out)};
-    if (s->engine && dx_proto_pending(s->engine))
-      iov[n++] = (struct iovec){dx_buf_head(&s->engine->out), dx_proto_pending(s->engine)};
+    if (s->engine && dx_proto_pending(s->engine)) {
+      dx_span sp[FLUSH_IOV];
+      size_t k = dx_out_spans(&s->engine->out, sp, (size_t)(FLUSH_IOV - n));
+      for (size_t i = 0; i < k; i++) iov[n++] = (struct iovec){(void *)sp[i].p, sp[i].n};
+    }
     if (n == 0) return 0;
     ssize_t w = dx_sock_sendv(s->io.fd, iov, n);
     if (w < 0) {
@@ -143,6 +146,9 @@ static int flush_plain(lsock *s) {
   }
 }
 
+/* TLS writes one buffer at a time: the socket's own bytes, else the
+ * engine's first span. A write that wants a retry must be repeated with
+ * the same bytes, so those stay pinned in the engine until it is done. */
 static int flush_tls(lsock *s) {
   char err[ERR_MAX];
   for (;;) {
@@ -150,17 +156,19 @@ static int flush_tls(lsock *s) {
     if (src == 2 && !s->engine) src = 0; /* detached meanwhile */
     if (!src) src = dx_buf_size(&s->out) ? 1 : (s->engine && dx_proto_pending(s->engine)) ? 2 : 0;
     if (!src) return 0;
-    dx_buf *b = source_buf(s, src);
+    dx_span sp;
+    if (src == 1) sp = (dx_span){dx_buf_head(&s->out), dx_buf_size(&s->out)};
+    else dx_out_spans(&s->engine->out, &sp, 1);
     size_t put;
-    int rc = dx_tls_write(s->ssl, dx_buf_head(b), dx_buf_size(b), &put, err, sizeof err);
+    int rc = dx_tls_write(s->ssl, sp.p, sp.n, &put, err, sizeof err);
     if (src == 2) s->engine->out_pinned = 0;
     if (rc == DX_TLS_DONE) {
       s->tls_wsrc = 0;
-      dx_buf_consume(b, put);
+      if (src == 1) dx_buf_consume(&s->out, put);
+      else dx_out_consume(&s->engine->out, put);
     } else if (rc == DX_TLS_WANT_READ || rc == DX_TLS_WANT_WRITE) {
       s->tls_wsrc = src;
-      /* the retry must offer these bytes again: the engine leaves them be */
-      if (src == 2) s->engine->out_pinned = dx_buf_size(b);
+      if (src == 2) s->engine->out_pinned = sp.n;
       s->flush_want = rc == DX_TLS_WANT_READ ? EPOLLIN : EPOLLOUT;
       return 1;
     } else {
@@ -181,7 +189,7 @@ static int flush_step(lsock *s) {
   if (rc < 0) {
     /* nobody will ever read it */
     dx_buf_free(&s->out);
-    if (s->engine) dx_buf_consume(&s->engine->out, dx_proto_pending(s->engine));
+    if (s->engine) dx_out_consume(&s->engine->out, dx_proto_pending(s->engine));
   }
   dx_io_wake_drain(s->loop, &s->io, rc < 0 ? 0 : buffered(s));
   return rc;
@@ -456,7 +464,7 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx) {
   for (;;) {
     charge_pass(s);
     if (s->pass_events >= PASS_EVENTS) return dx_lua_yield(L, t, receive_k);
-    int k = dx_engine_next(L, p);
+    int k = dx_engine_next(L, 2);
     if (k) {
       s->pass_events++;
       return k;

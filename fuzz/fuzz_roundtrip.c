@@ -94,6 +94,7 @@ typedef struct scenario {
   unsigned close_code;
   char reason[DX_CONTROL_MAX];
   size_t reason_len;
+  uint64_t last_ref; /* payloads the sender queued by reference */
 } scenario;
 
 /* Random UTF-8 of about n bytes (whole code points, no surrogates). */
@@ -188,7 +189,10 @@ static void send_all(src *s, scenario *sc, dx_proto *tx) {
       int fin = k == pieces - 1;
       size_t n = fin ? m->len - off : pick(s, (unsigned)(m->len - off + 1));
       int op = k == 0 ? m->opcode : DX_OP_CONT;
-      CHECK(dx_proto_send(tx, op, m->data + off, n, fin, compress) == 0, "send failed");
+      int referenced; /* a server may queue the payload by reference */
+      uint64_t ref = pick(s, 2) ? sc->last_ref + 1 : 0;
+      CHECK(dx_proto_send_ref(tx, op, m->data + off, n, fin, compress, ref, &referenced) == 0, "send failed");
+      if (referenced) sc->last_ref = ref;
       off += n;
       while (!fin && pick(s, 3) == 0) { /* controls inside the message */
         item it;
@@ -306,9 +310,19 @@ static void deliver(src *s, const uint8_t *wire, size_t len, dx_proto *e, rx_sta
   while (dx_proto_next(e, &ev) != DX_EV_NONE) on_event(st, &ev);
 }
 
-static void take_output(dx_proto *p, dx_buf *wire) {
-  CHECK(dx_buf_append(wire, dx_buf_head(&p->out), dx_buf_size(&p->out)) == 0, "out of memory");
-  dx_buf_consume(&p->out, dx_buf_size(&p->out));
+/* Everything queued, a few spans at a time as a writev would take it. */
+static void take_output(src *s, dx_proto *p, dx_buf *wire) {
+  while (dx_proto_pending(p)) {
+    dx_span sp[3];
+    size_t k = dx_out_spans(&p->out, sp, 1 + pick(s, 3)), took = 0;
+    for (size_t i = 0; i < k; i++) {
+      size_t n = i == k - 1 && pick(s, 2) ? pick(s, (unsigned)sp[i].n + 1) : sp[i].n;
+      CHECK(dx_buf_append(wire, sp[i].p, n) == 0, "out of memory");
+      took += n;
+      if (n < sp[i].n) break;
+    }
+    dx_out_consume(&p->out, took);
+  }
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -351,7 +365,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   send_all(&s, &sc, &tx);
   dx_buf wire = DX_BUF_INIT;
-  take_output(&tx, &wire);
+  take_output(&s, &tx, &wire);
+  CHECK(tx.out.released == sc.last_ref, "payloads by reference not all released");
 
   rx_state st = {&sc, 0, DX_BUF_INIT, 0, 0, 0, 0};
   deliver(&s, dx_buf_head(&wire), dx_buf_size(&wire), &rx, &st, on_rx_event);
@@ -359,7 +374,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   CHECK(rx.state == DX_STATE_CLOSED, "receiver not closed");
 
   dx_buf back = DX_BUF_INIT;
-  take_output(&rx, &back);
+  take_output(&s, &rx, &back);
   deliver(&s, dx_buf_head(&back), dx_buf_size(&back), &tx, &st, on_tx_event);
   CHECK(st.close_echo, "no close echo");
   CHECK(tx.state == DX_STATE_CLOSED, "sender not closed");

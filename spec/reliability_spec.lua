@@ -89,6 +89,44 @@ describe("many connections moving large messages at once", function()
   end)
 end)
 
+describe("peers that push large messages and never read", function()
+  -- Under AddressSanitizer the process's RSS says nothing about our buffers
+  -- (shadow memory, quarantine): the memory bound is checked on the normal
+  -- build only; the liveness part runs on both.
+  local sanitized = (os.getenv("LD_PRELOAD") or ""):match("asan") ~= nil
+  it("cost the server high_water + one message each, plus a fixed overhead, and fresh clients are served", function()
+    local PEERS, SIZE = 120, 1 << 20
+    local h, url, port = examples.echo({ "--port", "0" })
+    run(core.sleep, 0.3)
+    local rss0 = examples.rss_kb(h)
+    local pusher = examples.spawn({ examples.LUA, "spec/support/flood.lua", port, "push", PEERS, SIZE })
+    assert.equal("flooding", (pusher:read_line(60)))
+    local peak, served = rss0, 0
+    run(function()
+      local deadline = core.now() + 6
+      while core.now() < deadline do
+        local ws = assert(duplex.connect(url, { timeout = 10 }))
+        assert(ws:send("fresh"))
+        assert.equal("fresh", (ws:receive(10)), "a fresh client was not served")
+        ws:abort("done")
+        served = served + 1
+        peak = math.max(peak, examples.rss_kb(h))
+        core.sleep(0.1)
+      end
+    end)
+    assert.is_true(served > 10, "only " .. served .. " fresh clients served")
+    pusher:cleanup()
+    if sanitized then return end
+    -- the default high_water (1 MiB) and one 1 MiB message per peer, and a
+    -- fixed allowance for the loop, the Lua heap and dead messages not yet
+    -- collected (at most 32 MiB of them)
+    local promised = PEERS * (1024 + SIZE // 1024) + 96 * 1024
+    local grown = peak - rss0
+    assert.is_true(grown < promised, string.format("server RSS grew by %d MiB, the limits promise %d MiB",
+      grown // 1024, promised // 1024))
+  end)
+end)
+
 describe("a chat member that bursts 400 KB of lines in one write", function()
   it("reaches every other member, who keep their connections", function()
     local h, _, port = examples.chat({ "--port", "0" })

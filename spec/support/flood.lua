@@ -1,27 +1,50 @@
--- A hostile WebSocket client, run as a child process by the specs:
+-- Hostile WebSocket clients, run as a child process by the specs and
+-- bench/slow_readers.lua:
 --   lua5.4 spec/support/flood.lua PORT pings
--- opens a connection to 127.0.0.1:PORT and writes small pings as fast as
--- the server takes them, never reading a byte (its pongs pile up). Prints
--- "flooding" once the handshake is done and keeps going until killed.
+--     one connection to 127.0.0.1:PORT writing small pings as fast as the
+--     server takes them, never reading a byte (its pongs pile up)
+--   lua5.4 spec/support/flood.lua PORT push PEERS SIZE
+--     PEERS connections each writing SIZE-byte messages as fast as the
+--     server takes them, never reading a byte (their echoes pile up)
+-- Prints "flooding" once every handshake is done and goes on until killed.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 package.cpath = (os.getenv("DUPLEX_CPATH") or "lua/?.so") .. ";" .. package.cpath
 local core = require "duplex.core"
 
-local port = assert(tonumber(arg[1]), "usage: flood.lua PORT pings")
+local port, mode = tonumber(arg[1]), arg[2]
+local peers, size = tonumber(arg[3] or 1), tonumber(arg[4] or 0)
+if not port or (mode ~= "pings" and mode ~= "push") then
+  io.stderr:write("usage: flood.lua PORT pings | flood.lua PORT push PEERS SIZE\n")
+  os.exit(2)
+end
 
-core.spawn(function()
-  local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = 10 })
+local function upgrade()
+  local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = 30 })
   local hc = core.handshake_client { host = "127.0.0.1", port = port, target = "/" }
   sock:write(hc:request())
-  repeat until hc:feed(assert(sock:read(nil, 10)))
-  local e = core.engine { role = "client" }
+  repeat until hc:feed(assert(sock:read(nil, 30)))
+  return sock
+end
+
+local e = core.engine { role = "client" }
+if mode == "pings" then
   for i = 1, 4096 do assert(e:ping(tostring(i % 10))) end
-  local burst = e:data_to_send()
+else
+  assert(e:send(string.rep("m", size), "binary"))
+end
+local burst = e:data_to_send()
+
+core.spawn(function()
+  local ready = 0
+  for _ = 1, peers do
+    core.spawn(function()
+      local sock = upgrade()
+      ready = ready + 1
+      while sock:write(burst) and sock:flush(3600) do end
+    end)
+  end
+  while ready < peers do core.sleep(0.01) end
   print("flooding")
   io.stdout:flush()
-  while true do
-    sock:write(burst)
-    if not sock:flush(600) then break end
-  end
 end)
 core.run()
