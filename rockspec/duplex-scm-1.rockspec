@@ -42,6 +42,7 @@ build = {
         "csrc/dx_http.c",
         "csrc/dx_loop.c",
         "csrc/dx_mask.c",
+        "csrc/dx_out.c",
         "csrc/dx_pmd.c",
         "csrc/dx_proto.c",
         "csrc/dx_sock.c",

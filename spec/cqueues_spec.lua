@@ -113,4 +113,40 @@ describe("duplex in cqueues", function()
     h:wait(5)
     h:cleanup()
   end)
+  it("reads a client that floods messages in turns: the others and the controller go on", function()
+    local examples = require "support.examples"
+    local ticks, served, flooding = in_controller(function(cq)
+      -- probes get an echo; the flood is only read (nothing blocks on it)
+      local srv = assert(dcq.listen(cq, { port = 0, handler = function(ws)
+        for m in ws:messages() do
+          if m:match("^probe") then ws:send(m) end
+        end
+      end }))
+      local flood = examples.spawn({ examples.LUA, "spec/support/flood.lua", srv.port(), "push", 1, 16 })
+      -- the flooder's handshake needs the controller: wait for its line there
+      local line
+      for _ = 1, 500 do
+        line = flood:read_line(0)
+        if line then break end
+        cqueues.sleep(0.02)
+      end
+      assert.equal("flooding", line)
+      cqueues.sleep(0.5)
+      local ws = assert(dcq.connect(srv.url("/")))
+      local n = 0
+      for i = 1, 20 do
+        assert(ws:send("probe " .. i))
+        assert.equal("probe " .. i, (ws:receive(10)), "the probe was not served during the flood")
+        n = n + 1
+      end
+      local running = flood:running()
+      ws:close()
+      flood:cleanup()
+      srv.close()
+      return n, running
+    end)
+    assert.equal(20, served)
+    assert.is_true(flooding, "the flooder was cut off")
+    assert.is_true(ticks > 20, "the controller's other work did not run: " .. ticks)
+  end)
 end)

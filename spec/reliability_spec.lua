@@ -26,7 +26,7 @@ describe("a client that floods pings and never reads", function()
 
     local flooders = {}
     for i = 1, 2 do
-      flooders[i] = examples.spawn({ examples.LUA, "spec/support/flood.lua", port })
+      flooders[i] = examples.spawn({ examples.LUA, "spec/support/flood.lua", port, "pings" })
       assert.equal("flooding", (flooders[i]:read_line(15)))
     end
     run(core.sleep, 1) -- the flood is on

@@ -4,8 +4,9 @@
 --     one connection to 127.0.0.1:PORT writing small pings as fast as the
 --     server takes them, never reading a byte (its pongs pile up)
 --   lua5.4 spec/support/flood.lua PORT push PEERS SIZE
---     PEERS connections each writing SIZE-byte messages as fast as the
---     server takes them, never reading a byte (their echoes pile up)
+--     PEERS connections each writing SIZE-byte messages (in writes of at
+--     least 64 KiB) as fast as the server takes them, never reading a byte
+--     (their echoes pile up)
 -- Prints "flooding" once every handshake is done and goes on until killed.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 package.cpath = (os.getenv("DUPLEX_CPATH") or "lua/?.so") .. ";" .. package.cpath
@@ -30,7 +31,8 @@ local e = core.engine { role = "client" }
 if mode == "pings" then
   for i = 1, 4096 do assert(e:ping(tostring(i % 10))) end
 else
-  assert(e:send(string.rep("m", size), "binary"))
+  local message = string.rep("m", size)
+  repeat assert(e:send(message, "binary")) until e:pending() >= 65536
 end
 local burst = e:data_to_send()
 
