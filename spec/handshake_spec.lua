@@ -401,6 +401,96 @@ describe("handshake_server", function()
       end)
     end
 
+    -- Random requests, valid and broken, against random cuts: the parser's
+    -- answer (the request, or the status and message of a refusal) and the
+    -- bytes it leaves in rest() must not depend on where reads end.
+    it("gives the same answer for random requests cut at random places", function()
+      local rng = 20261201
+      local function rand(n)
+        rng = (rng * 1103515245 + 12345) % 2147483648
+        return rng % n
+      end
+      local function pick(list) return list[rand(#list) + 1] end
+      local function casing(name)
+        return (name:gsub("%a", function(c) return rand(2) == 0 and c:upper() or c:lower() end))
+      end
+      local SPACE = { "", " ", "  ", "\t", " \t " }
+      local function header(name, value)
+        return casing(name) .. ":" .. pick(SPACE) .. value .. pick(SPACE) .. "\r\n"
+      end
+      -- mostly the valid choice, sometimes one of the broken ones
+      local function valid_or(good, bad) return rand(6) == 0 and pick(bad) or good end
+      local function random_request()
+        local lines = {
+          valid_or("GET", { "POST", "get" }) .. " " .. pick { "/", "/chat?room=1", "/a%20b" }
+            .. valid_or("", { "*", " extra" })
+            .. " " .. valid_or("HTTP/1.1", { "HTTP/1.0", "HTTP/2.0", "HTTP/1.10" }) .. "\r\n",
+        }
+        local parts = {
+          header("Host", valid_or(pick { "localhost", "example.com:8080", "[::1]:9" }, { "" })),
+          header("Upgrade", valid_or(pick { "websocket", "WebSocket" }, { "h2c", "" })),
+          header("Connection", valid_or(pick { "Upgrade", "keep-alive, Upgrade", "upgrade" }, { "close" })),
+          header("Sec-WebSocket-Key", valid_or(pick { "dGhlIHNhbXBsZSBub25jZQ==", "x3JJHMbDL1EzLkh9GBhXDw==" },
+            { "short" })),
+          header("Sec-WebSocket-Version", valid_or("13", { "8", "13, 8" })),
+        }
+        for _ = 1, rand(4) do
+          parts[#parts + 1] = header(pick { "Origin", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions",
+            "Cookie", "X-Forwarded-For", "User-Agent" },
+            pick { "chat, superchat", "permessage-deflate; client_max_window_bits", "http://a.b", "a=b; c=d",
+              "10.0.0.1", "" })
+        end
+        if rand(8) == 0 then parts[#parts + 1] = " folded continuation\r\n" end
+        if rand(10) == 0 then parts[#parts + 1] = "No-Colon-Here\r\n" end
+        if rand(10) == 0 then parts[#parts + 1] = header("Content-Length", pick { "0", "5" }) end
+        for _ = 1, #parts do -- shuffle
+          local i, j = rand(#parts) + 1, rand(#parts) + 1
+          parts[i], parts[j] = parts[j], parts[i]
+        end
+        local head = table.concat(lines) .. table.concat(parts) .. "\r\n"
+        if rand(12) == 0 then head = head:gsub("\r\n", "\n", 1) end
+        return head .. pick { "", "", "\129\5hello", "trailing bytes" }
+      end
+      local function answer(hs, r, status, msg)
+        return { r = r, status = status, msg = msg, rest = r and hs:rest() or nil }
+      end
+      local kinds = {}
+      for _ = 1, 300 do
+        local data = random_request()
+        local hs = core.handshake_server()
+        local whole = answer(hs, hs:feed(data))
+        local kind = whole.r and whole.r.websocket and "upgrade" or "other"
+        kinds[kind] = (kinds[kind] or 0) + 1
+        for _ = 1, 6 do
+          -- up to four reads, cut at random places
+          hs = core.handshake_server()
+          local got, at = nil, 0
+          for k = 1, 4 do
+            local len = k == 4 and #data - at or rand(#data - at + 1)
+            local r, status, msg = hs:feed(data:sub(at + 1, at + len))
+            at = at + len
+            if r or status then
+              got = answer(hs, r, status, msg)
+              break
+            end
+          end
+          got = got or { rest = nil }
+          -- a request ending in one read leaves the rest of that read in
+          -- rest(); later reads are the caller's: compare what both saw
+          if got.r and whole.r then
+            assert.same(whole.r, got.r, "request differs for " .. string.format("%q", data))
+            assert.equal(whole.rest:sub(1, #got.rest), got.rest)
+          else
+            assert.same({ whole.r, whole.status, whole.msg }, { got.r, got.status, got.msg },
+              "answer differs for " .. string.format("%q", data))
+          end
+        end
+      end
+      -- the generator reaches valid upgrades and refusals alike
+      assert.is_true((kinds.upgrade or 0) >= 20, "valid upgrades: " .. tostring(kinds.upgrade))
+      assert.is_true((kinds.other or 0) >= 20, "refusals: " .. tostring(kinds.other))
+    end)
+
     it("keeps the bytes after the header block in rest()", function()
       local frames = "\129\5hello\137\0"
       local data = RFC_EXAMPLE .. frames
