@@ -20,7 +20,7 @@ describe("engine round trip with a content oracle", function()
     assert(io.open(BIN), BIN .. " is missing: run make seeds")
   end)
 
-  for _, range in ipairs { { 1, 1500 }, { 100001, 1500 } } do
+  for _, range in ipairs { { 1, 2500 }, { 100001, 2500 } } do
     it(string.format("delivers what was sent for seeds %d..%d", range[1], range[1] + range[2] - 1), function()
       local ok, out = run(range[1], range[2])
       local last = out:match("seed (%d+)\n[^\n]*roundtrip:[^\n]*") or out:match(".*seed (%d+)")
