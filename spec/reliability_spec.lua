@@ -10,6 +10,7 @@ local runtime = require "duplex.runtime"
 local proc = require "support.proc"
 local examples = require "support.examples"
 local F = require "support.frames"
+local raw = require "support.raw"
 
 local connect, listen = require("support.tracked").install(after_each, teardown)
 teardown(proc.killall)
@@ -179,19 +180,9 @@ describe("a protocol error right behind a valid message", function()
   -- Everything the server writes back until it closes the connection.
   local function exchange(srv, bytes)
     return run(function()
-      local sock = assert(core.connect { host = "127.0.0.1", port = srv.port, timeout = 5 })
-      local hc = core.handshake_client { host = "127.0.0.1", port = srv.port, target = "/" }
-      sock:write(hc:request())
-      repeat until hc:feed(assert(sock:read(nil, 5)))
+      local sock = raw.upgrade(srv.port)
       sock:write(bytes) -- one write: the server reads it all at once
-      local got = {}
-      while true do
-        local d = sock:read(nil, 5)
-        if not d then break end
-        got[#got + 1] = d
-      end
-      sock:close()
-      return table.concat(got)
+      return (raw.read_all(sock))
     end)
   end
 

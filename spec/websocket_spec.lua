@@ -6,6 +6,7 @@ local core = require "duplex.core"
 local runtime = require "duplex.runtime"
 local certs = require "support.certs"
 local F = require "support.frames"
+local raw = require "support.raw"
 
 local run = runtime.blocking
 
@@ -24,15 +25,7 @@ end
 
 -- A raw TCP client that does the upgrade itself, for peers that misbehave.
 local function raw_upgrade(srv, path)
-  local sock = assert(core.connect { host = "127.0.0.1", port = srv.port, timeout = 2 })
-  local hc = core.handshake_client { host = "127.0.0.1", port = srv.port, target = path or "/" }
-  sock:write(hc:request())
-  local res
-  repeat
-    local data = assert(sock:read(nil, 2))
-    res = hc:feed(data)
-  until res
-  return sock
+  return raw.upgrade(srv.port, path, 2)
 end
 
 after_each(function()
@@ -120,14 +113,8 @@ describe("duplex client and server", function()
       local sock = raw_upgrade(srv)
       sock:write(F.build { op = "text", payload = "last words", key = "abcd" }
         .. F.build { op = "close", payload = F.close_payload(1000, "bye"), key = "abcd" })
-      local bytes = ""
-      while true do
-        local d, err = sock:read(nil, 2)
-        if not d then bytes = bytes .. "<" .. err .. ">" break end
-        bytes = bytes .. d
-      end
-      sock:close()
-      return bytes
+      local bytes, why = raw.read_all(sock, 2)
+      return bytes .. "<" .. why .. ">"
     end)
     -- the message is handled before the close frame behind it is parsed:
     -- its echo leaves first, then the close is answered, then FIN

@@ -8,23 +8,16 @@
 --     least 64 KiB) as fast as the server takes them, never reading a byte
 --     (their echoes pile up)
 -- Prints "flooding" once every handshake is done and goes on until killed.
-package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
 package.cpath = (os.getenv("DUPLEX_CPATH") or "lua/?.so") .. ";" .. package.cpath
 local core = require "duplex.core"
+local raw = require "support.raw"
 
 local port, mode = tonumber(arg[1]), arg[2]
 local peers, size = tonumber(arg[3] or 1), tonumber(arg[4] or 0)
 if not port or (mode ~= "pings" and mode ~= "push") then
   io.stderr:write("usage: flood.lua PORT pings | flood.lua PORT push PEERS SIZE\n")
   os.exit(2)
-end
-
-local function upgrade()
-  local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = 30 })
-  local hc = core.handshake_client { host = "127.0.0.1", port = port, target = "/" }
-  sock:write(hc:request())
-  repeat until hc:feed(assert(sock:read(nil, 30)))
-  return sock
 end
 
 local e = core.engine { role = "client" }
@@ -40,7 +33,7 @@ core.spawn(function()
   local ready = 0
   for _ = 1, peers do
     core.spawn(function()
-      local sock = upgrade()
+      local sock = raw.upgrade(port, "/", 30)
       ready = ready + 1
       while sock:write(burst) and sock:flush(3600) do end
     end)
