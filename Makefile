@@ -85,10 +85,10 @@ check: deps
 	scripts/suite fuzz       scripts/fuzz-smoke || rc=1; \
 	scripts/total; exit $$rc
 
-spec: all
+spec: all seeds
 	$(BUSTED) spec
 
-spec-asan: asan
+spec-asan: asan seeds
 	scripts/asan-env $(BUSTED) spec
 
 # libFuzzer harnesses (clang): one binary per fuzz/fuzz_*.c.
