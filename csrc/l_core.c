@@ -26,6 +26,20 @@ lua_Integer dx_opt_integer(lua_State *L, int t, const char *field, lua_Integer d
   return v;
 }
 
+lua_Integer dx_check_range(lua_State *L, int idx, lua_Integer lo, lua_Integer hi) {
+  lua_Integer v = luaL_checkinteger(L, idx);
+  if (v < lo || v > hi) {
+    char msg[80];
+    snprintf(msg, sizeof msg, "must be an integer from %lld to %lld", (long long)lo, (long long)hi);
+    luaL_argerror(L, idx, msg);
+  }
+  return v;
+}
+
+lua_Integer dx_opt_range(lua_State *L, int idx, lua_Integer dflt, lua_Integer lo, lua_Integer hi) {
+  return lua_isnoneornil(L, idx) ? dflt : dx_check_range(L, idx, lo, hi);
+}
+
 int dx_opt_flag(lua_State *L, int t, const char *field, int dflt) {
   int v = lua_getfield(L, t, field) == LUA_TNIL ? dflt : lua_toboolean(L, -1);
   lua_pop(L, 1);

@@ -60,6 +60,12 @@ lua_Integer dx_opt_integer(lua_State *L, int t, const char *field, lua_Integer d
                            lua_Integer hi);
 int dx_opt_flag(lua_State *L, int t, const char *field, int dflt);
 
+/* Argument idx as an integer in lo..hi (dflt when absent), checked before
+ * any cast to a narrower C type: a value that would wrap raises an error
+ * that names the argument. */
+lua_Integer dx_check_range(lua_State *L, int idx, lua_Integer lo, lua_Integer hi);
+lua_Integer dx_opt_range(lua_State *L, int idx, lua_Integer dflt, lua_Integer lo, lua_Integer hi);
+
 /* Add the functions in l to the table at the top of the stack. */
 static inline void dx_setfuncs(lua_State *L, const luaL_Reg *l) { luaL_setfuncs(L, l, 0); }
 

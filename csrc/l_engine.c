@@ -238,10 +238,10 @@ static int l_pong(lua_State *L) { return send_control(L, dx_proto_pong); }
 /* e:close([code [, reason]]) starts the closing handshake. */
 static int l_close(lua_State *L) {
   engine *e = check(L, 1);
-  lua_Integer code = luaL_optinteger(L, 2, 0);
+  lua_Integer code = dx_opt_range(L, 2, 0, 0, 65535);
   size_t n;
   const char *reason = luaL_optlstring(L, 3, "", &n);
-  if (code != 0 && (code < 0 || !dx_close_code_valid((unsigned)code)))
+  if (code != 0 && !dx_close_code_valid((unsigned)code))
     return luaL_argerror(L, 2, "close code may not be sent (valid: 1000-1003, 1007-1014, 3000-4999)");
   if (n > DX_CONTROL_MAX - 2) return luaL_argerror(L, 3, "close reason longer than 123 bytes");
   if (code == 0 && n > 0) return luaL_argerror(L, 3, "a close reason needs a close code");
@@ -373,7 +373,7 @@ static int l_encode_frame(lua_State *L) {
   static const int ops[] = {DX_OP_TEXT, DX_OP_BINARY, DX_OP_CONT, DX_OP_PING, DX_OP_PONG};
   int op = ops[luaL_checkoption(L, 2, "text", names)];
   int fin = lua_isnoneornil(L, 3) ? 1 : lua_toboolean(L, 3);
-  int window_bits = (int)luaL_optinteger(L, 4, 0);
+  int window_bits = (int)dx_opt_range(L, 4, 0, 0, 15);
   if (dx_opcode_is_control(op) && n > DX_CONTROL_MAX)
     return luaL_argerror(L, 1, "control frame payload longer than 125 bytes");
   dx_buf z = DX_BUF_INIT;

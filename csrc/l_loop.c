@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -498,7 +499,7 @@ static const struct {
 #define HANDLED_SIGNALS 4 /* the first entries: the ones core.signal takes */
 
 static int signal_number(lua_State *L, int idx, int handled_only) {
-  if (lua_type(L, idx) == LUA_TNUMBER && !handled_only) return (int)luaL_checkinteger(L, idx);
+  if (lua_type(L, idx) == LUA_TNUMBER && !handled_only) return (int)dx_check_range(L, idx, 1, NSIG - 1);
   const char *name = luaL_checkstring(L, idx);
   if (strncmp(name, "SIG", 3) == 0) name += 3;
   for (int i = 0; signals[i].name && (!handled_only || i < HANDLED_SIGNALS); i++)
@@ -600,7 +601,7 @@ static int l_fork(lua_State *L) {
 }
 
 static int l_waitpid(lua_State *L) {
-  pid_t pid = (pid_t)luaL_optinteger(L, 1, -1);
+  pid_t pid = (pid_t)dx_opt_range(L, 1, -1, -INT_MAX, INT_MAX);
   int flags = lua_toboolean(L, 2) ? WNOHANG : 0, status = 0;
   pid_t r;
   while ((r = waitpid(pid, &status, flags)) < 0 && errno == EINTR) {
@@ -626,7 +627,7 @@ static int l_waitpid(lua_State *L) {
 }
 
 static int l_kill(lua_State *L) {
-  pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  pid_t pid = (pid_t)dx_check_range(L, 1, -INT_MAX, INT_MAX);
   int signo = lua_isnoneornil(L, 2) ? SIGTERM : signal_number(L, 2, 0);
   if (kill(pid, signo) < 0) {
     luaL_pushfail(L);
