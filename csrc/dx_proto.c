@@ -61,6 +61,7 @@ const char *dx_proto_strerror(int err) {
   case DX_E_SEQUENCE: return "fragment out of sequence";
   case DX_E_ARG: return "invalid argument";
   case DX_E_OVERFLOW: return "output over its limit: the peer is not reading";
+  case DX_E_UTF8: return "text message is not valid UTF-8 (send it as binary)";
   default: return "unknown error";
   }
 }
@@ -149,6 +150,11 @@ int dx_proto_send_ref(dx_proto *p, int opcode, const void *data, size_t n, int f
   } else {
     return DX_E_ARG;
   }
+  /* What we send as text must be UTF-8 (RFC 6455 §5.6): the peer would
+   * fail the connection with 1007. Checked before anything is queued. */
+  int text = opcode == DX_OP_TEXT || (opcode == DX_OP_CONT && p->send_opcode == DX_OP_TEXT);
+  uint32_t utf8 = opcode == DX_OP_CONT ? p->send_utf8 : DX_UTF8_ACCEPT;
+  if (text && (dx_utf8_feed(&utf8, data, n) != 0 || (fin && !dx_utf8_complete(utf8)))) return DX_E_UTF8;
   const uint8_t *payload = data;
   int rsv = 0;
   if (compressed) {
@@ -162,6 +168,7 @@ int dx_proto_send_ref(dx_proto *p, int opcode, const void *data, size_t n, int f
   int rc = queue_frame_ref(p, fin, rsv, opcode, payload, n, compressed ? 0 : ref_id, referenced);
   if (compressed) dx_buf_consume(&p->zout, dx_buf_size(&p->zout));
   if (rc) return rc;
+  p->send_utf8 = utf8;
   if (opcode != DX_OP_CONT) {
     p->send_opcode = opcode;
     p->send_compressed = compressed;

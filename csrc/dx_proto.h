@@ -89,6 +89,8 @@ typedef struct dx_event {
 #define DX_E_ARG (-4)      /* bad opcode, control payload > 125, bad close code */
 #define DX_E_OVERFLOW (-5) /* more than max_pending bytes wait in out: the
                               connection has failed (state CLOSED) */
+#define DX_E_UTF8 (-6)     /* a text message (or piece) that is not UTF-8:
+                              nothing was queued */
 
 typedef struct dx_proto dx_proto;
 
@@ -150,6 +152,7 @@ struct dx_proto {
    * reads its pongs costs one pong, not a queue of them. */
   uint64_t pong_start, pong_end;
   int send_opcode; /* opcode of an open fragmented outgoing message, or 0 */
+  uint32_t send_utf8; /* UTF-8 state of an open outgoing text message */
   int send_compressed;
   dx_buf zout;     /* compressed payload of the frame being sent */
   dx_proto_stats stats;

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dx_utf8.h"
 #include "l_core.h"
 
 typedef struct engine {
@@ -196,7 +197,7 @@ static int push_result(lua_State *L, int rc) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  if (rc == DX_E_ARG) return luaL_error(L, "%s", dx_proto_strerror(rc));
+  if (rc == DX_E_ARG || rc == DX_E_UTF8) return luaL_error(L, "%s", dx_proto_strerror(rc));
   luaL_pushfail(L);
   /* the word the Lua layer acts on: this connection has failed */
   if (rc == DX_E_OVERFLOW) lua_pushliteral(L, "overflow");
@@ -376,6 +377,11 @@ static int l_encode_frame(lua_State *L) {
   int window_bits = (int)dx_opt_range(L, 4, 0, 0, 15);
   if (dx_opcode_is_control(op) && n > DX_CONTROL_MAX)
     return luaL_argerror(L, 1, "control frame payload longer than 125 bytes");
+  if (op == DX_OP_TEXT) {
+    uint32_t st = DX_UTF8_ACCEPT;
+    if (dx_utf8_feed(&st, (const uint8_t *)s, n) != 0 || (fin && !dx_utf8_complete(st)))
+      return luaL_argerror(L, 1, "text message is not valid UTF-8 (send it as binary)");
+  }
   dx_buf z = DX_BUF_INIT;
   int rsv = 0;
   if (window_bits) {

@@ -547,3 +547,20 @@ describe("engine: integers from Lua are range-checked before any cast", function
     assert.has_error(function() core.waitpid(2 ^ 40) end)
   end)
 end)
+
+describe("engine: what we send as text is UTF-8", function()
+  it("refuses invalid text before queueing anything, whole or in pieces", function()
+    local e = core.engine { role = "server" }
+    assert.has_error(function() e:send("\xff\xfe") end, "text message is not valid UTF-8 (send it as binary)")
+    assert.has_error(function() e:send("ok \xe2\x82") end) -- ends inside a sequence
+    assert.equal(0, e:pending())
+    assert(e:send("\xff\xfe", "binary"))
+    e:data_to_send()
+    -- a sequence may straddle pieces; the last piece must complete it
+    assert(e:send("caf\xc3", "text", false))
+    assert(e:send("\xa9 ", "continuation", false))
+    assert.has_error(function() e:send("\xe2\x82", "continuation", true) end)
+    assert(e:send("\xe2\x82\xac", "continuation", true))
+    assert.has_error(function() core.encode_frame("\xc0\xaf") end)
+  end)
+end)
