@@ -84,6 +84,21 @@ describe("duplex client and server", function()
     ws:close()
   end)
 
+  it("stays usable when on_pong raises: the error reaches receive's caller, once", function()
+    local srv = listen { handler = echo }
+    local ws = assert(duplex.connect(srv:url("/")))
+    ws.on_pong = function() error("pong handler broke") end
+    assert.is_true(ws:ping("hb"))
+    assert(ws:send("after"))
+    local ok, err = pcall(ws.receive, ws, 5)
+    assert.is_false(ok)
+    assert.matches("pong handler broke", err)
+    ws.on_pong = nil
+    assert.same({ "after", "text" }, { ws:receive(5) })
+    assert.is_true(ws:close())
+    assert.equal(1000, ws.close_code) -- the close waited for the server's answer
+  end)
+
   it("reports the close code and reason on both sides, whoever closes", function()
     local seen = {}
     local srv = listen { handler = function(ws)

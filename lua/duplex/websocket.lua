@@ -149,7 +149,15 @@ function WebSocket:_event(kind, data, a, b, c)
       self.latency = now() - self._ping_sent
       self._ping_sent = nil
     end
-    if self.on_pong then self.on_pong(self, data) end
+    if self.on_pong then
+      -- the callback's error goes to receive's caller, and the connection
+      -- stays usable: it is not left marked as being read
+      local ok, err = pcall(self.on_pong, self, data)
+      if not ok then
+        self._reading = false
+        error(err, 0)
+      end
+    end
     return false
   elseif kind == "close" then
     self.close_code, self.close_reason, self.close_by_peer = a, data, b
