@@ -184,15 +184,23 @@ SSL *dx_tls_new(dx_tls_ctx *c, int fd, const char *servername, char *err, size_t
     return ssl;
   }
   SSL_set_connect_state(ssl);
-  if (servername && *servername) {
-    int ip = is_ip_literal(servername);
-    if (!ip && SSL_set_tlsext_host_name(ssl, servername) != 1) goto fail;
-    if (c->verify) {
-      X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
-      int ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(param, servername)
-                  : X509_VERIFY_PARAM_set1_host(param, servername, 0);
-      if (ok != 1) goto fail;
-    }
+  if (!servername || !*servername) {
+    /* Verifying a chain without a name proves nothing about the peer: the
+     * check is switched off only by verify = false, never by a missing name. */
+    if (!c->verify) return ssl;
+    snprintf(err, errlen, "tls: servername needed to verify the certificate");
+    SSL_free(ssl);
+    return NULL;
+  }
+  int ip = is_ip_literal(servername);
+  if (!ip && SSL_set_tlsext_host_name(ssl, servername) != 1) goto fail;
+  if (c->verify) {
+    X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
+    /* "*.example.com" matches one whole label; "b*.example.com" nothing */
+    X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+    int ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(param, servername)
+                : X509_VERIFY_PARAM_set1_host(param, servername, 0);
+    if (ok != 1) goto fail;
   }
   return ssl;
 fail:

@@ -688,6 +688,7 @@ static int sock_starttls(lua_State *L) {
   if (s->ssl) return fail(L, "tls already started");
   if (buffered(s) > 0) return fail(L, "output pending: flush before starttls");
   const char *servername = lua_istable(L, 3) ? opt_string(L, 3, "servername") : NULL;
+  if (servername && !*servername) servername = NULL; /* "" is no name: not "no check" */
   if (!servername && !c->server) {
     lua_getiuservalue(L, 1, UV_HOST); /* the host given to core.connect */
     servername = lua_tostring(L, -1);

@@ -72,7 +72,8 @@ local function open_transport(u, opts, deadline)
   if u.secure then
     local ctx, cerr = tls_context(opts)
     if not ctx then sock:close(); return nil, "TLS setup failed: " .. tostring(cerr) end
-    local servername = opts.tls and opts.tls.servername or u.host
+    local servername = opts.tls and opts.tls.servername
+    if servername == nil or servername == "" then servername = u.host end
     local ok, terr = sock:starttls(ctx, { servername = servername }, left(deadline))
     if not ok then sock:close(); return nil, "TLS handshake failed: " .. tostring(terr) end
   end

@@ -6,6 +6,8 @@
 --                                -- certificate for localhost, 127.0.0.1, ::1
 --   c.wrong_cert, c.wrong_key    -- signed by the same CA for another name
 --   c.other_ca                   -- a CA that signed none of them
+--   c.partial_cert, c.partial_key -- for "b*.example.test" (a partial wildcard)
+--   c.wild_cert, c.wild_key       -- for "*.example.test"
 --   c.cleanup()
 local certs = {}
 
@@ -58,6 +60,8 @@ function certs.generate()
   c.other_ca = make_ca(dir, "other-ca")
   c.cert, c.key = make_leaf(dir, "server", "localhost", "DNS:localhost, IP:127.0.0.1, IP:::1", c.ca, ca_key)
   c.wrong_cert, c.wrong_key = make_leaf(dir, "wrong", "wrong.example", "DNS:wrong.example", c.ca, ca_key)
+  c.partial_cert, c.partial_key = make_leaf(dir, "partial", "partial wildcard", "DNS:b*.example.test", c.ca, ca_key)
+  c.wild_cert, c.wild_key = make_leaf(dir, "wild", "wildcard", "DNS:*.example.test", c.ca, ca_key)
   function c.cleanup() os.execute("rm -rf " .. quote(dir)) end
   return c
 end
