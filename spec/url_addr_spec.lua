@@ -20,6 +20,23 @@ describe("url.parse", function()
     assert.equal("[fe80::1]", url.host_header(assert(url.parse("wss://[fe80::1]/"))))
   end)
 
+  it("accepts only hosts a request line and a Host header can carry", function()
+    for _, bad in ipairs { "ws://a b/", "ws://evil\r\nX-Injected: 1/", "ws://h\n/", "ws://h\t/", "ws://1.2.3.256/",
+      "ws://h%0d%0a/", "ws://[1:2:3:4:5:6:7:8:9]/", "ws://[1::2::3]/", "ws://[:::]/", "ws://[::1%eth0]/",
+      "ws://[::1%25]/", "ws://[::1%25a b]/", "ws://" .. string.rep("a", 256) .. "/" } do
+      local u, err = url.parse(bad)
+      assert.is_nil(u, bad)
+      assert.matches("^invalid", err)
+      assert.is_nil(err:find("[\r\n]"), "the error quotes the host")
+    end
+    for s, host in pairs { ["ws://host_name.local/"] = "host_name.local", ["ws://10.0.0.1:9/"] = "10.0.0.1",
+      ["ws://[::ffff:1.2.3.4]/"] = "::ffff:1.2.3.4", ["ws://[1:2:3:4:5:6:7:8]/"] = "1:2:3:4:5:6:7:8",
+      ["ws://[::]/"] = "::", ["ws://[fe80::1%25eth0]:81/"] = "fe80::1%eth0" } do
+      assert.equal(host, assert(url.parse(s)).host, s)
+    end
+    assert.equal("[fe80::1]:81", url.host_header(url.parse("ws://[fe80::1%25eth0]:81/")))
+  end)
+
   it("rejects what is not a WebSocket URL", function()
     for _, bad in ipairs { "example.org", "ftp://x/", "ws://", "ws://h:0/", "ws://h:70000/",
       "ws://h/#frag", "ws://[zz]/", 42 } do

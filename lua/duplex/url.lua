@@ -12,6 +12,58 @@ local DEFAULT_PORT = { ws = 80, wss = 443, http = 80, https = 443 }
 ---@field userinfo string|nil
 ---@field default_port boolean  the URL named no port
 
+local function valid_ipv4(s)
+  local a, b, c, d = s:match("^(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)$")
+  if not a then return false end
+  for _, n in ipairs { a, b, c, d } do
+    if tonumber(n) > 255 then return false end
+  end
+  return true
+end
+
+-- RFC 4291 text form: eight groups of 1-4 hex digits, "::" once for a run
+-- of zeros, an IPv4 address in place of the last two.
+local function valid_ipv6(s)
+  local groups = 8
+  local v4 = s:match(":(%d+%.%d+%.%d+%.%d+)$")
+  if v4 then
+    if not valid_ipv4(v4) then return false end
+    s = s:sub(1, #s - #v4 - 1) .. ":"
+    groups = 6
+    if s:sub(-2) ~= "::" then s = s:sub(1, -2) end
+  end
+  local head, tail = s:match("^(.-)::(.*)$")
+  local function count(part)
+    if part == "" then return 0 end
+    local n = 0
+    for g in (part .. ":"):gmatch("([^:]*):") do
+      if not g:match("^%x%x?%x?%x?$") then return nil end
+      n = n + 1
+    end
+    return n
+  end
+  if head then
+    local h, t = count(head), count(tail)
+    return h ~= nil and t ~= nil and h + t < groups
+  end
+  return count(s) == groups
+end
+
+-- A host as RFC 3986 allows it in a URL we connect to: a DNS-style name
+-- (letters, digits and - . _ ~), an IPv4 address, or (bracketed, parsed
+-- by the caller) IPv6 with an optional zone (RFC 6874). Nothing else may
+-- reach a request line or a Host header: no spaces, no CR or LF.
+local function valid_reg_name(h)
+  if #h > 255 or not h:match("^[%w%-%._~]+$") then return false end
+  if h:match("^[%d.]+$") then return valid_ipv4(h) end
+  return true
+end
+
+-- For error messages: control bytes and spaces shown as \xNN.
+local function shown(s)
+  return (s:gsub("[^%w%p]", function(c) return string.format("\\x%02x", c:byte()) end))
+end
+
 --- Parse a URL. Returns nil and a message for anything that is not one.
 ---@param s string
 ---@return duplex.URL|nil, string|nil
@@ -28,13 +80,18 @@ function url.parse(s)
   hostport = hostport or authority
   local host, port
   if hostport:sub(1, 1) == "[" then
-    host, port = hostport:match("^%[([%x:.]+)%]:?(%d*)$")
-    if not host then return nil, "invalid IPv6 address in URL: " .. hostport end
+    local zone
+    host, zone, port = hostport:match("^%[([%x:.]+)(.-)%]:?(%d*)$")
+    if not host or not valid_ipv6(host) or not (zone == "" or zone:match("^%%25[%w%-%._~]+$")) then
+      return nil, "invalid IPv6 address in URL: " .. shown(hostport)
+    end
+    if zone ~= "" then host = host .. "%" .. zone:sub(4) end
   else
     host, port = hostport:match("^([^:]*):?(%d*)$")
-    if not host then return nil, "invalid host in URL: " .. hostport end
+    if not host then return nil, "invalid host in URL: " .. shown(hostport) end
+    if host == "" then return nil, "URL has no host: " .. s end
+    if not valid_reg_name(host) then return nil, "invalid host in URL: " .. shown(host) end
   end
-  if host == "" then return nil, "URL has no host: " .. s end
   local default_port = port == ""
   port = default_port and DEFAULT_PORT[scheme] or tonumber(port)
   if port < 1 or port > 65535 then return nil, "invalid port in URL: " .. tostring(port) end
@@ -68,7 +125,9 @@ end
 ---@param u duplex.URL
 ---@return string
 function url.host_header(u)
-  local h = u.host:find(":", 1, true) and "[" .. u.host .. "]" or u.host
+  local h = u.host
+  -- a zone (fe80::1%eth0) means something on this machine only: not sent
+  if h:find(":", 1, true) then h = "[" .. h:gsub("%%.*$", "") .. "]" end
   if u.default_port then return h end
   return h .. ":" .. u.port
 end
