@@ -118,6 +118,44 @@ describe("client", function()
     assert.matches("302", err)
   end)
 
+  it("sends credentials to the origin asked for only, and never leaves wss:// for ws://", function()
+    local seen = {}
+    local target = echo_server { on_request = function(req)
+      seen[#seen + 1] = { auth = req.headers.authorization, cookie = req.headers.cookie,
+        other = req.headers["x-hello"] }
+    end }
+    -- same scheme, host and port: credentials go along
+    local srv = echo_server { on_request = function(req)
+      if req.path == "/here" then return 302, "", { Location = "/there" } end
+      if req.path == "/away" then -- the same server under another host name
+        return 302, "", { Location = "ws://localhost:" .. target.port .. "/" }
+      end
+      seen[#seen + 1] = { auth = req.headers.authorization, cookie = req.headers.cookie }
+    end }
+    local opts = { follow_redirects = true, headers = { Authorization = "Bearer secret", cookie = "s=1",
+      ["X-Hello"] = "hi" } }
+    local ws = assert(duplex.connect(srv:url("/here"), opts))
+    ws:close()
+    assert.same({ auth = "Bearer secret", cookie = "s=1" }, seen[1])
+    ws = assert(duplex.connect(srv:url("/away"), opts))
+    ws:close()
+    assert.same({ other = "hi" }, seen[2]) -- another origin: no Authorization, no Cookie
+    assert.equal("Bearer secret", opts.headers.Authorization) -- the caller's table is untouched
+    assert.is_nil(opts.timeout)
+
+    local c = require("support.certs").generate()
+    local secure = echo_server { tls = { cert = c.cert, key = c.key }, on_request = function()
+      return 302, "", { Location = "ws://127.0.0.1:" .. target.port .. "/" }
+    end }
+    local bad, err = duplex.connect("wss://localhost:" .. secure.port .. "/", { follow_redirects = true,
+      tls = { ca = c.ca } })
+    c.cleanup()
+    assert.is_nil(bad)
+    assert.matches("refused a redirect from wss:// to ws://", err)
+    assert.equal(2, #seen)
+    assert.has_error(function() duplex.connect(srv:url("/"), { follow_redirects = -1 }) end)
+  end)
+
   it("times out a server that accepts TCP but never answers the handshake", function()
     local listener = assert(core.listen { host = "127.0.0.1", port = 0 })
     local _, port = listener:address()

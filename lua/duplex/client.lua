@@ -13,8 +13,10 @@ client.defaults = {
   timeout = 10,            -- seconds for TCP connect + TLS + handshake
   max_header_size = 8192,
   max_message = hs.max_message,
-  follow_redirects = false, -- or the number of redirects to follow (true = 5)
+  follow_redirects = false, -- or the number of redirects to follow (true = 5, at most 10)
 }
+
+local MAX_REDIRECTS = 10
 
 local function left(deadline) return math.max(0, deadline - now()) end
 
@@ -93,29 +95,66 @@ end
 
 local REDIRECT = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }
 
+-- Headers that carry the caller's credentials: they go to the origin the
+-- caller named, never to another one a redirect names.
+local CREDENTIALS = { authorization = true, cookie = true, ["proxy-authorization"] = true }
+
+local function same_origin(a, b)
+  return a.scheme == b.scheme and a.host == b.host and a.port == b.port
+end
+
+local function without_credentials(headers)
+  if not headers then return nil end
+  local kept = {}
+  for k, v in pairs(headers) do
+    if not CREDENTIALS[tostring(k):lower()] then kept[k] = v end
+  end
+  return kept
+end
+
+local function redirect_budget(v)
+  if v == true then return 5 end
+  if not v then return 0 end
+  if math.type(v) ~= "integer" or v < 0 then
+    error("connect: follow_redirects must be true, false or a count 0.." .. MAX_REDIRECTS, 3)
+  end
+  return math.min(v, MAX_REDIRECTS)
+end
+
 --- Open a WebSocket connection. Returns the connection, or nil and a message
 --- naming what failed (and, for a refused handshake, the response).
 ---@param target string ws:// or wss:// URL
 ---@param opts table|nil see README "duplex.connect"
 function client.connect(target, opts)
-  opts = opts or {}
-  for k, v in pairs(client.defaults) do if opts[k] == nil then opts[k] = v end end
-  local redirects = opts.follow_redirects == true and 5 or tonumber(opts.follow_redirects) or 0
+  -- our own copy: the caller's table is neither filled with defaults nor
+  -- changed when a redirect drops credentials
+  local o = {}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  for k, v in pairs(client.defaults) do if o[k] == nil then o[k] = v end end
+  local redirects = redirect_budget(o.follow_redirects)
   local u, perr = url.parse(target)
   if not u then return nil, perr end
   while true do
     if u.scheme ~= "ws" and u.scheme ~= "wss" then return nil, "not a WebSocket URL: " .. target end
-    local deadline = now() + opts.timeout
-    local sock, err = open_transport(u, opts, deadline)
+    local deadline = now() + o.timeout
+    local sock, err = open_transport(u, o, deadline)
     if not sock then return nil, err end
-    local ws, herr, res = handshake(sock, u, opts, deadline)
+    local ws, herr, res = handshake(sock, u, o, deadline)
     if ws then return ws end
     sock:close()
     local location = res and res.headers and res.headers.location
     if not (res and REDIRECT[res.status] and location and redirects > 0) then return nil, herr, res end
     redirects = redirects - 1
     local nu = url.parse(url.resolve(u, location))
-    if not nu then return nil, "invalid redirect Location: " .. location end
+    if not nu then return nil, "invalid redirect Location: " .. location, res end
+    -- as python-websockets: what was asked for over TLS stays over TLS
+    if u.secure and not nu.secure then
+      return nil, "refused a redirect from " .. u.scheme .. ":// to " .. nu.scheme .. "://: " .. location, res
+    end
+    if not same_origin(u, nu) then
+      o.headers = without_credentials(o.headers)
+      nu.userinfo = nil
+    end
     u = nu
   end
 end
