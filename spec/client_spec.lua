@@ -95,6 +95,12 @@ describe("client", function()
     local bad, err = duplex.connect(url, { proxy = "http://user:wrong@127.0.0.1:" .. proxy.port })
     assert.is_nil(bad)
     assert.matches("407", err)
+    -- an https:// proxy would get the credentials in clear over plain TCP
+    local n = #proxy.requests
+    bad, err = duplex.connect(url, { proxy = "https://user:pass@127.0.0.1:" .. proxy.port })
+    assert.is_nil(bad)
+    assert.matches("unsupported proxy scheme https://", err)
+    assert.equal(n, #proxy.requests)
     proxy.close()
   end)
 

@@ -62,6 +62,11 @@ end
 local function open_transport(u, opts, deadline)
   local proxy = opts.proxy and url.parse(opts.proxy)
   if opts.proxy and not proxy then return nil, "invalid proxy URL: " .. tostring(opts.proxy) end
+  -- A proxy is spoken to in plain HTTP (a wss:// tunnel through it carries
+  -- its own TLS). An https:// proxy would get its credentials in clear.
+  if proxy and proxy.scheme ~= "http" then
+    return nil, "unsupported proxy scheme " .. proxy.scheme .. "://: only http:// proxies are spoken to"
+  end
   local target = proxy or u
   local sock, err = core.connect {
     host = target.host, port = target.port, timeout = left(deadline), bind = opts.bind,
