@@ -483,8 +483,20 @@ static int check_request(const dx_http_msg *m, dx_ws_request *r) {
     reject(r, 405, "method %s not allowed (a WebSocket handshake is a GET)", m->method);
     return 0;
   }
-  if (m->version_major < 1 || (m->version_major == 1 && m->version_minor < 1)) {
+  if (m->version_major != 1) {
+    reject(r, 505, "HTTP/1.1 required%s", none);
+    return 0;
+  }
+  if (m->version_minor < 1) {
     reject(r, 400, "HTTP/1.1 or later required%s", none);
+    return 0;
+  }
+  /* A GET that upgrades has no body (RFC 6455 §4.1): bytes announced as one
+   * would be read as frames. */
+  dx_str length = first_named(m, "content-length");
+  if (dx_http_count(m, "transfer-encoding") > 0 || dx_http_count(m, "content-length") > 1 ||
+      (length.p && !(length.n == 1 && length.p[0] == '0'))) {
+    reject(r, 400, "an upgrade request must not have a body%s", none);
     return 0;
   }
   size_t hosts = dx_http_count(m, "host");

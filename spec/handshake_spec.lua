@@ -255,6 +255,10 @@ describe("handshake_server", function()
       { "version 8", with("Sec-WebSocket-Version", "8"), 426, "unsupported Sec-WebSocket-Version: 8" },
       { "version 13, 8", with("Sec-WebSocket-Version", "13, 8"), 426, "unsupported Sec-WebSocket-Version" },
       { "invalid protocol", with("Sec-WebSocket-Protocol", "chat, [x]"), 400, "invalid Sec-WebSocket-Protocol" },
+      { "HTTP/2.0", with("Host", "x", "GET /chat HTTP/2.0"), 505, "HTTP/1.1 required" },
+      { "a body (Content-Length)", with("Content-Length", "5"), 400, "must not have a body" },
+      { "a body (Transfer-Encoding)", with("Transfer-Encoding", "chunked"), 400, "must not have a body" },
+      { "Content-Length: 00", with("Content-Length", "00"), 400, "must not have a body" },
     }
     -- a second Host line
     cases[5][2] = request("GET /chat HTTP/1.1", (function()
@@ -380,6 +384,10 @@ describe("handshake_server", function()
       assert.has_error(function() core.handshake_server{ max_headers = -1 } end)
       assert.has_error(function() core.handshake_server(5) end)
     end)
+  end)
+
+  it("accepts Content-Length: 0 on an upgrade", function()
+    assert.is_true(feed(with("Content-Length", "0")).websocket)
   end)
 
   describe("incremental input", function()
