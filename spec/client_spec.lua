@@ -162,6 +162,31 @@ describe("client", function()
     assert.has_error(function() duplex.connect(srv:url("/"), { follow_redirects = -1 }) end)
   end)
 
+  it("takes the extension's name in any case (RFC 7692 tokens are case-insensitive)", function()
+    -- a server of our own that answers "PerMessage-Deflate" and then sends
+    -- a compressed message
+    local listener = assert(core.listen { host = "127.0.0.1", port = 0 })
+    local _, port = listener:address()
+    core.spawn(function()
+      local s = listener:accept()
+      if not s then return end
+      local hs = core.handshake_server()
+      local req
+      repeat req = hs:feed(assert(s:read(nil, 5))) until req
+      s:write(core.handshake_response { key = req.key,
+        extensions = "PerMessage-Deflate; Server_No_Context_Takeover" })
+      s:write(core.encode_frame(string.rep("squeeze me ", 20), "text", true, 15))
+      s:flush(5)
+      s:read(nil, 5)
+      s:close()
+    end)
+    local ws = assert(duplex.connect("ws://127.0.0.1:" .. port .. "/", { deflate = true }))
+    assert.is_true(ws.deflate)
+    assert.same({ string.rep("squeeze me ", 20), "text" }, { ws:receive(5) })
+    ws:abort()
+    listener:close()
+  end)
+
   it("times out a server that accepts TCP but never answers the handshake", function()
     local listener = assert(core.listen { host = "127.0.0.1", port = 0 })
     local _, port = listener:address()

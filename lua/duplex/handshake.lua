@@ -153,16 +153,11 @@ local function feed(hc, offer, opts, data)
   local res, herr, rejected = hc:feed(data)
   if herr then return nil, herr, rejected end
   if not res then return nil end
-  local pmd_params
-  if offer then
-    for _, e in ipairs(res.extensions or {}) do
-      if e.name == "permessage-deflate" then
-        local p, perr = core.pmd_check_response(res.extensions, offer)
-        if not p then return nil, "handshake failed: " .. tostring(perr), res end
-        pmd_params = p
-      end
-    end
-  end
+  -- the extension's name, like every rule of the negotiation, is C's to
+  -- judge: false when the server accepted no permessage-deflate, nil and
+  -- why when its answer is wrong (one we did not offer, for instance)
+  local pmd_params, perr = core.pmd_check_response(res.extensions or {}, offer)
+  if pmd_params == nil then return nil, "handshake failed: " .. tostring(perr), res end
   local engine = core.engine {
     role = "client", max_message = opts.max_message or handshake.max_message,
     max_frame = opts.max_frame, streaming = opts.streaming,
@@ -173,7 +168,7 @@ local function feed(hc, offer, opts, data)
   if #rest > 0 then engine:feed(rest) end
   return engine, {
     response = res, protocol = res.protocol, extensions = res.headers["sec-websocket-extensions"],
-    deflate = pmd_params ~= nil,
+    deflate = pmd_params and true or false,
   }
 end
 
