@@ -99,6 +99,19 @@ describe("duplex client and server", function()
     assert.equal(1000, ws.close_code) -- the close waited for the server's answer
   end)
 
+  it("asks the client for client_no_context_takeover by default, so idle connections hold no zlib state", function()
+    local srv = listen { deflate = true, handler = echo }
+    local ws = assert(duplex.connect(srv:url("/"), { deflate = true }))
+    assert.matches("client_no_context_takeover", ws.extensions)
+    assert.matches("server_no_context_takeover", ws.extensions)
+    local msg = string.rep("compress me please ", 50)
+    for _ = 1, 3 do
+      assert(ws:send(msg))
+      assert.equal(msg, (ws:receive(5)))
+    end
+    ws:close()
+  end)
+
   it("reports the close code and reason on both sides, whoever closes", function()
     local seen = {}
     local srv = listen { handler = function(ws)

@@ -45,11 +45,12 @@ function handshake.route(opts, spec, level)
     route.origin_set = set
   end
   if route.deflate then
-    -- By default the server compresses every message on its own (no
-    -- context takeover): no deflate state is kept between messages, and one
-    -- compressed broadcast frame suits every such connection.
+    -- By default every message is compressed on its own both ways (no
+    -- context takeover): no zlib state is kept between messages on either
+    -- side (an idle connection holds none), and one compressed broadcast
+    -- frame suits every such connection. Browsers accept being asked.
     route.deflate_policy = type(route.deflate) == "table" and route.deflate
-      or { server_no_context_takeover = true }
+      or { server_no_context_takeover = true, client_no_context_takeover = true }
   end
   return route
 end
