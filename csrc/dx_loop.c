@@ -105,6 +105,16 @@ void dx_task_init(dx_task *t) {
   t->deadline = DX_NO_DEADLINE;
 }
 
+void dx_task_end(dx_loop *loop, dx_task *t) {
+  dx_task_unwait(loop, t);
+  if (t->detach) {
+    void (*detach)(void *) = t->detach;
+    t->detach = NULL;
+    detach(t->detach_ud);
+  }
+  t->detach_ud = NULL;
+}
+
 void dx_task_unwait(dx_loop *loop, dx_task *t) {
   if (dx_link_linked(&t->link)) {
     dx_link_remove(&t->link);

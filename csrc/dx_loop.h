@@ -152,6 +152,12 @@ struct dx_task {
   int state;         /* enum dx_task_state */
   int wake;          /* enum dx_wake: why it was last woken */
   int counted;       /* in loop->nwait */
+  /* Outside work that will wake this task (a dx_work) is told here when the
+   * task ends without waiting for it (its coroutine resumed or closed by
+   * someone else, or collected): detach(detach_ud) makes the work forget
+   * the task. The work clears both when it wakes the task. */
+  void (*detach)(void *ud);
+  void *detach_ud;
 };
 
 void dx_task_init(dx_task *t);
@@ -164,6 +170,8 @@ int dx_task_wait_io(dx_loop *loop, dx_task *t, dx_io *io, uint32_t events, size_
 int dx_task_wait(dx_loop *loop, dx_task *t, int state, int keepalive);
 /* Leave every list and stop the timer. */
 void dx_task_unwait(dx_loop *loop, dx_task *t);
+/* The task is over: leave every list, and let go of outside work. */
+void dx_task_end(dx_loop *loop, dx_task *t);
 
 /* ---- worker threads, for calls that only exist in blocking form ---- */
 

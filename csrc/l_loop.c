@@ -188,7 +188,7 @@ static ltask *spawn(lua_State *L, lloop *ll, int nargs) {
 }
 
 static void finish_task(lua_State *L, ltask *task) {
-  dx_task_unwait(&task->ll->loop, &task->t);
+  dx_task_end(&task->ll->loop, &task->t);
   task->t.state = DX_TASK_DONE;
   task->ll->ntasks--;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &TASKS_KEY);
@@ -203,7 +203,7 @@ static void finish_task(lua_State *L, ltask *task) {
 static int task_gc(lua_State *L) {
   ltask *task = luaL_checkudata(L, 1, TASK_MT);
   if (task->t.state != DX_TASK_DONE) {
-    if (!task->ll->dead) dx_task_unwait(&task->ll->loop, &task->t);
+    if (!task->ll->dead) dx_task_end(&task->ll->loop, &task->t);
     task->t.state = DX_TASK_DONE;
     task->ll->ntasks--;
   }

@@ -717,11 +717,14 @@ static int sock_alpn(lua_State *L) {
 /* ---- name resolution ---- */
 
 /* A getaddrinfo call run by a worker thread. The waiting side (a resolve
- * userdata) owns it once done; if the waiter gave up (timeout, or its
- * coroutine is gone) the job frees itself when it finishes. */
+ * userdata) owns it once done; if the waiter let go first (timeout, or its
+ * state was collected) the job frees itself when it finishes. The waiting
+ * task may end first too (its coroutine resumed or closed from outside):
+ * then the job wakes nobody. */
 typedef struct resolve_job {
   dx_work work;
-  dx_task *task; /* waiting task, NULL when abandoned */
+  dx_task *task; /* task to wake, NULL when it is gone */
+  int released;  /* the resolve state let go: free on finishing */
   int finished;
   int n; /* addresses, or -1 with err set */
   int port;
@@ -746,9 +749,19 @@ static void resolve_run(dx_work *w) {
   job->n = dx_addr_resolve(job->host, job->port, 0, job->addrs, job->err, sizeof job->err);
 }
 
+/* The task ended without the job (dx_task_end). */
+static void resolve_forget_task(void *ud) { ((resolve_job *)ud)->task = NULL; }
+
+static void set_task(resolve_job *job, dx_task *t) {
+  if (job->task) job->task->detach = NULL, job->task->detach_ud = NULL;
+  job->task = t;
+  if (t) t->detach = resolve_forget_task, t->detach_ud = job;
+}
+
 static void resolve_done(dx_loop *loop, dx_work *w, int canceled) {
   resolve_job *job = dx_container_of(w, resolve_job, work);
-  if (!job->task) {
+  if (job->released) {
+    set_task(job, NULL);
     free(job);
     return;
   }
@@ -757,17 +770,20 @@ static void resolve_done(dx_loop *loop, dx_work *w, int canceled) {
     job->n = -1;
     snprintf(job->err, sizeof job->err, "name resolution failed: interrupted (fork)");
   }
-  if (!loop->closing) dx_task_ready(loop, job->task, DX_WAKE_IO);
+  dx_task *t = job->task;
+  set_task(job, NULL);
+  if (t && !loop->closing) dx_task_ready(loop, t, DX_WAKE_IO);
 }
 
 static void resolve_release(lresolve *r) {
   resolve_job *job = r->job;
   r->job = NULL;
   if (!job) return;
+  set_task(job, NULL);
   if (job->finished)
     free(job);
   else
-    job->task = NULL;
+    job->released = 1;
 }
 
 static int resolve_gc(lua_State *L) {
@@ -799,10 +815,11 @@ static lresolve *resolve_start(lua_State *L, const char *mt, const char *host, i
   }
   job->work.run = resolve_run;
   job->work.done = resolve_done;
-  job->task = t;
+  set_task(job, t);
   job->port = port;
   memcpy(job->host, host, strlen(host) + 1);
   if (dx_work_submit(dx_lua_loop(L), &job->work) < 0) {
+    set_task(job, NULL);
     free(job);
     r->n = -1;
     snprintf(r->err, sizeof r->err, "name resolution failed: too many lookups in progress");

@@ -267,4 +267,33 @@ describe("duplex.core loop", function()
       assert.error_matches(function() core.park(0 / 0) end, ">= 0")
     end)
   end)
+  it("lets go of a name lookup whose coroutine is resumed or closed outside the loop", function()
+    for _, how in ipairs { "resume", "close" } do
+      run(function()
+        local co
+        core.spawn(function()
+          co = coroutine.running()
+          core.getaddrinfo("localhost", 80) -- a lookup in a worker thread
+        end)
+        core.sleep(0) -- it is waiting now
+        if how == "resume" then
+          local ok, err = coroutine.resume(co)
+          assert.is_false(ok)
+          assert.matches("resumed outside the loop", err)
+        else
+          assert.is_true(coroutine.close(co))
+        end
+        -- the coroutine stays referenced (and with it the lookup's state)
+        -- while everything else of its task may be collected
+        collectgarbage()
+        collectgarbage()
+        core.sleep(0.3) -- the lookup ends meanwhile and must wake nobody
+        assert.equal("dead", coroutine.status(co))
+        co = nil
+        collectgarbage()
+        -- the loop goes on serving lookups
+        assert.is_table(core.getaddrinfo("localhost", 80))
+      end)
+    end
+  end)
 end)
