@@ -66,6 +66,7 @@ build = {
     ["duplex.cqueues"] = "lua/duplex/cqueues.lua",
     ["duplex.handshake"] = "lua/duplex/handshake.lua",
     ["duplex.nginx"] = "lua/duplex/nginx.lua",
+    ["duplex.options"] = "lua/duplex/options.lua",
     ["duplex.poll"] = "lua/duplex/poll.lua",
     ["duplex.pubsub"] = "lua/duplex/pubsub.lua",
     ["duplex.redis"] = "lua/duplex/redis.lua",

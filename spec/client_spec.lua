@@ -187,6 +187,28 @@ describe("client", function()
     listener:close()
   end)
 
+  it("checks every option when called: unknown names and wrong values name the option", function()
+    local function err_of(f) local ok, e = pcall(f) assert.is_false(ok) return e end
+    local h = function() end
+    assert.matches("listen: option 'max_connections' must be an integer", err_of(function()
+      duplex.listen { host = "127.0.0.1", port = 0, handler = h, max_connections = "many" } end))
+    assert.matches("listen: unknown option 'timeot'", err_of(function()
+      duplex.listen { host = "127.0.0.1", port = 0, handler = h, timeot = 5 } end))
+    assert.matches("listen: route /x: unknown option 'max_mesage'", err_of(function()
+      duplex.listen { host = "127.0.0.1", port = 0, routes = { ["/x"] = { handler = h, max_mesage = 1 } } } end))
+    assert.matches("option 'tls' must be a table without the field 'certfile'", err_of(function()
+      duplex.listen { host = "127.0.0.1", port = 0, handler = h, tls = { certfile = "x" } } end))
+    assert.matches("option 'port' must be an integer from 0 to 65535", err_of(function()
+      duplex.listen { host = "127.0.0.1", port = 70000, handler = h } end))
+    assert.matches("connect: unknown option 'timeot'", err_of(function()
+      duplex.connect("ws://127.0.0.1:1/", { timeot = 5 }) end))
+    assert.matches("connect: option 'ping_interval' must be a number", err_of(function()
+      duplex.connect("ws://127.0.0.1:1/", { ping_interval = "often" }) end))
+    -- nothing was left listening by the refused calls
+    local srv = echo_server { max_connections = 5, ping_interval = 0 }
+    assert.is_number(srv.port)
+  end)
+
   it("times out a server that accepts TCP but never answers the handshake", function()
     local listener = assert(core.listen { host = "127.0.0.1", port = 0 })
     local _, port = listener:address()

@@ -4,6 +4,7 @@ local core = require "duplex.core"
 local url = require "duplex.url"
 local WebSocket = require "duplex.websocket"
 local hs = require "duplex.handshake"
+local options = require "duplex.options"
 
 local now = core.now
 
@@ -117,13 +118,9 @@ local function without_credentials(headers)
   return kept
 end
 
-local function redirect_budget(v)
+local function redirect_budget(v) -- (checked by duplex.options)
   if v == true then return 5 end
-  if not v then return 0 end
-  if math.type(v) ~= "integer" or v < 0 then
-    error("connect: follow_redirects must be true, false or a count 0.." .. MAX_REDIRECTS, 3)
-  end
-  return math.min(v, MAX_REDIRECTS)
+  return math.min(v or 0, MAX_REDIRECTS)
 end
 
 --- Open a WebSocket connection. Returns the connection, or nil and a message
@@ -133,6 +130,8 @@ end
 function client.connect(target, opts)
   -- our own copy: the caller's table is neither filled with defaults nor
   -- changed when a redirect drops credentials
+  if opts ~= nil and type(opts) ~= "table" then error("connect: options must be a table", 3) end
+  options.check("connect", opts or {}, options.connect, 3)
   local o = {}
   for k, v in pairs(opts or {}) do o[k] = v end
   for k, v in pairs(client.defaults) do if o[k] == nil then o[k] = v end end

@@ -15,6 +15,7 @@
 --- (TLS, proxies, redirects, limits, permessage-deflate) works here too.
 local core = require "duplex.core"
 local client = require "duplex.client"
+local options = require "duplex.options"
 
 local poll = {}
 
@@ -84,11 +85,17 @@ end
 --- duplex.connect. Messages queue without waiting up to max_buffered
 --- (default 16 MiB).
 ---@return duplex.PollClient
+local POLL_OPTIONS = { reconnect = true, on_open = true, on_message = true, on_close = true, on_error = true }
+
 function poll.connect(url, opts)
   if type(url) ~= "string" then error("duplex.poll.connect: URL string expected", 2) end
   opts = opts or {}
+  -- the poll client's own options; the rest are duplex.connect's
   local copts = {}
-  for k, v in pairs(opts) do copts[k] = v end
+  for k, v in pairs(opts) do
+    if not POLL_OPTIONS[k] then copts[k] = v end
+  end
+  options.check("duplex.poll.connect", copts, options.connect, 2)
   -- send() must never wait here: the queue may grow to max_buffered (the
   -- heartbeat sweep closes a peer that lets it grow past that).
   copts.max_buffered = opts.max_buffered or 16 * 1024 * 1024

@@ -5,6 +5,7 @@ local WebSocket = require "duplex.websocket"
 local handshake = require "duplex.handshake"
 local addr = require "duplex.addr"
 local runtime = require "duplex.runtime"
+local options = require "duplex.options"
 
 local now = core.now
 
@@ -36,7 +37,10 @@ end
 local function make_routes(opts)
   local routes = {}
   if opts.routes then
-    for path, spec in pairs(opts.routes) do routes[path] = handshake.route(opts, spec, 4) end
+    for path, spec in pairs(opts.routes) do
+      if type(spec) == "table" then options.check("listen: route " .. tostring(path), spec, options.route, 4) end
+      routes[path] = handshake.route(opts, spec, 4)
+    end
   end
   if opts.handler then routes[opts.path or "*"] = handshake.route(opts, opts, 4) end
   if next(routes) == nil then error("listen: give a handler (and path) or routes", 3) end
@@ -138,6 +142,7 @@ end
 ---@return duplex.Server|nil, string|nil
 function server.listen(opts)
   if type(opts) ~= "table" then error("listen: options table expected", 2) end
+  options.check("listen", opts, options.listen, 2)
   local self = setmetatable({
     routes = make_routes(opts),
     on_http = opts.on_http,

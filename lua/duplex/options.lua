@@ -1,0 +1,144 @@
+--- The options of duplex.listen, its routes and duplex.connect: each one's
+--- kind and range, in one place, checked when the call is made. A typo
+--- (`timeot`) or a wrong value (`max_connections = "many"`) is an error
+--- that names the option, raised to the caller, not a failure much later in
+--- some connection.
+---
+--- Runs on Lua 5.4 and on LuaJIT: no integer operators here.
+local options = {}
+
+local INT_MAX = 2 ^ 53
+
+local function integer(lo, hi)
+  return function(v)
+    if type(v) ~= "number" or v % 1 ~= 0 or v < lo or v > hi then
+      return "an integer from " .. lo .. " to " .. (hi == INT_MAX and "2^53" or hi)
+    end
+  end
+end
+
+local function number(lo, hi)
+  return function(v)
+    if type(v) ~= "number" or v ~= v or v < lo or v > hi then return "a number from " .. lo .. " to " .. hi end
+  end
+end
+
+local function kind(t)
+  return function(v)
+    if type(v) ~= t then return "a " .. t end
+  end
+end
+
+local function either(a, b, what)
+  return function(v)
+    if a(v) and b(v) then return what end
+  end
+end
+
+local function strings(v)
+  if type(v) ~= "table" then return "a list of strings" end
+  for _, s in ipairs(v) do
+    if type(s) ~= "string" then return "a list of strings" end
+  end
+end
+
+-- A table whose own keys are known too (tls = { cert =, key = }).
+local function fields(known)
+  return function(v)
+    if type(v) ~= "table" then return "a table" end
+    for k, x in pairs(v) do
+      local check = known[k]
+      if not check then return "a table without the field '" .. tostring(k) .. "'" end
+      local bad = check(x)
+      if bad then return "a table whose '" .. k .. "' is " .. bad end
+    end
+  end
+end
+
+local boolean, func, str, tbl = kind("boolean"), kind("function"), kind("string"), kind("table")
+local seconds = number(0, 86400 * 365)
+local bytes = integer(0, INT_MAX)
+
+-- What each connection takes: for listen, for every route, for connect.
+local CONNECTION = {
+  max_message = integer(1, INT_MAX),
+  max_frame = bytes,
+  streaming = boolean,
+  ping_interval = seconds,
+  ping_timeout = seconds,
+  close_timeout = seconds,
+  high_water = bytes,
+  low_water = bytes,
+  max_buffered = bytes,
+  send_timeout = seconds,
+  compress_threshold = bytes,
+  deflate = either(boolean, tbl, "true, false or a table"),
+  protocols = strings,
+  headers = tbl,
+}
+
+local ROUTE = {
+  handler = func,
+  select_protocol = func,
+  origins = strings,
+  on_request = func,
+}
+
+local LISTEN = {
+  host = str,
+  port = integer(0, 65535),
+  path = str,
+  routes = tbl,
+  on_http = func,
+  trusted_proxies = strings,
+  tls = fields { cert = str, key = str, chain = str },
+  max_connections = integer(1, INT_MAX),
+  handshake_timeout = seconds,
+  max_header_size = integer(64, INT_MAX),
+  max_headers = integer(1, INT_MAX),
+  backlog = integer(1, 65535),
+  reuseport = boolean,
+  log = func,
+}
+
+local CONNECT = {
+  origin = str,
+  timeout = seconds,
+  tls = fields { ca = str, servername = str, verify = boolean, context = function(v)
+    if type(v) ~= "userdata" then return "a context from duplex.core.tls_context" end
+  end },
+  proxy = str,
+  follow_redirects = either(boolean, integer(0, 10), "true, false or a count 0..10"),
+  bind = str,
+  max_header_size = integer(64, INT_MAX),
+}
+
+local function union(...)
+  local all = {}
+  for _, set in ipairs { ... } do
+    for k, v in pairs(set) do all[k] = v end
+  end
+  return all
+end
+
+options.listen = union(CONNECTION, ROUTE, LISTEN)
+options.route = union(CONNECTION, ROUTE)
+options.connect = union(CONNECTION, CONNECT)
+
+--- Raise an error (at level) naming the first option of opts that set does
+--- not know or whose value it refuses; who is the function's name.
+function options.check(who, opts, set, level)
+  for k, v in pairs(opts) do
+    local check = set[k]
+    if not check then
+      error(string.format("%s: unknown option '%s'", who, tostring(k)), level + 1)
+    end
+    local bad = check(v)
+    if bad then
+      error(string.format("%s: option '%s' must be %s, got %s", who, k, bad,
+        type(v) == "string" and string.format("%q", v) or tostring(v)), level + 1)
+    end
+  end
+end
+
+return options
