@@ -70,6 +70,7 @@ build = {
     ["duplex.poll"] = "lua/duplex/poll.lua",
     ["duplex.pubsub"] = "lua/duplex/pubsub.lua",
     ["duplex.redis"] = "lua/duplex/redis.lua",
+    ["duplex.resp"] = "lua/duplex/resp.lua",
     ["duplex.runtime"] = "lua/duplex/runtime.lua",
     ["duplex.server"] = "lua/duplex/server.lua",
     ["duplex.transport"] = "lua/duplex/transport.lua",

@@ -9,54 +9,12 @@
 --- publishing node, but other nodes miss them (Redis pub/sub stores nothing).
 local core = require "duplex.core"
 local url = require "duplex.url"
+local resp = require "duplex.resp"
 
 local redis = {}
 
--- RESP -------------------------------------------------------------------
-
-local function command(...)
-  local args = table.pack(...)
-  local out = { "*" .. args.n .. "\r\n" }
-  for i = 1, args.n do
-    local a = tostring(args[i])
-    out[#out + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n"
-  end
-  return table.concat(out)
-end
+local command = resp.command
 redis.command = command
-
--- Parse one RESP value from buf at pos. Returns value, next_pos; or nil when
--- incomplete; errors ("-ERR ...") come back as { err = "..." }.
-local function parse(buf, pos)
-  local eol = buf:find("\r\n", pos, true)
-  if not eol then return nil end
-  local t, line = buf:sub(pos, pos), buf:sub(pos + 1, eol - 1)
-  local nextpos = eol + 2
-  if t == "+" then return line, nextpos
-  elseif t == "-" then return { err = line }, nextpos
-  elseif t == ":" then return tonumber(line), nextpos
-  elseif t == "$" then
-    local n = tonumber(line)
-    if not n then error("redis: bad bulk length") end
-    if n < 0 then return false, nextpos end
-    if #buf < nextpos + n + 1 then return nil end
-    return buf:sub(nextpos, nextpos + n - 1), nextpos + n + 2
-  elseif t == "*" then
-    local n = tonumber(line)
-    if not n then error("redis: bad array length") end
-    if n < 0 then return false, nextpos end
-    local arr = {}
-    for i = 1, n do
-      local v
-      v, nextpos = parse(buf, nextpos)
-      if v == nil then return nil end
-      arr[i] = v
-    end
-    return arr, nextpos
-  end
-  error("redis: protocol error near " .. string.format("%q", buf:sub(pos, pos + 20)))
-end
-redis.parse = parse
 
 -- A connection that yields RESP values; authenticates when the URL says so.
 -- Pub/sub channels are global to a Redis server, so no SELECT is needed.
@@ -67,21 +25,18 @@ local function connect(cfg)
     local ok, terr = sock:starttls(cfg.tls_context, { servername = cfg.servername }, cfg.connect_timeout)
     if not ok then sock:close(); return nil, "TLS handshake failed: " .. tostring(terr) end
   end
-  local conn = { sock = sock, buf = "", pos = 1 }
+  local parser = resp.parser { max_bulk = cfg.max_reply }
+  local conn = { sock = sock }
   function conn.read(timeout)
     while true do
-      local ok, v, np = pcall(parse, conn.buf, conn.pos)
-      if not ok then return nil, v end
-      if v ~= nil then
-        conn.pos = np
-        if conn.pos > 4096 then conn.buf, conn.pos = conn.buf:sub(conn.pos), 1 end
-        return v
-      end
+      local v, perr = parser:next()
+      if v ~= nil then return v end
+      if perr then return nil, perr end
       -- every size has a limit: a reply that never ends is an error
-      if #conn.buf - conn.pos > cfg.max_reply then return nil, "Redis reply larger than max_reply" end
+      if parser:buffered() > cfg.max_reply then return nil, "Redis reply larger than max_reply" end
       local data, rerr = sock:read(nil, timeout)
       if not data then return nil, rerr end
-      conn.buf = conn.buf .. data
+      parser:feed(data)
     end
   end
   local function call(...)
@@ -208,15 +163,37 @@ function Broker:_subscriber()
     self:_status("subscriber", true)
     while true do
       local v, err = self:_read(conn)
+      if v ~= nil then v, err = self:_push(v) end
       if v == nil then
         self:_status("subscriber", false, tostring(err))
         break
       end
-      if type(v) == "table" and v[1] == "message" then self:_incoming(v[2], v[3]) end
     end
     self.sub_conn = nil
     conn.sock:close()
   end
+end
+
+-- What the subscriber connection may receive: messages, the confirmations
+-- of (un)subscribing, the answer to a PING. Anything else (an error, a
+-- payload that is not a string) is a surprise: the link is dropped and
+-- made again, rather than the subscriber dying with the status still "up".
+local CONFIRMATIONS = { subscribe = true, unsubscribe = true, pong = true }
+
+function Broker:_push(v)
+  if type(v) ~= "table" or v.err then
+    return nil, "unexpected reply on the subscriber connection: " .. (type(v) == "table" and tostring(v.err) or tostring(v))
+  end
+  if v[1] == "message" then
+    if type(v[2]) ~= "string" or type(v[3]) ~= "string" then
+      return nil, "malformed message push (channel and payload must be strings)"
+    end
+    local ok, err = pcall(self._incoming, self, v[2], v[3])
+    if not ok then self.on_status("error", "message handler failed: " .. tostring(err)) end
+    return true
+  end
+  if CONFIRMATIONS[v[1]] then return true end
+  return nil, "unexpected push on the subscriber connection: " .. tostring(v[1])
 end
 
 -- Channel payload: "<node> <kind> <message>", so a node skips its own.
@@ -269,7 +246,10 @@ function Broker:publish(topic, message, kind)
     return false
   end
   local payload = self.node .. " " .. (kind == "binary" and "b" or "t") .. " " .. message
-  conn.sock:write(command("PUBLISH", self.prefix .. topic, payload))
+  if not conn.sock:write(command("PUBLISH", self.prefix .. topic, payload)) then
+    self.stats.dropped = self.stats.dropped + 1 -- the link is failing: not published
+    return false
+  end
   self.stats.published = self.stats.published + 1
   return true
 end

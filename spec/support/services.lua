@@ -162,15 +162,16 @@ end
 --- port; its http block gets the log and temp path lines added here.
 -- Subscribers of a Redis channel, as Redis counts them (PUBSUB NUMSUB).
 function services.numsub(port, channel)
-  local redis = require "duplex.redis"
+  local resp = require "duplex.resp"
   return runtime.blocking(function()
     local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = 2 })
-    sock:write(redis.command("PUBSUB", "NUMSUB", channel))
-    local buf = ""
+    sock:write(resp.command("PUBSUB", "NUMSUB", channel))
+    local p = resp.parser()
     while true do
-      local v = redis.parse(buf, 1)
+      local v, err = p:next()
+      assert(err == nil, err)
       if v then sock:close(); return v[2] end
-      buf = buf .. assert(sock:read(nil, 2))
+      p:feed(assert(sock:read(nil, 2)))
     end
   end)
 end
