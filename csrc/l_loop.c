@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -583,6 +584,23 @@ static int l_signal(lua_State *L) {
 
 /* ---- processes ---- */
 
+/* core.die_with_parent([signal = "TERM"]): in a child, get that signal when
+ * the parent dies (a supervisor killed with SIGKILL must not leave its
+ * workers serving the port unsupervised). Returns false when the parent is
+ * already gone. */
+static int l_die_with_parent(lua_State *L) {
+  int signo = lua_isnoneornil(L, 1) ? SIGTERM : signal_number(L, 1, 0);
+  pid_t parent = getppid();
+  if (prctl(PR_SET_PDEATHSIG, signo) < 0) {
+    luaL_pushfail(L);
+    lua_pushstring(L, strerror(errno));
+    return 2;
+  }
+  /* the parent may have died before prctl: then we were reparented */
+  lua_pushboolean(L, parent != 1 && getppid() == parent);
+  return 1;
+}
+
 static int l_fork(lua_State *L) {
   lloop *ll = get_lloop(L);
   fflush(NULL); /* or buffered output is written twice */
@@ -697,6 +715,7 @@ void dx_open_loop(lua_State *L) {
       {"sleep", l_sleep},     {"park", l_park},         {"wake", l_wake},       {"timer", l_timer},
       {"on_error", l_on_error}, {"signal", l_signal},   {"loop_stats", l_loop_stats},
       {"fork", l_fork},       {"waitpid", l_waitpid},   {"kill", l_kill},       {"getpid", l_getpid},
+      {"die_with_parent", l_die_with_parent},
       {NULL, NULL}};
   new_metatable(L, LOOP_MT, NULL, loop_gc);
   new_metatable(L, TASK_MT, NULL, task_gc);

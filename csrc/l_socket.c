@@ -1061,6 +1061,26 @@ static int listener_accept(lua_State *L) {
   return accept_k(L, LUA_OK, (lua_KContext)t);
 }
 
+/* listener:drain() -> the connections waiting in the accept queue, accepted
+ * now without waiting. A listener that closes with connections in its
+ * queue resets them: a server that stops accepting (a reload, a shutdown)
+ * takes them first, so that only a connection arriving in the instant
+ * between the last accept and the close can be lost. */
+static int listener_drain(lua_State *L) {
+  llistener *l = to_listener(L, 1);
+  lua_newtable(L);
+  if (l->io.fd < 0) return 1;
+  for (lua_Integer n = 1;; n++) {
+    int fd = dx_sock_accept(l->io.fd);
+    if (fd < 0) break;
+    int err;
+    if (!new_sock(L, l->loop, fd, &err)) continue;
+    dx_sock_nodelay(fd, 1);
+    lua_rawseti(L, -2, n);
+  }
+  return 1;
+}
+
 static int listener_address(lua_State *L) {
   llistener *l = to_listener(L, 1);
   return l->io.fd < 0 ? fail(L, "closed") : push_address(L, l->io.fd, 0);
@@ -1114,7 +1134,8 @@ void dx_open_socket(lua_State *L) {
       {NULL, NULL}};
   static const luaL_Reg sock_meta[] = {
       {"__gc", sock_gc}, {"__close", sock_close_tbc}, {"__tostring", sock_tostring}, {NULL, NULL}};
-  static const luaL_Reg listener_methods[] = {{"accept", listener_accept}, {"address", listener_address},
+  static const luaL_Reg listener_methods[] = {{"accept", listener_accept}, {"drain", listener_drain},
+                                              {"address", listener_address},
                                               {"close", listener_close_m}, {"fd", listener_fd},
                                               {NULL, NULL}};
   static const luaL_Reg listener_meta[] = {

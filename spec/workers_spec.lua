@@ -87,4 +87,63 @@ describe("workers", function()
     assert.equal(0, h:wait(10))
     assert.same({}, processes(port))
   end)
+  -- Starts echo.lua with 2 workers on a free port; returns handle, url, port,
+  -- supervisor pid and worker pids once all serve.
+  local function start_workers(through_shell)
+    local port = free_port()
+    local argv = { "lua5.4", "examples/echo.lua", "--port", tostring(port), "--workers", "2" }
+    -- through a shell that exits 0 whatever happens to the supervisor: the
+    -- spec's process wrapper then leaves its process group alone
+    if through_shell then argv = { "sh", "-c", table.concat(argv, " ") .. "; exit 0" } end
+    local h = proc.spawn(argv)
+    assert.matches("with 2 workers", assert(h:read_line(10)))
+    local url = "ws://127.0.0.1:" .. port .. "/"
+    local parent, list
+    for _ = 1, 50 do
+      parent, list = workers_of(port)
+      if #list == 2 and echo_once(url) then break end
+      proc.sleep(0.1)
+    end
+    assert.equal(2, #list)
+    return h, url, port, parent, list
+  end
+
+  it("reload on SIGHUP: new workers take over, the old ones stop, no connection is refused", function()
+    local h, url, port, parent, old = start_workers()
+    local tried, failed, reloaded, fresh = 0, {}, false, nil
+    require("duplex.runtime").blocking(function()
+      local deadline = core.now() + 20
+      core.kill(parent, "HUP")
+      -- clients keep coming all through the reload
+      while core.now() < deadline do
+        tried = tried + 1
+        local m, err = echo_once(url)
+        if m ~= "hi" then failed[#failed + 1] = tostring(err) end
+        local p, now = workers_of(port)
+        if #now == 2 and now[1] ~= old[1] and now[1] ~= old[2] and now[2] ~= old[1] and now[2] ~= old[2] then
+          if not fresh then fresh = core.now() end
+          -- a moment more with the new generation only
+          if core.now() - fresh > 0.5 then reloaded = p == parent break end
+        end
+      end
+    end)
+    assert.is_true(reloaded, "the workers were not replaced under the same supervisor")
+    assert.same({}, failed)
+    assert.is_true(tried > 20, "only " .. tried .. " connections tried")
+    core.kill(parent, "TERM")
+    assert.equal(0, h:wait(10))
+  end)
+
+  it("never outlive their supervisor, even when it is killed with SIGKILL", function()
+    local h, _, port, parent = start_workers(true)
+    core.kill(parent, "KILL")
+    h:wait(5)
+    local left
+    for _ = 1, 50 do
+      left = processes(port)
+      if next(left) == nil then break end
+      proc.sleep(0.1)
+    end
+    assert.same({}, left)
+  end)
 end)

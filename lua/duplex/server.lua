@@ -118,15 +118,19 @@ local function handle(self, sock)
   end
 end
 
+local function admit(self, sock)
+  if self.count >= self.max_connections then
+    core.spawn(respond, sock, 503, { ["Retry-After"] = "1" }, "too many connections")
+  else
+    core.spawn(handle, self, sock)
+  end
+end
+
 local function accept_loop(self)
   while not self.closing do
     local sock, err = self.listener:accept()
     if sock then
-      if self.count >= self.max_connections then
-        core.spawn(respond, sock, 503, { ["Retry-After"] = "1" }, "too many connections")
-      else
-        core.spawn(handle, self, sock)
-      end
+      admit(self, sock)
     elseif self.closing or err == "closed" then
       break
     else
@@ -191,6 +195,9 @@ end
 function Server:stop_accepting()
   if self.closing then return end
   self.closing = true
+  -- What the kernel has queued for us is served, not reset by the close
+  -- (a worker retiring in a reload, with new ones on the same port).
+  for _, sock in ipairs(self.listener:drain()) do admit(self, sock) end
   self.listener:close()
 end
 

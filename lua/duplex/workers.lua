@@ -3,10 +3,15 @@
 --- The parent forks opts.workers children; each runs opts.setup(index) —
 --- which should call duplex.listen{ ..., reuseport = true } on a fixed port —
 --- and then its own event loop, so every core serves connections. The parent
---- only supervises: a worker that dies is replaced, and SIGTERM or SIGINT
---- stops every worker gracefully (each worker's own TERM handler, given as
---- opts.on_stop, typically calls server:shutdown()), waiting up to
---- opts.stop_timeout seconds before SIGKILL.
+--- only supervises: a worker that dies is replaced; SIGTERM or SIGINT stops
+--- every worker gracefully (each worker's own TERM handler, given as
+--- opts.on_stop, typically calls server:shutdown(): 1001 to its clients,
+--- what is queued on its listener still served), waiting up to
+--- opts.stop_timeout seconds before SIGKILL; SIGHUP (also what a closing
+--- terminal sends) reloads: a new set of workers starts, and after
+--- opts.reload_grace seconds (1) the old ones are stopped the same graceful
+--- way. Workers get SIGTERM when the supervisor dies, even by SIGKILL, and
+--- ignore SIGHUP themselves: the supervisor decides.
 ---
 --- Forks happen from the main thread between turns of the loop, never inside
 --- a coroutine, so a child starts with a clean stack.
@@ -23,6 +28,9 @@ end
 local function child_main(opts, index, keepalive)
   keepalive:cancel()
   for _, sig in ipairs { "CHLD", "TERM", "INT", "HUP" } do core.signal(sig, nil) end
+  -- never outlive the supervisor (it died between fork and here: go now)
+  if not core.die_with_parent("TERM") then os.exit(1, true) end
+  core.signal("HUP", function() end)
   local ok, err = xpcall(function()
     local ctx = opts.setup(index)
     local function stop()
@@ -38,10 +46,11 @@ local function child_main(opts, index, keepalive)
 end
 
 --- Run the supervisor; returns when every worker has stopped.
----@param opts {workers: integer, setup: fun(index: integer): any, on_stop: function|nil, stop_timeout: number|nil, log: function|nil}
+---@param opts {workers: integer, setup: fun(index: integer): any, on_stop: function|nil, stop_timeout: number|nil, reload_grace: number|nil, log: function|nil}
 function workers.run(opts)
   if type(opts.setup) ~= "function" then error("run: workers need a setup function", 3) end
   local children, events, started, pending = {}, {}, {}, {}
+  local retiring = {} -- pid -> deadline: an old generation, stopping
   local keepalive = core.timer(1, function() core.stop() end, 1)
   local function start(index)
     local pid, err = core.fork()
@@ -53,12 +62,20 @@ function workers.run(opts)
     children[pid] = index
     started[pid] = core.now()
   end
+  local function retire(pids)
+    local deadline = core.now() + (opts.stop_timeout or 10)
+    for pid in pairs(pids) do
+      core.kill(pid, "TERM")
+      retiring[pid] = deadline
+    end
+  end
   core.signal("CHLD", function() events.chld = true; core.stop() end)
   core.signal("TERM", function() events.stop = true; core.stop() end)
   core.signal("INT", function() events.stop = true; core.stop() end)
+  core.signal("HUP", function() events.reload = true; core.stop() end)
   for i = 1, opts.workers do start(i) end
 
-  local stopping, deadline = false, nil
+  local stopping, old, old_at = false, nil, nil
   while true do
     core.run()
     -- reap every child that ended, whatever woke us
@@ -66,7 +83,8 @@ function workers.run(opts)
       local pid, how, code = core.waitpid(-1, true)
       if not pid or pid <= 0 then break end
       local index, born = children[pid], started[pid]
-      children[pid], started[pid] = nil, nil
+      children[pid], started[pid], retiring[pid] = nil, nil, nil
+      if old then old[pid] = nil end
       if index and not stopping then
         log(opts, string.format("worker %d (pid %d) %s %s: starting a new one", index, pid, how, tostring(code)))
         -- a worker that dies at once (bad setup) is restarted once a second,
@@ -80,21 +98,34 @@ function workers.run(opts)
         start(index)
       end
     end
+    if events.reload and not stopping then
+      -- the new generation first; the old one serves until it is up
+      log(opts, "reload: starting " .. opts.workers .. " new workers")
+      old = old or {}
+      for pid in pairs(children) do
+        old[pid] = true
+        children[pid], started[pid] = nil, nil -- no longer replaced when it ends
+      end
+      for i = 1, opts.workers do start(i) end
+      old_at = core.now() + (opts.reload_grace or 1)
+    end
+    if old and core.now() >= old_at then
+      retire(old)
+      old = nil
+    end
     if events.stop and not stopping then
       stopping = true
-      deadline = core.now() + (opts.stop_timeout or 10)
-      for pid in pairs(children) do core.kill(pid, "TERM") end
+      if old then retire(old); old = nil end
+      retire(children)
     end
-    events.chld, events.stop = nil, nil
-    if stopping then
-      if next(children) == nil then break end
-      if core.now() > deadline then
-        for pid in pairs(children) do core.kill(pid, "KILL") end
-      end
+    events.chld, events.stop, events.reload = nil, nil, nil
+    for pid, deadline in pairs(retiring) do
+      if core.now() > deadline then core.kill(pid, "KILL") end
     end
+    if stopping and next(retiring) == nil then break end
   end
   keepalive:cancel()
-  for _, sig in ipairs { "CHLD", "TERM", "INT" } do core.signal(sig, nil) end
+  for _, sig in ipairs { "CHLD", "TERM", "INT", "HUP" } do core.signal(sig, nil) end
   return true
 end
 
