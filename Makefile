@@ -99,8 +99,10 @@ FUZZ_TIME ?= 600
 
 fuzz-build: $(FUZZ_BIN)
 
-build/fuzz/%: fuzz/%.c $(ENGINE_SRC) $(HDR) | build/fuzz
-	$(FUZZ_CC) -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -Icsrc -o $@ $< $(ENGINE_SRC) $(LIBS)
+# fuzz_url and fuzz_resp embed Lua 5.4 to fuzz the parsers written in Lua.
+LUA_LIB   ?= -llua5.4
+build/fuzz/%: fuzz/%.c fuzz/lua_harness.h $(ENGINE_SRC) $(HDR) | build/fuzz
+	$(FUZZ_CC) -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -Icsrc $(LUA_INC) -o $@ $< $(ENGINE_SRC) $(LIBS) $(LUA_LIB) -lm -ldl
 
 fuzz: fuzz-build
 	scripts/fuzz-smoke $(FUZZ_TIME)

@@ -70,7 +70,7 @@ end
 function url.parse(s)
   if type(s) ~= "string" then return nil, "URL must be a string" end
   local scheme, rest = s:match("^(%a[%w+.-]*)://(.*)$")
-  if not scheme then return nil, "invalid URL (expected ws:// or wss://): " .. s end
+  if not scheme then return nil, "invalid URL (expected ws:// or wss://): " .. shown(s) end
   scheme = scheme:lower()
   if not DEFAULT_PORT[scheme] then return nil, "unsupported URL scheme: " .. scheme end
   if rest:find("#", 1, true) then return nil, "URL must not have a fragment (RFC 6455 §3)" end
@@ -89,7 +89,7 @@ function url.parse(s)
   else
     host, port = hostport:match("^([^:]*):?(%d*)$")
     if not host then return nil, "invalid host in URL: " .. shown(hostport) end
-    if host == "" then return nil, "URL has no host: " .. s end
+    if host == "" then return nil, "URL has no host: " .. shown(s) end
     if not valid_reg_name(host) then return nil, "invalid host in URL: " .. shown(host) end
   end
   local default_port = port == ""
