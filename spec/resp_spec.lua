@@ -143,4 +143,20 @@ describe("redis broker against a Redis that pushes nonsense", function()
     local text = table.concat(statuses, "\n")
     assert.matches("malformed message push", text)
   end)
+  it("does not count a message as published when the write fails", function()
+    local l, port = fake_redis {}
+    local broker = assert(redis.broker { url = "redis://127.0.0.1:" .. port, backoff_min = 5 })
+    run(function()
+      local deadline = core.now() + 10
+      while not broker.pub_conn and core.now() < deadline do core.sleep(0.02) end
+    end)
+    assert.is_truthy(broker.pub_conn, "the publisher did not connect")
+    assert.is_true(broker:publish("room", "one"))
+    broker.pub_conn.sock:close() -- the link breaks under the publisher
+    assert.is_false(broker:publish("room", "two"))
+    assert.equal(1, broker.stats.published)
+    assert.equal(1, broker.stats.dropped)
+    broker:close()
+    l:close()
+  end)
 end)
