@@ -18,14 +18,8 @@
 #include <string.h>
 
 #include "dx_http.h"
+#include "fuzz_check.h"
 
-#define CHECK(c)                                                         \
-  do {                                                                   \
-    if (!(c)) {                                                          \
-      fprintf(stderr, "%s:%d: property failed: %s\n", __FILE__, __LINE__, #c); \
-      abort();                                                           \
-    }                                                                    \
-  } while (0)
 
 typedef struct limits {
   size_t max_size, max_headers;

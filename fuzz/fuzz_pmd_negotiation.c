@@ -18,14 +18,8 @@
 
 #include "dx_http.h"
 #include "dx_pmd.h"
+#include "fuzz_check.h"
 
-#define CHECK(c)                                                                 \
-  do {                                                                           \
-    if (!(c)) {                                                                  \
-      fprintf(stderr, "%s:%d: property failed: %s\n", __FILE__, __LINE__, #c); \
-      abort();                                                                   \
-    }                                                                            \
-  } while (0)
 
 /* The permessage-deflate elements of a header, as a handshake reads them.
  * Returns how many (at most max); -1 for a header that is not valid. */

@@ -14,16 +14,10 @@
 
 #include "dx_mask.h"
 #include "dx_utf8.h"
+#include "fuzz_check.h"
 
 enum { REF_COMPLETE, REF_OPEN, REF_INVALID };
 
-#define CHECK(cond)                                                    \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      fprintf(stderr, "fuzz_utf8: %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-      abort();                                                         \
-    }                                                                  \
-  } while (0)
 
 /* Is there any scalar value in [lo, hi] that a sequence of this length may
  * encode (not overlong, not a surrogate, at most U+10FFFF)? */

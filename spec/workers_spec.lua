@@ -53,9 +53,15 @@ end
 describe("workers", function()
   teardown(proc.killall)
 
-  it("serve one port from several processes, replace a dead one, and stop on SIGTERM", function()
+  -- Starts echo.lua with 2 workers on a free port; returns handle, url, port,
+  -- supervisor pid and worker pids once all serve.
+  local function start_workers(through_shell)
     local port = free_port()
-    local h = proc.spawn { "lua5.4", "examples/echo.lua", "--port", tostring(port), "--workers", "2" }
+    local argv = { "lua5.4", "examples/echo.lua", "--port", tostring(port), "--workers", "2" }
+    -- through a shell that exits 0 whatever happens to the supervisor: the
+    -- spec's process wrapper then leaves its process group alone
+    if through_shell then argv = { "sh", "-c", table.concat(argv, " ") .. "; exit 0" } end
+    local h = proc.spawn(argv)
     assert.matches("with 2 workers", assert(h:read_line(10)))
     local url = "ws://127.0.0.1:" .. port .. "/"
     local parent, list
@@ -65,6 +71,11 @@ describe("workers", function()
       proc.sleep(0.1)
     end
     assert.equal(2, #list)
+    return h, url, port, parent, list
+  end
+
+  it("serve one port from several processes, replace a dead one, and stop on SIGTERM", function()
+    local h, url, port, parent, list = start_workers()
     for _ = 1, 10 do assert.equal("hi", echo_once(url)) end
 
     -- a worker dies: the supervisor starts another one in its place
@@ -87,27 +98,6 @@ describe("workers", function()
     assert.equal(0, h:wait(10))
     assert.same({}, processes(port))
   end)
-  -- Starts echo.lua with 2 workers on a free port; returns handle, url, port,
-  -- supervisor pid and worker pids once all serve.
-  local function start_workers(through_shell)
-    local port = free_port()
-    local argv = { "lua5.4", "examples/echo.lua", "--port", tostring(port), "--workers", "2" }
-    -- through a shell that exits 0 whatever happens to the supervisor: the
-    -- spec's process wrapper then leaves its process group alone
-    if through_shell then argv = { "sh", "-c", table.concat(argv, " ") .. "; exit 0" } end
-    local h = proc.spawn(argv)
-    assert.matches("with 2 workers", assert(h:read_line(10)))
-    local url = "ws://127.0.0.1:" .. port .. "/"
-    local parent, list
-    for _ = 1, 50 do
-      parent, list = workers_of(port)
-      if #list == 2 and echo_once(url) then break end
-      proc.sleep(0.1)
-    end
-    assert.equal(2, #list)
-    return h, url, port, parent, list
-  end
-
   it("reload on SIGHUP: new workers take over, the old ones stop, no connection is refused", function()
     local h, url, port, parent, old = start_workers()
     local tried, failed, reloaded, fresh = 0, {}, false, nil
