@@ -183,7 +183,8 @@ static void fuzz_request(const limits *lim, const uint8_t *cut, const uint8_t *d
     CHECK(dx_http_feed(&whole, d, n, &used) == DX_HTTP_COMPLETE && used == 0);
     dx_ws_request req;
     dx_ws_check_request(&whole.msg, &req);
-    CHECK(req.websocket ? req.status == 0 : (req.status == 400 || req.status == 405 || req.status == 426));
+    CHECK(req.websocket ? req.status == 0
+                        : (req.status == 400 || req.status == 405 || req.status == 426 || req.status == 505));
     walk(&whole.msg);
     if (req.websocket) round_trip_accept(&whole.msg, &req);
     round_trip_request(&whole.msg, cut[0] * 256 + cut[1], cut[3] & 1);
