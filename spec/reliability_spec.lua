@@ -19,7 +19,9 @@ local run = runtime.blocking
 
 describe("a client that floods pings and never reads", function()
   it("leaves other connections, new handshakes and timers served, within max_buffered", function()
-    local h, url, port = examples.echo({ "--port", "0" })
+    -- the server pings every idle connection each 0.5 s: its timer is
+    -- what a raw probe below watches for
+    local h, url, port = examples.echo({ "--port", "0", "--ping-interval", "0.5" })
     local probe = assert(connect(url))
     assert(probe:send("warm up"))
     assert.equal("warm up", (probe:receive(10)))
@@ -40,6 +42,19 @@ describe("a client that floods pings and never reads", function()
         core.sleep(0.05)
       end
     end)
+    -- the server's timers run: an idle connection gets its heartbeat ping
+    local pinged = run(function()
+      local sock = raw.upgrade(tonumber(port), "/", 10)
+      local deadline = core.now() + 10
+      while core.now() < deadline do
+        local d = sock:read(nil, math.max(0, deadline - core.now()))
+        if not d then break end
+        if d:find("\x89", 1, true) then sock:close() return true end
+      end
+      sock:close()
+      return false
+    end)
+    assert.is_true(pinged, "no heartbeat ping from the server during the flood")
     -- new handshakes go through too
     local fresh = assert(connect(url, { timeout = 10 }))
     assert(fresh:send("fresh"))
