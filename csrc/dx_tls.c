@@ -73,9 +73,23 @@ static int load_chain(SSL_CTX *ctx, const char *path, char *err, size_t errlen) 
   return 0;
 }
 
+/* A file OpenSSL is about to read must be readable: say so plainly ("cannot
+ * read certificate x.pem: No such file or directory"), not as OpenSSL's
+ * "system lib" error. */
+static int readable(const char *what, const char *path, char *err, size_t errlen) {
+  FILE *f = fopen(path, "rb");
+  if (f) {
+    fclose(f);
+    return 0;
+  }
+  snprintf(err, errlen, "cannot read %s %.256s: %s", what, path, strerror(errno));
+  return -1;
+}
+
 static int load_ca(SSL_CTX *ctx, const char *ca, char *err, size_t errlen) {
   struct stat st;
   int dir = stat(ca, &st) == 0 && S_ISDIR(st.st_mode);
+  if (!dir && readable("CA file", ca, err, errlen) < 0) return -1;
   if (!SSL_CTX_load_verify_locations(ctx, dir ? NULL : ca, dir ? ca : NULL)) {
     char what[64 + 256];
     snprintf(what, sizeof what, "ca %.256s", ca);
@@ -95,6 +109,9 @@ static int ctx_setup(dx_tls_ctx *c, const dx_tls_config *cfg, char *err, size_t 
    * should not hold OpenSSL's 34 KiB buffers. */
   SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
                             SSL_MODE_RELEASE_BUFFERS);
+  if (cfg->cert && readable("certificate", cfg->cert, err, errlen) < 0) return -1;
+  if (cfg->key && readable("key", cfg->key, err, errlen) < 0) return -1;
+  if (cfg->chain && readable("chain", cfg->chain, err, errlen) < 0) return -1;
   if (cfg->cert && SSL_CTX_use_certificate_chain_file(ctx, cfg->cert) != 1) {
     char what[64 + 256];
     snprintf(what, sizeof what, "cert %.256s", cfg->cert);

@@ -265,7 +265,11 @@ describe("duplex.core TLS", function()
   it("reports context errors", function()
     local ctx, err = core.tls_context{mode = "server", cert = c.dir .. "/missing.pem", key = c.key}
     assert.is_nil(ctx)
-    assert.matches("cert", err)
+    assert.equal("cannot read certificate " .. c.dir .. "/missing.pem: No such file or directory", err)
+    ctx, err = core.tls_context{mode = "server", cert = c.cert, key = c.dir .. "/nokey.pem"}
+    assert.equal("cannot read key " .. c.dir .. "/nokey.pem: No such file or directory", err)
+    ctx, err = core.tls_context{mode = "client", ca = c.dir .. "/noca.pem"}
+    assert.equal("cannot read CA file " .. c.dir .. "/noca.pem: No such file or directory", err)
     ctx, err = core.tls_context{mode = "server"}
     assert.is_nil(ctx)
     assert.matches("needs cert and key", err)
