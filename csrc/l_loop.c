@@ -35,7 +35,7 @@ static const char TASKS_KEY = 'T';
 static const char ONERROR_KEY = 'E';
 static const char SIGNALS_KEY = 'S';
 
-#define NOT_A_TASK "must be called from a coroutine started by duplex.core.spawn"
+#define NOT_A_TASK "must be called from a coroutine started by duplex.spawn"
 
 typedef struct lloop {
   dx_loop loop;

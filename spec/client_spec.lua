@@ -209,6 +209,16 @@ describe("client", function()
     assert.is_number(srv.port)
   end)
 
+  it("names the address when listen fails, and sleeps from the main chunk", function()
+    local srv = echo_server()
+    local again, err = duplex.listen { host = "127.0.0.1", port = srv.port, handler = function() end }
+    assert.is_nil(again)
+    assert.equal("listen on 127.0.0.1:" .. srv.port .. " failed: address already in use", err)
+    local t = core.now()
+    duplex.sleep(0.05) -- the main chunk: runs the loop meanwhile
+    assert.is_true(core.now() - t >= 0.04)
+  end)
+
   it("times out a server that accepts TCP but never answers the handshake", function()
     local listener = assert(core.listen { host = "127.0.0.1", port = 0 })
     local _, port = listener:address()

@@ -164,7 +164,7 @@ describe("duplex.core loop", function()
   end)
 
   it("refuses to block outside a loop coroutine", function()
-    local pattern = "must be called from a coroutine started by duplex.core.spawn"
+    local pattern = "must be called from a coroutine started by duplex.spawn"
     assert.error_matches(function() core.sleep(0) end, pattern)
     assert.error_matches(function() core.park() end, pattern)
     local co = coroutine.create(function() core.sleep(0) end)

@@ -324,7 +324,7 @@ describe("duplex.core sockets", function()
 
   it("refuses blocking socket calls outside a loop coroutine", function()
     local l = assert(core.listen{host = "127.0.0.1", port = 0})
-    assert.error_matches(function() l:accept() end, "must be called from a coroutine started by duplex.core.spawn")
+    assert.error_matches(function() l:accept() end, "must be called from a coroutine started by duplex.spawn")
     assert.error_matches(function() core.connect{host = "127.0.0.1", port = 1} end, "must be called from a coroutine")
     l:close()
   end)

@@ -113,7 +113,10 @@ end
 
 duplex.stop = core.stop           -- make duplex.run() return
 duplex.spawn = core.spawn         -- run a function in a new coroutine
-duplex.sleep = core.sleep         -- seconds; yields
+--- Wait this many seconds: yields inside a coroutine, runs the loop meanwhile
+--- from the main chunk (like connect and receive).
+---@param seconds number
+function duplex.sleep(seconds) return runtime.blocking(core.sleep, seconds) end
 duplex.now = core.now             -- monotonic seconds
 duplex.timer = core.timer         -- timer(seconds, fn [, repeat]) -> t with t:cancel()
 duplex.signal = core.signal       -- signal("TERM", fn)

@@ -169,7 +169,10 @@ function server.listen(opts)
   local listener, err = core.listen {
     host = self.host, port = self.port, backlog = self.backlog, reuseport = self.reuseport,
   }
-  if not listener then return nil, err end
+  if not listener then
+    local where = self.host:find(":", 1, true) and "[" .. self.host .. "]" or self.host
+    return nil, string.format("listen on %s:%d failed: %s", where, self.port, tostring(err))
+  end
   self.listener = listener
   self.host, self.port = listener:address()
   self.accepting = core.spawn(accept_loop, self)
