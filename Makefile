@@ -124,10 +124,11 @@ $(SEEDS_BIN): fuzz/roundtrip_seeds.c fuzz/fuzz_roundtrip.c $(PROTO_SRC) $(HDR) |
 bench: all
 	$(MAKE) -C bench run
 
+# PORT=9000 make demo (or make demo PORT=9000) picks the port (8080).
 demo:
 	@scripts/deps demo
 	$(MAKE) all
-	$(LUA) examples/chat/server.lua
+	$(LUA) examples/chat/server.lua $(if $(PORT),--port $(PORT))
 
 install: all
 	install -d $(DESTDIR)$(LUA_LMOD)/duplex $(DESTDIR)$(LUA_CMOD)/duplex
