@@ -102,6 +102,23 @@ describe("pubsub in one process", function()
     for _, ws in ipairs(clients) do ws:close() end
   end)
 
+  it("shares one large frame among subscribers without a copy each, intact for all", function()
+    local hub = pubsub.new { max_backlog = 8 << 20 }
+    local srv = topic_server(hub)
+    local clients = {}
+    for i = 1, 40 do clients[i] = connect(srv, "/big") end
+    wait_until("40 subscribers", 10, function() return hub:subscribers("big") == 40 end)
+    local big = {}
+    for i = 1, 3 do
+      big[i] = string.rep(string.char(96 + i), 200000) .. i
+      assert.equal(40, hub:publish("big", big[i], "binary"))
+    end
+    for _, ws in ipairs(clients) do
+      for i = 1, 3 do assert.equal(big[i], (ws:receive(10))) end
+    end
+    for _, ws in ipairs(clients) do ws:close() end
+  end)
+
   it("forgets a connection once it ends, whether it closes or vanishes", function()
     local hub = pubsub.new()
     local srv, conns = topic_server(hub)

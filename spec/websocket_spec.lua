@@ -481,6 +481,18 @@ describe("TLS", function()
   setup(function() c = certs.generate() end)
   teardown(function() c.cleanup() end)
 
+  it("echoes large messages over wss intact (payloads queued by reference, written record by record)", function()
+    local srv = listen { tls = { cert = c.cert, key = c.key }, handler = echo }
+    local ws = assert(duplex.connect("wss://localhost:" .. srv.port .. "/", { tls = { ca = c.ca } }))
+    local sent = {}
+    for i, n in ipairs { 16 * 1024, 100000, 1 << 20, 17, 3 << 20 } do
+      sent[i] = string.rep(string.char(64 + i), n - 4) .. string.format("%04d", i)
+      assert(ws:send(sent[i], "binary"))
+    end
+    for i = 1, #sent do assert.equal(sent[i], (ws:receive(10))) end
+    ws:close()
+  end)
+
   it("serves wss with a certificate and verifies it on the client", function()
     local srv = listen { tls = { cert = c.cert, key = c.key }, handler = echo }
     assert.matches("^wss://", srv:url("/"))
