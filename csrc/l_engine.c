@@ -286,13 +286,19 @@ static int l_data_to_send(lua_State *L) {
 }
 
 /* e:shrink(): release the memory of empty buffers (an idle connection). */
+/* Both also let go of the strings of payloads written meanwhile: a quiet
+ * connection (the heartbeat sweep asks them) holds no written message. */
 static int l_shrink(lua_State *L) {
-  dx_proto_shrink(&check(L, 1)->p);
+  engine *e = check(L, 1);
+  drop_released(L, 1, e);
+  dx_proto_shrink(&e->p);
   return 0;
 }
 
 static int l_pending(lua_State *L) {
-  lua_pushinteger(L, (lua_Integer)dx_proto_pending(&check(L, 1)->p));
+  engine *e = check(L, 1);
+  drop_released(L, 1, e);
+  lua_pushinteger(L, (lua_Integer)dx_proto_pending(&e->p));
   return 1;
 }
 
