@@ -102,7 +102,7 @@ fuzz-build: $(FUZZ_BIN)
 # fuzz_url and fuzz_resp embed Lua 5.4 to fuzz the parsers written in Lua.
 LUA_LIB   ?= -llua5.4
 build/fuzz/%: fuzz/%.c fuzz/lua_harness.h fuzz/fuzz_check.h $(ENGINE_SRC) $(HDR) | build/fuzz
-	$(FUZZ_CC) -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -Icsrc $(LUA_INC) -o $@ $< $(ENGINE_SRC) $(LIBS) $(LUA_LIB) -lm -ldl
+	$(FUZZ_CC) -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Icsrc $(LUA_INC) -o $@ $< $(ENGINE_SRC) $(LIBS) $(LUA_LIB) -lm -ldl
 
 fuzz: fuzz-build
 	scripts/fuzz-smoke $(FUZZ_TIME)

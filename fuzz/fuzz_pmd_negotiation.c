@@ -40,7 +40,7 @@ static int read_elements(const char *p, size_t n, dx_pmd_offer *out, int *valid,
     } else if (in_pmd && valid[k - 1]) {
       char value[256];
       size_t vn = t.value.n < sizeof value ? t.value.n : sizeof value;
-      memcpy(value, t.value.p, vn);
+      if (vn) memcpy(value, t.value.p, vn); /* a bare parameter has no value (NULL) */
       if (t.quoted) vn = dx_http_unquote(t.value.p, vn, value);
       if (dx_pmd_offer_add(&out[k - 1], t.name.p, t.name.n, value, vn, t.has_value)) valid[k - 1] = 0;
     }
