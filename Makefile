@@ -9,6 +9,9 @@ LUA_INC   ?= $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/inclu
 LUAJIT_INC ?= $(shell pkg-config --cflags luajit 2>/dev/null || echo -I/usr/include/luajit-2.1)
 LUA_LMOD  ?= $(PREFIX)/share/lua/5.4
 LUA_CMOD  ?= $(PREFIX)/lib/lua/5.4
+BINDIR    ?= $(PREFIX)/bin
+LJ_LMOD   ?= $(PREFIX)/share/lua/5.1
+LJ_CMOD   ?= $(PREFIX)/lib/lua/5.1
 CC        ?= cc
 OPT       ?= -O2 -g
 WARN      = -Wall -Wextra -Wno-unused-parameter -Wshadow -Wstrict-prototypes
@@ -35,15 +38,15 @@ LJ_SRC    := $(addprefix csrc/,l_core.c l_util.c l_engine.c l_handshake.c l_pmd.
 LJ_OBJ    := $(LJ_SRC:csrc/%.c=build/luajit-obj/%.o)
 LJ_LIBS   = -lcrypto -lz
 
-CORE      = lua/duplex/core.so
+CORE      = build/duplex/core.so
 ASAN_CORE = build/asan/duplex/core.so
 LJ_CORE   = build/luajit/duplex/core.so
 
-.PHONY: all check demo install asan luajit bench fuzz fuzz-build fuzz-long seeds clean deps spec spec-asan test-fuzz interop
+.PHONY: all check demo install install-luajit asan luajit bench fuzz fuzz-build fuzz-long seeds clean deps spec spec-asan test-fuzz interop
 
 all: $(CORE)
 
-$(CORE): $(OBJ)
+$(CORE): $(OBJ) | build/duplex
 	$(CC) -shared -o $@ $(OBJ) $(LDFLAGS) $(LIBS)
 
 build/obj/%.o: csrc/%.c $(HDR) | build/obj
@@ -68,7 +71,7 @@ $(LJ_CORE): $(LJ_OBJ) | build/luajit/duplex
 build/luajit-obj/%.o: csrc/%.c $(HDR) | build/luajit-obj
 	$(CC) $(LJ_CFLAGS) -c -o $@ $<
 
-build/obj build/asan-obj build/asan/duplex build/luajit-obj build/luajit/duplex build/fuzz build/bench:
+build/obj build/duplex build/asan-obj build/asan/duplex build/luajit-obj build/luajit/duplex build/fuzz build/bench:
 	mkdir -p $@
 
 deps:
@@ -130,10 +133,21 @@ demo:
 	$(MAKE) all
 	$(LUA) examples/chat/server.lua $(if $(PORT),--port $(PORT))
 
+# One core.so, the Lua modules and the command-line tool; `luarocks make`
+# runs this same target with the rock tree's directories (rockspec/).
 install: all
 	install -d $(DESTDIR)$(LUA_LMOD)/duplex $(DESTDIR)$(LUA_CMOD)/duplex
 	install -m 644 lua/duplex/*.lua $(DESTDIR)$(LUA_LMOD)/duplex/
 	install -m 755 $(CORE) $(DESTDIR)$(LUA_CMOD)/duplex/core.so
 
+# The OpenResty/LuaJIT variant: the sans-I/O core and the modules that
+# duplex.nginx needs, which are the ones that parse as Lua 5.1.
+LJ_LUA    := $(addprefix lua/duplex/,core.lua handshake.lua nginx.lua runtime.lua transport.lua url.lua websocket.lua)
+install-luajit: luajit
+	install -d $(DESTDIR)$(LJ_LMOD)/duplex $(DESTDIR)$(LJ_CMOD)/duplex
+	install -m 644 $(LJ_LUA) $(DESTDIR)$(LJ_LMOD)/duplex/
+	install -m 755 $(LJ_CORE) $(DESTDIR)$(LJ_CMOD)/duplex/core.so
+
+# lua/duplex/core.so: where builds before 0.2.0 put the core.
 clean:
-	rm -rf build $(CORE)
+	rm -rf build lua/duplex/core.so

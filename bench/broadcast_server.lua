@@ -10,7 +10,7 @@
 -- 50 million notices before the first measured message.
 local root = arg[0]:match("^(.*)/bench/[^/]*$") or "."
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
-package.cpath = root .. "/lua/?.so;" .. package.cpath
+package.cpath = root .. "/build/?.so;" .. package.cpath
 
 local duplex = require "duplex"
 local pubsub = require "duplex.pubsub"

@@ -9,7 +9,7 @@
 -- clients live in this process.
 local root = arg[0]:match("^(.*)/bench/[^/]*$") or "."
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
-package.cpath = root .. "/lua/?.so;" .. package.cpath
+package.cpath = root .. "/build/?.so;" .. package.cpath
 
 local duplex = require "duplex"
 local core = require "duplex.core"

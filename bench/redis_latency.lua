@@ -11,7 +11,7 @@
 -- it afterwards.
 local root = arg[0]:match("^(.*)/bench/[^/]*$") or "."
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
-package.cpath = root .. "/lua/?.so;" .. package.cpath
+package.cpath = root .. "/build/?.so;" .. package.cpath
 
 local duplex = require "duplex"
 local core = require "duplex.core"

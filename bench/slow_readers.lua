@@ -9,7 +9,7 @@
 --   lua5.4 bench/slow_readers.lua [--peers 200] [--size 1048576] [--seconds 8]
 local ROOT = arg[0]:match("^(.*)/bench/[^/]*$") or "."
 package.path = ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua;" .. package.path
-package.cpath = (os.getenv("DUPLEX_CPATH") or ROOT .. "/lua/?.so") .. ";" .. package.cpath
+package.cpath = (os.getenv("DUPLEX_CPATH") or ROOT .. "/build/?.so") .. ";" .. package.cpath
 local duplex = require "duplex"
 local core = require "duplex.core"
 

@@ -6,6 +6,7 @@
  */
 #include <stdio.h>
 
+#include "dx_version.h"
 #include "l_core.h"
 
 lua_Integer dx_opt_integer(lua_State *L, int t, const char *field, lua_Integer dflt, lua_Integer lo,
@@ -58,7 +59,7 @@ int luaopen_duplex_core(lua_State *L) {
   dx_open_loop(L);
   dx_open_socket(L);
 #endif
-  lua_pushliteral(L, "0.1.0");
+  lua_pushliteral(L, DX_VERSION);
   lua_setfield(L, -2, "version");
   return 1;
 }

@@ -7,7 +7,7 @@
 local root = arg[0]:match("^(.*)/examples/[^/]*$") or "."
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
 -- DUPLEX_CPATH (set by scripts/asan-env) runs the examples on the sanitized build
-package.cpath = (os.getenv("DUPLEX_CPATH") or root .. "/lua/?.so") .. ";" .. package.cpath
+package.cpath = (os.getenv("DUPLEX_CPATH") or root .. "/build/?.so") .. ";" .. package.cpath
 
 local duplex = require "duplex"
 

@@ -1,14 +1,14 @@
--- Build and install duplex from a checkout:
---   luarocks make rockspec/duplex-scm-1.rockspec            (system tree)
+-- Build and install duplex from a checkout (nothing is downloaded):
+--   luarocks make rockspec/duplex-scm-1.rockspec                   (system tree)
 --   luarocks make --tree /tmp/rocktree rockspec/duplex-scm-1.rockspec
--- Every C file in csrc/ and every Lua module in lua/duplex/ must be listed
--- below: a new file has to be added here too (`make` picks them up by itself).
+-- The Makefile does the work (`make` into build/, `make install` into the
+-- rock's directories), so the checkout stays clean and one core.so is
+-- installed. For OpenResty / LuaJIT: rockspec/duplex-openresty-*.rockspec.
 rockspec_format = "3.0"
 package = "duplex"
 version = "scm-1"
 
 source = {
-  -- Built from a checkout with `luarocks make`; nothing is downloaded.
   url = "git+file://.",
 }
 
@@ -17,6 +17,8 @@ description = {
   detailed = [[
 duplex implements RFC 6455 WebSockets with permessage-deflate (RFC 7692),
 TLS through OpenSSL and an event loop, with the protocol engine in C.
+Installs the duplex modules, duplex.core and the `duplex` command
+(duplex connect URL, duplex serve).
 ]],
   license = "MIT",
   labels = {"websocket", "network"},
@@ -32,50 +34,15 @@ external_dependencies = {
 }
 
 build = {
-  type = "builtin",
-  modules = {
-    ["duplex.core"] = {
-      sources = {
-        "csrc/dx_buf.c",
-        "csrc/dx_clock.c",
-        "csrc/dx_frame.c",
-        "csrc/dx_http.c",
-        "csrc/dx_loop.c",
-        "csrc/dx_mask.c",
-        "csrc/dx_out.c",
-        "csrc/dx_pmd.c",
-        "csrc/dx_proto.c",
-        "csrc/dx_sock.c",
-        "csrc/dx_tls.c",
-        "csrc/dx_utf8.c",
-        "csrc/l_core.c",
-        "csrc/l_engine.c",
-        "csrc/l_handshake.c",
-        "csrc/l_loop.c",
-        "csrc/l_pmd.c",
-        "csrc/l_socket.c",
-        "csrc/l_util.c",
-      },
-      incdirs = {"csrc", "$(OPENSSL_INCDIR)", "$(ZLIB_INCDIR)"},
-      libdirs = {"$(OPENSSL_LIBDIR)", "$(ZLIB_LIBDIR)"},
-      libraries = {"ssl", "crypto", "z", "pthread", "m"},
-    },
-    ["duplex"] = "lua/duplex/init.lua",
-    ["duplex.addr"] = "lua/duplex/addr.lua",
-    ["duplex.client"] = "lua/duplex/client.lua",
-    ["duplex.cqueues"] = "lua/duplex/cqueues.lua",
-    ["duplex.handshake"] = "lua/duplex/handshake.lua",
-    ["duplex.nginx"] = "lua/duplex/nginx.lua",
-    ["duplex.options"] = "lua/duplex/options.lua",
-    ["duplex.poll"] = "lua/duplex/poll.lua",
-    ["duplex.pubsub"] = "lua/duplex/pubsub.lua",
-    ["duplex.redis"] = "lua/duplex/redis.lua",
-    ["duplex.resp"] = "lua/duplex/resp.lua",
-    ["duplex.runtime"] = "lua/duplex/runtime.lua",
-    ["duplex.server"] = "lua/duplex/server.lua",
-    ["duplex.transport"] = "lua/duplex/transport.lua",
-    ["duplex.url"] = "lua/duplex/url.lua",
-    ["duplex.websocket"] = "lua/duplex/websocket.lua",
-    ["duplex.workers"] = "lua/duplex/workers.lua",
+  type = "make",
+  build_variables = {
+    CFLAGS = "$(CFLAGS) -I$(OPENSSL_INCDIR) -I$(ZLIB_INCDIR)",
+    LDFLAGS = "-L$(OPENSSL_LIBDIR) -L$(ZLIB_LIBDIR)",
+    LUA_INC = "-I$(LUA_INCDIR)",
+  },
+  install_variables = {
+    LUA_LMOD = "$(LUADIR)",
+    LUA_CMOD = "$(LIBDIR)",
+    BINDIR = "$(BINDIR)",
   },
 }

@@ -74,7 +74,7 @@ end
 
 local function lua54()
   return run("lua5.4", { "lua5.4", SCRIPT },
-    { DUPLEX_CORE_CPATH = os.getenv("DUPLEX_CPATH") or ROOT .. "/lua/?.so" })
+    { DUPLEX_CORE_CPATH = os.getenv("DUPLEX_CPATH") or ROOT .. "/build/?.so" })
 end
 
 local function describe_run(r)

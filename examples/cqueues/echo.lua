@@ -3,7 +3,7 @@
 --
 --   lua5.4 examples/cqueues/echo.lua [--port 8080] [--deflate] [--ping-interval S]
 package.path = "./lua/?.lua;./lua/?/init.lua;" .. package.path
-package.cpath = "./lua/?.so;" .. package.cpath
+package.cpath = "./build/?.so;" .. package.cpath
 local cqueues = require "cqueues"
 local dcq = require "duplex.cqueues"
 

@@ -7,7 +7,7 @@
 -- going all the time, so a user value kept in the wrong place (the fenv
 -- table of l_compat.h) is collected under the engine's feet and shows.
 -- The spec also runs it with lua5.4 against the 5.4 build
--- (DUPLEX_CORE_CPATH=lua/?.so): both builds must behave the same.
+-- (DUPLEX_CORE_CPATH=build/?.so): both builds must behave the same.
 -- Written in Lua 5.1 (LuaJIT): no integer operators, no string.pack.
 local have_bit, bit = pcall(require, "bit")
 if not have_bit then -- Lua 5.4 has operators instead; load() keeps them from LuaJIT's parser
@@ -185,7 +185,7 @@ end
 check("module loads", function()
   core = require "duplex.core"
   eq("table", type(core))
-  eq("0.1.0", core.version)
+  assert(type(core.version) == "string" and core.version:match("^%d+%.%d+%.%d+$"), "core.version")
   for _, f in ipairs { "engine", "encode_frame", "close_code_valid", "handshake_server", "handshake_client",
                        "handshake_response", "http_response", "accept_key", "pmd_offer", "pmd_accept",
                        "pmd_check_response", "pmd_attach", "pmd_codec", "utf8_valid", "mask", "random",

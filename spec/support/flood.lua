@@ -9,7 +9,7 @@
 --     (their echoes pile up)
 -- Prints "flooding" once every handshake is done and goes on until killed.
 package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
-package.cpath = (os.getenv("DUPLEX_CPATH") or "lua/?.so") .. ";" .. package.cpath
+package.cpath = (os.getenv("DUPLEX_CPATH") or "build/?.so") .. ";" .. package.cpath
 local core = require "duplex.core"
 local raw = require "support.raw"
 
