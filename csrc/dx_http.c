@@ -318,6 +318,43 @@ void dx_http_split_target(dx_str t, dx_str *path, dx_str *query) {
   if (qm < n) *query = (dx_str){s + qm + 1, n - qm - 1};
 }
 
+int dx_http_query_next(dx_str *rest, dx_str *name, dx_str *value) {
+  const char *s = rest->p, *end = rest->p + rest->n;
+  while (s < end && *s == '&') s++;
+  if (s == end) return 0;
+  const char *amp = memchr(s, '&', (size_t)(end - s));
+  if (!amp) amp = end;
+  const char *eq = memchr(s, '=', (size_t)(amp - s));
+  *name = (dx_str){s, (size_t)((eq ? eq : amp) - s)};
+  *value = eq ? (dx_str){eq + 1, (size_t)(amp - eq - 1)} : (dx_str){amp, 0};
+  rest->p = amp;
+  rest->n = (size_t)(end - amp);
+  return 1;
+}
+
+static int hex_value(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  c |= 0x20;
+  return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+size_t dx_http_query_decode(dx_str in, char *out) {
+  size_t n = 0;
+  for (size_t i = 0; i < in.n; i++) {
+    char c = in.p[i];
+    int hi, lo;
+    if (c == '+') {
+      c = ' ';
+    } else if (c == '%' && i + 2 < in.n && (hi = hex_value(in.p[i + 1])) >= 0 &&
+               (lo = hex_value(in.p[i + 2])) >= 0) {
+      c = (char)(hi << 4 | lo);
+      i += 2;
+    }
+    out[n++] = c;
+  }
+  return n;
+}
+
 /* ---------------------------------------------------------------------- */
 /* Sec-WebSocket-Extensions                                                */
 

@@ -106,6 +106,16 @@ int dx_http_has_token(const dx_http_msg *m, const char *name, const char *tok);
  * An absolute-form target (http://host/p?q) yields its path ("/" if none). */
 void dx_http_split_target(dx_str target, dx_str *path, dx_str *query);
 
+/* Walk a query "a=1&b=&c" one parameter at a time: 1 with the next name and
+ * value (still encoded; value.n 0 without '='), 0 at the end. Empty
+ * parameters ("a=1&&b") are skipped. */
+int dx_http_query_next(dx_str *rest, dx_str *name, dx_str *value);
+/* Decode one query component as HTML forms encode it ('+' is a space, %XX a
+ * byte) into out, which has room for in.n bytes; returns the length. A '%'
+ * without two hex digits stays as it is: links in the wild have them, and
+ * refusing the request over it would help nobody. */
+size_t dx_http_query_decode(dx_str in, char *out);
+
 /* --- Sec-WebSocket-Extensions ------------------------------------------ */
 
 /* extension-list = 1#( token *( ";" token [ "=" ( token / quoted-string ) ] ) )

@@ -306,12 +306,36 @@ static int l_handshake_server(lua_State *L) {
   return 1;
 }
 
+static void push_query_part(lua_State *L, dx_str part) {
+  luaL_Buffer b;
+  char *out = luaL_buffinitsize(L, &b, part.n);
+  luaL_pushresultsize(&b, dx_http_query_decode(part, out));
+}
+
+/* The query as a table of decoded parameters; for a name given more than
+ * once the first value counts (request.raw_query keeps the rest). */
+static void push_query(lua_State *L, dx_str query) {
+  dx_str name, value;
+  lua_newtable(L);
+  while (query.p && dx_http_query_next(&query, &name, &value)) {
+    push_query_part(L, name);
+    if (lua_rawget(L, -2) != LUA_TNIL) {
+      lua_pop(L, 1);
+      continue;
+    }
+    lua_pop(L, 1);
+    push_query_part(L, name);
+    push_query_part(L, value);
+    lua_rawset(L, -3);
+  }
+}
+
 static void push_request(lua_State *L, const dx_http_msg *m) {
   dx_ws_request r;
   dx_str path, query;
   dx_ws_check_request(m, &r);
   dx_http_split_target(m->target, &path, &query);
-  lua_createtable(L, 0, 18);
+  lua_createtable(L, 0, 19);
   push_str(L, m->method);
   lua_setfield(L, -2, "method");
   push_str(L, m->target);
@@ -319,6 +343,8 @@ static void push_request(lua_State *L, const dx_http_msg *m) {
   push_str(L, path);
   lua_setfield(L, -2, "path");
   push_str(L, query);
+  lua_setfield(L, -2, "raw_query");
+  push_query(L, query);
   lua_setfield(L, -2, "query");
   push_version(L, m);
   lua_setfield(L, -2, "version");

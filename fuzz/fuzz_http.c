@@ -69,6 +69,24 @@ static void check_same(const dx_http_parser *a, const dx_http_parser *b) {
   }
 }
 
+/* Every parameter of the query lies inside it, and decodes to at most its
+ * own length, without a '%' that starts a valid escape in a byte it wrote. */
+static void walk_query(dx_str query) {
+  dx_str rest = query, name, value;
+  size_t seen = 0;
+  while (dx_http_query_next(&rest, &name, &value)) {
+    CHECK(name.p >= query.p && name.p + name.n <= query.p + query.n);
+    CHECK(value.p >= name.p + name.n && value.p + value.n <= query.p + query.n);
+    CHECK(++seen <= query.n);
+    char *out = malloc(value.n ? value.n : 1);
+    size_t n = dx_http_query_decode(value, out);
+    CHECK(n <= value.n);
+    CHECK(memchr(out, '+', n) == NULL || memchr(value.p, '%', value.n) != NULL);
+    free(out);
+  }
+  CHECK(rest.n == 0 || rest.p[0] == '&');
+}
+
 /* Walk everything a binding would look at. */
 static void walk(const dx_http_msg *m) {
   dx_http_list l;
@@ -76,6 +94,7 @@ static void walk(const dx_http_msg *m) {
   dx_http_list_init(&l, m, "sec-websocket-protocol");
   while (dx_http_list_next(&l, &item)) CHECK(item.n > 0);
   dx_http_split_target(m->target.p ? m->target : (dx_str){"", 0}, &path, &query);
+  if (query.p) walk_query(query);
   size_t i = 0;
   const dx_http_header *h;
   while ((h = dx_http_next_named(m, "sec-websocket-extensions", &i)) != NULL) {

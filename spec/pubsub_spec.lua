@@ -35,8 +35,8 @@ local function topic_server(hubs, opts)
     host = "127.0.0.1", port = 0, ping_interval = 0,
     max_buffered = opts.max_buffered,
     handler = function(ws, req)
-      local hub = hubs.publish and hubs or hubs[req.query]
-      if req.query then connections[req.query] = ws end
+      local hub = hubs.publish and hubs or hubs[req.raw_query]
+      if req.raw_query then connections[req.raw_query] = ws end
       hub:subscribe(ws, req.path:sub(2))
       for _ in ws:messages() do end
       hub:unsubscribe_all(ws)

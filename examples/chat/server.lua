@@ -56,9 +56,10 @@ end
 local function valid_name(s) return s and s:match("^[%w_%-]+$") and #s <= 32 end
 
 local function chat(ws, request)
-  local nick = request.query and request.query:match("nick=([%w_%-]+)") or ("guest" .. math.random(1000, 9999))
-  local room = request.query and request.query:match("room=([%w_%-]+)") or "lobby"
+  local nick = request.query.nick or ("guest" .. math.random(1000, 9999))
+  local room = request.query.room or "lobby"
   if not valid_name(nick) then nick = "guest" end
+  if not valid_name(room) then room = "lobby" end
   hub:subscribe(ws, "room:" .. room)
   -- Naming the node shows which one a load balancer picked.
   ws:send("* you are " .. nick .. " in #" .. room .. " (from " .. ws.remote_address .. ", node "

@@ -61,10 +61,10 @@ end
 local function valid_name(s) return s and s:match("^[%w_%-]+$") and #s <= 32 end
 
 local function handler(ws, request)
-  local q = request.query or ""
-  local nick = q:match("nick=([%w_%-]+)") or ("guest" .. math.random(1000, 9999))
-  local room = q:match("room=([%w_%-]+)") or "lobby"
+  local nick = request.query.nick or ("guest" .. math.random(1000, 9999))
+  local room = request.query.room or "lobby"
   if not valid_name(nick) then nick = "guest" end
+  if not valid_name(room) then room = "lobby" end
   join(ws, room)
   ws:send("* you are " .. nick .. " in #" .. room .. " (from " .. ws.remote_address
     .. ", nginx worker " .. ngx.worker.id() .. ")")

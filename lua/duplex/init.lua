@@ -21,7 +21,8 @@ local duplex = {
 ---@field method string
 ---@field target string              request target as sent ("/chat?room=1")
 ---@field path string
----@field query string|nil
+---@field query table<string, string> decoded parameters (first value of a repeated name); {} without a query
+---@field raw_query string|nil        the query as sent, without the "?"
 ---@field version string
 ---@field headers table<string, string> lower-case names; repeated headers joined with ", "
 ---@field host string|nil
