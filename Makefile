@@ -142,7 +142,7 @@ install: all
 
 # The OpenResty/LuaJIT variant: the sans-I/O core and the modules that
 # duplex.nginx needs, which are the ones that parse as Lua 5.1.
-LJ_LUA    := $(addprefix lua/duplex/,core.lua handshake.lua nginx.lua runtime.lua transport.lua url.lua websocket.lua)
+LJ_LUA    := $(addprefix lua/duplex/,core.lua handshake.lua nginx.lua options.lua runtime.lua transport.lua url.lua websocket.lua)
 install-luajit: luajit
 	install -d $(DESTDIR)$(LJ_LMOD)/duplex $(DESTDIR)$(LJ_CMOD)/duplex
 	install -m 644 $(LJ_LUA) $(DESTDIR)$(LJ_LMOD)/duplex/

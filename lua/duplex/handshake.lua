@@ -7,6 +7,7 @@
 --- Runs on Lua 5.4 and on LuaJIT: no integer operators here.
 local core = require "duplex.core"
 local WebSocket = require "duplex.websocket"
+local options = require "duplex.options"
 
 local now = core.now
 local max_buffered = WebSocket.defaults.max_buffered
@@ -17,23 +18,16 @@ local READ_SIZE = 65536 -- per read while handshaking: headers are limited far b
 
 handshake.max_message = 16 * 1024 * 1024
 
--- Per-route settings fall back to the server's, then to the library's.
-local ROUTE_KEYS = {
-  "handler", "protocols", "select_protocol", "origins", "on_request", "headers",
-  "max_message", "max_frame", "streaming", "deflate", "ping_interval", "ping_timeout",
-  "close_timeout", "high_water", "low_water", "max_buffered", "send_timeout",
-  "compress_threshold",
-}
-
 --- Server side: the settings of one route (spec may be a handler function),
---- each falling back to opts. level is the error level for a bad spec.
+--- each of duplex.options.route falling back to opts (the server's), then
+--- to the library's. level is the error level for a bad spec.
 function handshake.route(opts, spec, level)
   if type(spec) == "function" then spec = { handler = spec } end
   if type(spec) ~= "table" or type(spec.handler) ~= "function" then
     error("every route needs a handler function", (level or 1) + 1)
   end
   local route = {}
-  for _, k in ipairs(ROUTE_KEYS) do
+  for k in pairs(options.route) do
     local v = spec[k]
     if v == nil then v = opts[k] end
     route[k] = v
@@ -173,9 +167,52 @@ local function feed(hc, offer, opts, data)
   }
 end
 
+handshake.max_refusal_body = 65536
+
+-- A chunked body decoded as far as data goes: the body so far, and whether
+-- the last chunk was seen.
+local function dechunk(data)
+  local parts, pos = {}, 1
+  while true do
+    local line_end = data:find("\r\n", pos, true)
+    if not line_end then return table.concat(parts), false end
+    local size = tonumber(data:sub(pos, line_end - 1):match("^%s*(%x+)"), 16)
+    if not size then return table.concat(parts), true end -- garbled: keep what came
+    if size == 0 then return table.concat(parts), true end
+    local first = line_end + 2
+    parts[#parts + 1] = data:sub(first, first + size - 1)
+    if #data < first + size + 1 then return table.concat(parts), false end
+    pos = first + size + 2
+  end
+end
+
+-- A refusal's body says why (401 "log in first"): read it as far as
+-- Content-Length, the chunks or the end of the stream say, but no more than
+-- max_refusal_body bytes and no later than deadline.
+local function read_body(src, res, data, deadline)
+  if res.status == 204 or res.status == 304 or res.status < 200 then return "" end
+  local limit = handshake.max_refusal_body
+  local length = tonumber(res.headers["content-length"])
+  local chunked = (res.headers["transfer-encoding"] or ""):lower():find("chunked", 1, true)
+  local want = length and math.min(length, limit) or limit
+  local parts, have = { data }, #data
+  while have < want do
+    if chunked and select(2, dechunk(table.concat(parts))) then break end
+    local left = deadline - now()
+    if left <= 0 then break end
+    local more = src:read(READ_SIZE, left)
+    if not more then break end
+    parts[#parts + 1] = more
+    have = have + #more
+  end
+  local body = table.concat(parts)
+  if chunked then body = dechunk(body) end
+  return body:sub(1, want)
+end
+
 --- Client side: read the response to hc:request() from src until deadline.
 --- Returns the engine and the connection's fields, or nil, err and (when
---- the server answered) the response.
+--- the server answered) the response, with the body of a refusal.
 function handshake.read_response(src, hc, offer, opts, deadline)
   while true do
     local data, err = src:read(READ_SIZE, math.max(0, deadline - now()))
@@ -183,7 +220,11 @@ function handshake.read_response(src, hc, offer, opts, deadline)
       return nil, err == "timeout" and "handshake timed out" or "connection closed during handshake: " .. tostring(err)
     end
     local engine, info, res = feed(hc, offer, opts, data)
-    if engine or info then return engine, info, res end
+    if engine then return engine, info end
+    if info then
+      if res and res.status ~= 101 then res.body = read_body(src, res, hc:rest(), deadline) end
+      return nil, info, res
+    end
   end
 end
 

@@ -121,6 +121,10 @@ function duplex.sleep(seconds) return runtime.blocking(core.sleep, seconds) end
 duplex.now = core.now             -- monotonic seconds
 duplex.timer = core.timer         -- timer(seconds, fn [, repeat]) -> t with t:cancel()
 duplex.signal = core.signal       -- signal("TERM", fn)
+--- Where errors of spawned coroutines, timers and signal handlers go (with
+--- their traceback), and servers' errors unless their `log` option is set:
+--- fn(level, message); nil restores the default, stderr.
+duplex.set_log = runtime.set_log
 duplex.encode_frame = core.encode_frame -- one broadcast frame for ws:send_frame
 
 return duplex

@@ -192,7 +192,7 @@ function M.serve(opts)
   local ws, req = M.accept(opts)
   if not ws then return end
   local writer = start_outbox(ws)
-  ws:_serve(opts.handler, req, function(msg) ngx.log(ngx.ERR, "duplex: ", msg) end)
+  ws:_serve(opts, req, function(msg) ngx.log(ngx.ERR, "duplex: ", msg) end)
   boxes[ws].sema:post(1) -- let the writer see the end
   ngx.thread.wait(writer)
   boxes[ws] = nil

@@ -82,6 +82,7 @@ local ROUTE = {
   select_protocol = func,
   origins = strings,
   on_request = func,
+  on_close = func,
 }
 
 local LISTEN = {

@@ -4,6 +4,28 @@ local core = require "duplex.core"
 
 local runtime = {}
 
+--- Where errors go that no caller can receive: a spawned coroutine's or a
+--- timer's, and a server's failed handlers unless its `log` option says
+--- otherwise. function(level, message); duplex.set_log replaces it.
+local function stderr_log(level, message)
+  io.stderr:write(string.format("duplex %s: %s\n", level, message))
+end
+local log_hook = stderr_log
+
+function runtime.log(level, message) log_hook(level, message) end
+
+---@param fn fun(level: string, message: string)|nil nil restores the default (stderr)
+function runtime.set_log(fn)
+  if fn ~= nil and type(fn) ~= "function" then error("set_log: a function or nil expected", 2) end
+  log_hook = fn or stderr_log
+end
+
+-- The loop's own coroutines (duplex.spawn, timers, signal handlers) have no
+-- caller to raise to; LuaJIT's core has no loop.
+if core.on_error then
+  core.on_error(function(_, traceback) runtime.log("error", "error in a coroutine: " .. traceback) end)
+end
+
 --- Run fn(...) where it may block. Inside a loop coroutine it is a plain call;
 --- from the main chunk the loop runs until fn is done, so a script can call
 --- duplex.connect and ws:receive straight down without spawning anything.

@@ -30,10 +30,6 @@ local defaults = {
 }
 server.defaults = defaults
 
-local function default_log(level, msg)
-  io.stderr:write(string.format("duplex %s: %s\n", level, msg))
-end
-
 local function make_routes(opts)
   local routes = {}
   if opts.routes then
@@ -87,7 +83,7 @@ local function upgrade(self, sock, req, hs, route)
   info.remote_address, info.remote_port, info.server = req.remote_address, req.peer_port, self
   local ws = WebSocket.new(sock, engine, route, info)
   self.connections[ws] = true
-  ws:_serve(route.handler, req, function(msg) self.log("error", msg) end)
+  ws:_serve(route, req, function(msg) self.log("error", msg) end)
   self.connections[ws] = nil
 end
 
@@ -150,7 +146,7 @@ function server.listen(opts)
   local self = setmetatable({
     routes = make_routes(opts),
     on_http = opts.on_http,
-    log = opts.log or default_log,
+    log = opts.log or runtime.log,
     trusted_proxies = addr.matcher(opts.trusted_proxies),
     count = 0,
     sockets = {},

@@ -21,6 +21,7 @@ local now = core.now
 ---@field close_code integer|nil       once closed: the peer's close code, or 1006
 ---@field close_reason string|nil
 ---@field latency number|nil           round trip of the last heartbeat, seconds
+---@field data table                  the application's per-connection state; the library never touches it
 local WebSocket = {}
 WebSocket.__index = WebSocket
 -- Connections on our loop: a loop timer drives their heartbeats, waiting
@@ -68,6 +69,7 @@ function WebSocket.new(sock, engine, opts, info, class)
     send_timeout = opt(opts, "send_timeout"),
     compress_threshold = opt(opts, "compress_threshold"),
     deflate = info.deflate or false,
+    data = {},
     _last_seen = now(),
   }, class)
   for k, v in pairs(info) do self[k] = v end
@@ -399,11 +401,13 @@ function WebSocket:close(code, reason)
   return self._wait(close, self, code or 1000, reason or "")
 end
 
---- Run a server handler on this connection, the same on every host: an
---- error in it goes to log(message) and closes with 1011, returning closes
---- with 1000, and the connection is over when this returns.
-function WebSocket:_serve(handler, req, log)
-  local ok, err = xpcall(handler, debug.traceback, self, req)
+--- Run a server handler on this connection, the same on every host:
+--- spec.handler(ws, req); an error in it goes to log(message) and closes
+--- with 1011, returning closes with 1000. Then, whatever ended the
+--- connection, spec.on_close(ws, code, reason). The connection is over when
+--- this returns.
+function WebSocket:_serve(spec, req, log)
+  local ok, err = xpcall(spec.handler, debug.traceback, self, req)
   if not ok then
     log("handler failed: " .. tostring(err))
     self:close(1011, "internal error")
@@ -411,6 +415,17 @@ function WebSocket:_serve(handler, req, log)
     self:close(1000)
   end
   if self.state ~= "closed" then self:abort("handler returned") end
+  if spec.on_close then
+    ok, err = xpcall(spec.on_close, debug.traceback, self, self.close_code, self.close_reason)
+    if not ok then log("on_close failed: " .. tostring(err)) end
+  end
+end
+
+--- For `local ws <close> = assert(duplex.connect(url))`: leaving the scope
+--- closes the connection, with 1000, or 1011 when an error is leaving it.
+function WebSocket:__close(err)
+  if self.state == "open" then self:close(err == nil and 1000 or 1011) end
+  if self.state ~= "closed" then self:abort(err == nil and "closed by scope exit" or tostring(err)) end
 end
 
 --- Drop the TCP connection at once, without a closing handshake.
@@ -478,6 +493,7 @@ end
 local Hosted = setmetatable({}, { __index = WebSocket })
 Hosted.__index = Hosted
 Hosted.__tostring = WebSocket.__tostring
+Hosted.__close = WebSocket.__close
 Hosted.watched = false
 function Hosted._wait(fn, ...) return fn(...) end
 
