@@ -56,7 +56,7 @@ function Stream:write(data, timeout)
   return nil, err, 0
 end
 
-function Stream:yield()
+function Stream.yield(_)
   ngx.sleep(0)
 end
 
@@ -72,7 +72,7 @@ function Stream:close()
   if self.sock.close then self.sock:close() end
 end
 
-function Stream:peer()
+function Stream.peer(_)
   return ngx.var.remote_addr, tonumber(ngx.var.remote_port)
 end
 
