@@ -72,7 +72,11 @@ function Stream:close()
   if self.sock.close then self.sock:close() end
 end
 
-function Stream.peer(_)
+function Stream:peer()
+  -- ngx.var names the request's client: the peer of the raw request socket
+  -- only. A client cosocket cannot tell whom it reached (and in a timer,
+  -- ngx.var raises).
+  if self.sock.close then return nil end
   return ngx.var.remote_addr, tonumber(ngx.var.remote_port)
 end
 
