@@ -643,6 +643,7 @@ describe("http_response", function()
     assert.equal("", body)
     lines, body = parse(core.http_response(404, nil, ""))
     assert.equal("Content-Length: 0", lines[3])
+    assert.equal("", body)
   end)
 
   it("sends no body with 204", function()
