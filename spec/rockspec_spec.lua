@@ -26,7 +26,8 @@ describe("rockspec", function()
     for _, path in ipairs(lines("ls lua/duplex/*.lua")) do
       local name = path:match("lua/duplex/(.-)%.lua$")
       local module = name == "init" and "duplex" or "duplex." .. name
-      assert.truthy(text:find('["' .. module .. '"] = "' .. path .. '"', 1, true), module .. " missing from the rockspec")
+      assert.truthy(text:find('["' .. module .. '"] = "' .. path .. '"', 1, true),
+        module .. " missing from the rockspec")
     end
   end)
 end)
