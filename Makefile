@@ -42,7 +42,7 @@ CORE      = build/duplex/core.so
 ASAN_CORE = build/asan/duplex/core.so
 LJ_CORE   = build/luajit/duplex/core.so
 
-.PHONY: all check demo install install-luajit asan luajit bench fuzz fuzz-build fuzz-long seeds clean deps spec spec-asan test-fuzz interop
+.PHONY: all check demo install install-luajit asan luajit bench fuzz fuzz-build fuzz-long seeds clean deps spec spec-asan test-fuzz interop lint
 
 all: $(CORE)
 
@@ -83,10 +83,16 @@ check: deps
 	@rm -rf build/results && mkdir -p build/results
 	$(MAKE) all asan luajit fuzz-build seeds
 	@rc=0; \
+	scripts/suite lint       scripts/lint || rc=1; \
 	scripts/suite spec       env BUSTED="$(BUSTED)" scripts/specs || rc=1; \
 	scripts/suite spec-asan  scripts/asan-env env BUSTED="$(BUSTED)" scripts/specs || rc=1; \
 	scripts/suite fuzz       scripts/fuzz-smoke || rc=1; \
 	scripts/total; exit $$rc
+
+# luacheck over the Lua code, settings in .luacheckrc; `make check` runs it
+# as a suite (scripts/lint) and wants zero warnings.
+lint:
+	luacheck -q lua examples spec bench
 
 spec: all seeds
 	$(BUSTED) spec

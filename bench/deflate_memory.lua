@@ -77,7 +77,8 @@ local function measure(index, mode)
   local after = rss_kb(pid)
   local deflated = clients[1] and clients[1].deflate
   print(string.format("%-42s %6d conns  %8.0f B/conn  (RSS %d -> %d KiB, deflate %s%s)", mode.name, conns,
-    (after - before) * 1024 / conns, before, after, tostring(deflated), failed > 0 and (", " .. failed .. " failed") or ""))
+    (after - before) * 1024 / conns, before, after, tostring(deflated),
+    failed > 0 and (", " .. failed .. " failed") or ""))
   io.stdout:flush()
   for _, ws in pairs(clients) do ws:abort() end
   core.kill(pid, "TERM")

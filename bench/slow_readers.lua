@@ -79,7 +79,10 @@ duplex.spawn(function()
   stop = true
   os.execute("kill " .. pusher_pid)
   pusher:close()
-  if os.getenv("SLOW_READERS_TRACE") then for i, l in ipairs(lat) do io.stderr:write(string.format("%.1f ", l * 1000)) end io.stderr:write("\n") end
+  if os.getenv("SLOW_READERS_TRACE") then
+    for _, l in ipairs(lat) do io.stderr:write(string.format("%.1f ", l * 1000)) end
+    io.stderr:write("\n")
+  end
   table.sort(lat)
   result.base, result.peak, result.lat = base, peak, lat
   core.sleep(1.2)
@@ -91,9 +94,10 @@ os.remove(out)
 local grown = result.peak - result.base
 local promised = 1024 + opts.size / 1024 -- high_water (1 MiB) + one message, KiB
 local lat = result.lat
-local function pct(p) return lat[math.max(1, math.ceil(#lat * p))] end
+local function pct(frac) return lat[math.max(1, math.ceil(#lat * frac))] end
 print(string.format("slow readers: %d peers x %d B messages, %d s", opts.peers, opts.size, opts.seconds))
-print(string.format("server RSS: base %.1f MiB, peak %.1f MiB, growth %.1f MiB = %.2f MiB per peer (limits promise %.2f MiB + fixed)",
+print(string.format("server RSS: base %.1f MiB, peak %.1f MiB, growth %.1f MiB = %.2f MiB per peer"
+  .. " (limits promise %.2f MiB + fixed)",
   result.base / 1024, result.peak / 1024, grown / 1024, grown / 1024 / opts.peers, promised / 1024))
 if #lat > 0 then
   print(string.format("fresh clients: %d served, p50 %.1f ms, p99 %.1f ms", #lat, pct(0.5) * 1000, pct(0.99) * 1000))

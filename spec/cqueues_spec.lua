@@ -99,8 +99,8 @@ describe("duplex in cqueues", function()
   end)
 
   it("server: serves python3-websockets and node's ws (examples/cqueues/echo.lua)", function()
-    local h = proc.spawn({ "lua5.4", "examples/cqueues/echo.lua", "--port", "0", "--deflate", "--ping-interval", "0.5" },
-      { cwd = peers.root, limit = 120 })
+    local h = proc.spawn({ "lua5.4", "examples/cqueues/echo.lua", "--port", "0", "--deflate",
+      "--ping-interval", "0.5" }, { cwd = peers.root, limit = 120 })
     local line = h:read_line(10)
     local url = line and line:match("listening on (ws://%S+)$")
     assert(url, "no URL: " .. tostring(line) .. h:output())

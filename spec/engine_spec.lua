@@ -270,7 +270,8 @@ describe("engine: protocol errors", function()
   end)
 
   it("does not check UTF-8 in binary messages", function()
-    assert.same({ { "binary", "\xff\xfe", n = 2 } }, feed_all_ways("server", masked { op = "binary", payload = "\xff\xfe" }))
+    assert.same({ { "binary", "\xff\xfe", n = 2 } },
+      feed_all_ways("server", masked { op = "binary", payload = "\xff\xfe" }))
   end)
 
   it("ignores everything after a protocol error", function()

@@ -57,7 +57,8 @@ local CHROME = request("GET /chat HTTP/1.1", {
   { "Connection", "Upgrade" },
   { "Pragma", "no-cache" },
   { "Cache-Control", "no-cache" },
-  { "User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36" },
+  { "User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    .. "Chrome/120.0.0.0 Safari/537.36" },
   { "Upgrade", "websocket" },
   { "Origin", "http://localhost:8080" },
   { "Sec-WebSocket-Version", "13" },
@@ -267,7 +268,8 @@ describe("handshake_server", function()
       { "missing key", with("Sec-WebSocket-Key", nil), 400, "missing Sec-WebSocket-Key" },
       { "15-byte key", with("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAA"), 400, "invalid Sec-WebSocket-Key" },
       { "17-byte key", with("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAAA="), 400, "invalid Sec-WebSocket-Key" },
-      { "key with bad characters", with("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25j*Q=="), 400, "invalid Sec-WebSocket-Key" },
+      { "key with bad characters", with("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25j*Q=="), 400,
+        "invalid Sec-WebSocket-Key" },
       { "key not base64 at all", with("Sec-WebSocket-Key", "hello"), 400, "invalid Sec-WebSocket-Key" },
       { "missing version", with("Sec-WebSocket-Version", nil), 426, "missing Sec-WebSocket-Version" },
       { "version 8", with("Sec-WebSocket-Version", "8"), 426, "unsupported Sec-WebSocket-Version: 8" },
@@ -661,6 +663,7 @@ describe("http_response", function()
     assert.equal("", body)
     lines, body = parse(core.http_response(404, nil, ""))
     assert.equal("Content-Length: 0", lines[3])
+    assert.equal("", body)
   end)
 
   it("sends no body with 204", function()
@@ -963,9 +966,9 @@ else:
     ev = c.events_received()
     print(c.state.name, c.subprotocol, [type(e).__name__ for e in c.extensions], c.handshake_exc)
 ]]
-    local request = python(client, "")
+    local raw_request = python(client, "")
     local hs = core.handshake_server()
-    local req = assert(hs:feed(request))
+    local req = assert(hs:feed(raw_request))
     assert.is_true(req.websocket, req.error)
     assert.equal(KEY, req.key)
     assert.equal("/chat", req.path)

@@ -208,3 +208,26 @@ describe("duplex in nginx (lua-nginx-module)", function()
     assert.equal("message too big", res.oversize_close.reason)
   end)
 end)
+
+-- No nginx here: a stand-in ngx, under lua5.4.
+describe("duplex.nginx.stream", function()
+  local dxngx
+
+  setup(function()
+    rawset(_G, "ngx", { var = { remote_addr = "192.0.2.7", remote_port = "4711" } })
+    package.loaded["duplex.nginx"] = nil
+    dxngx = require "duplex.nginx"
+  end)
+  teardown(function()
+    package.loaded["duplex.nginx"] = nil
+    rawset(_G, "ngx", nil)
+  end)
+
+  it("names the request's client as the peer of the raw request socket, and no peer for a client cosocket", function()
+    -- the raw request socket has no close (it closes with the request)
+    local raw = { receiveany = function() end, send = function() end }
+    assert.same({ "192.0.2.7", 4711 }, { dxngx.stream(raw):peer() })
+    local client = { receiveany = function() end, send = function() end, close = function() end }
+    assert.same({}, { dxngx.stream(client):peer() })
+  end)
+end)

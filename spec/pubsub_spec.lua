@@ -315,7 +315,9 @@ describe("pubsub across nodes through Redis", function()
     local srv = topic_server(hubs)
     local a1, a2 = connect(srv, "/room?a"), connect(srv, "/room?a")
     local b1 = connect(srv, "/room?b")
-    wait_until("subscribers", 5, function() return hubs.a:subscribers("room") == 2 and hubs.b:subscribers("room") == 1 end)
+    wait_until("subscribers", 5, function()
+      return hubs.a:subscribers("room") == 2 and hubs.b:subscribers("room") == 1
+    end)
     wait_until("both nodes subscribed in Redis", 5, function() return numsub(r.port, "test:room") == 2 end)
 
     assert.equal(2, hubs.a:publish("room", "from a"))

@@ -61,7 +61,7 @@ local function pattern(n, seed)
 end
 
 describe("duplex.core sockets", function()
-  local fds_before, stats_before
+  local stats_before
   setup(function()
     collectgarbage()
     stats_before = core.loop_stats()

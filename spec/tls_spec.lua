@@ -267,8 +267,10 @@ describe("duplex.core TLS", function()
     assert.is_nil(ctx)
     assert.equal("cannot read certificate " .. c.dir .. "/missing.pem: No such file or directory", err)
     ctx, err = core.tls_context{mode = "server", cert = c.cert, key = c.dir .. "/nokey.pem"}
+    assert.is_nil(ctx)
     assert.equal("cannot read key " .. c.dir .. "/nokey.pem: No such file or directory", err)
     ctx, err = core.tls_context{mode = "client", ca = c.dir .. "/noca.pem"}
+    assert.is_nil(ctx)
     assert.equal("cannot read CA file " .. c.dir .. "/noca.pem: No such file or directory", err)
     ctx, err = core.tls_context{mode = "server"}
     assert.is_nil(ctx)

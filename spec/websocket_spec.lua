@@ -124,7 +124,7 @@ describe("duplex client and server", function()
     run(core.sleep, 0.1)
     assert.same({ nil, "closed", 4000, "custom bye" }, seen.server)
 
-    local srv2 = listen { handler = function(ws) ws:close(4001, "server says bye") end }
+    local srv2 = listen { handler = function(peer) peer:close(4001, "server says bye") end }
     local ws2 = assert(duplex.connect(srv2:url("/")))
     assert.same({ nil, "closed", 4001, "server says bye" }, { ws2:receive(5) })
     assert.same({ nil, "closed" }, { ws2:send("late") })
@@ -200,6 +200,7 @@ describe("duplex client and server", function()
     assert.matches("403", err)
     assert.is_truthy(duplex.connect(srv:url("/"), { origin = "https://good.example" }))
     ws, err = duplex.connect(srv:url("/"))
+    assert.is_nil(ws)
     assert.matches("403", err, "no Origin at all is refused too")
   end)
 
@@ -250,7 +251,7 @@ describe("duplex client and server", function()
 
   it("sees the client address behind a trusted proxy only", function()
     local addrs = {}
-    local srv = listen { trusted_proxies = { "127.0.0.1" }, handler = function(ws, req)
+    local srv = listen { trusted_proxies = { "127.0.0.1" }, handler = function(ws)
       addrs[#addrs + 1] = ws.remote_address
     end }
     local open = srv.port
@@ -301,6 +302,7 @@ describe("duplex client and server", function()
     assert.is_nil(ws)
     assert.matches("refused", err)
     ws, err = duplex.connect("http//bad")
+    assert.is_nil(ws)
     assert.matches("invalid URL", err)
   end)
 end)
@@ -504,7 +506,8 @@ describe("TLS", function()
     local bad, err = duplex.connect(url)
     assert.is_nil(bad)
     assert.matches("verify failed", err)
-    bad, err = duplex.connect("wss://127.0.0.1:" .. srv.port .. "/", { tls = { ca = c.ca, servername = "wrong.example" } })
+    bad, err = duplex.connect("wss://127.0.0.1:" .. srv.port .. "/",
+      { tls = { ca = c.ca, servername = "wrong.example" } })
     assert.is_nil(bad)
     assert.matches("TLS handshake failed: certificate verify failed", err)
     local insecure = assert(duplex.connect(url, { tls = { verify = false } }))

@@ -24,7 +24,8 @@ while i <= #arg do
     opts.trusted = opts.trusted or {}
     opts.trusted[#opts.trusted + 1] = v
   else
-    io.stderr:write("usage: lua5.4 examples/chat/server.lua [--port N] [--host H] [--redis URL] [--ping-interval S] [--trusted-proxy IP]\n")
+    io.stderr:write("usage: lua5.4 examples/chat/server.lua [--port N] [--host H] [--redis URL]",
+      " [--ping-interval S] [--trusted-proxy IP]\n")
     os.exit(2)
   end
   i = i + 2

@@ -62,7 +62,7 @@ function Stream:shutdown()
   return self.sock:shutdown("w")
 end
 
-function Stream:yield()
+function Stream.yield(_)
   cqueues.sleep(0)
 end
 

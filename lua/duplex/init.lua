@@ -57,7 +57,7 @@ local duplex = {
 ---@field protocols string[]|nil      subprotocols, in order of preference
 ---@field select_protocol fun(offered: string[], request: duplex.Request): string|nil
 ---@field origins string[]|nil        Origin allow-list (403 otherwise)
----@field on_request fun(request: duplex.Request): (integer|nil, string|nil, table|nil) refuse with status, body, headers
+---@field on_request fun(request: duplex.Request): (integer|nil, string|nil, table|nil) refuse: status, body, headers
 ---@field on_http fun(request: duplex.Request): (integer|nil, table|nil, string|nil) plain HTTP: status, headers, body
 ---@field headers table|nil           extra headers on the 101 response
 ---@field trusted_proxies string[]|nil addresses/CIDR blocks whose X-Forwarded-For is believed

@@ -56,7 +56,7 @@ function Stream:write(data, timeout)
   return nil, err, 0
 end
 
-function Stream:yield()
+function Stream.yield(_)
   ngx.sleep(0)
 end
 
@@ -73,6 +73,10 @@ function Stream:close()
 end
 
 function Stream:peer()
+  -- ngx.var names the request's client: the peer of the raw request socket
+  -- only. A client cosocket cannot tell whom it reached (and in a timer,
+  -- ngx.var raises).
+  if self.sock.close then return nil end
   return ngx.var.remote_addr, tonumber(ngx.var.remote_port)
 end
 

@@ -79,10 +79,21 @@ local function parse_url(s)
   return cfg
 end
 
+---@class duplex.RedisOptions
+---@field url string|nil
+---@field prefix string|nil
+---@field on_status function|nil
+---@field backoff_min number|nil
+---@field backoff_max number|nil
+---@field ping_interval number|nil
+---@field connect_timeout number|nil
+---@field tls table|nil
+---@field max_reply integer|nil
+
 --- Create a broker and start connecting (in the background).
 --- A rediss:// URL connects with TLS, verified against the system's CAs or
 --- opts.tls.ca (opts.tls = {ca =, servername =, verify = false}).
----@param opts {url: string|nil, prefix: string|nil, on_status: function|nil, backoff_min: number|nil, backoff_max: number|nil, ping_interval: number|nil, connect_timeout: number|nil, tls: table|nil, max_reply: integer|nil}
+---@param opts duplex.RedisOptions
 ---@return duplex.RedisBroker|nil, string|nil
 function redis.broker(opts)
   opts = opts or {}
@@ -182,7 +193,8 @@ local CONFIRMATIONS = { subscribe = true, unsubscribe = true, pong = true }
 
 function Broker:_push(v)
   if type(v) ~= "table" or v.err then
-    return nil, "unexpected reply on the subscriber connection: " .. (type(v) == "table" and tostring(v.err) or tostring(v))
+    return nil, "unexpected reply on the subscriber connection: "
+      .. (type(v) == "table" and tostring(v.err) or tostring(v))
   end
   if v[1] == "message" then
     if type(v[2]) ~= "string" or type(v[3]) ~= "string" then

@@ -134,9 +134,8 @@ end
 --- reply that breaks the protocol or a limit (the parser is then unusable).
 function Parser:next()
   if self.failed then return nil, self.failed end
-  local ok, v, more = true, nil, nil
   while true do
-    ok, v, more = pcall(self._step, self)
+    local ok, v, more = pcall(self._step, self)
     if not ok then
       self.failed = tostring(v)
       return nil, self.failed

@@ -99,7 +99,9 @@ function Conduit:try_flush()
   return self:buffered()
 end
 
-function Conduit:drain(low, timeout)
+-- A flush empties the whole queue, so there is no low-water mark to wait
+-- for: the argument is there for the socket's drain(low, timeout).
+function Conduit:drain(_low, timeout)
   return self:flush(timeout)
 end
 
@@ -170,9 +172,10 @@ local function none() end
 --- Server side: read the upgrade request from stream (after opts.request,
 --- bytes of it the host has already read), check it and answer it. Takes the
 --- options of duplex.listen that concern one connection (protocols, origins,
---- on_request, deflate, limits, heartbeat...), plus remote_address. Returns the connection and the request, or nil, err and (when it
---- got that far) the request; a refused request has been answered (400,
---- 403, 426...) and the stream closed.
+--- on_request, deflate, limits, heartbeat...), plus remote_address. Returns
+--- the connection and the request, or nil, err and (when it got that far)
+--- the request; a refused request has been answered (400, 403, 426...) and
+--- the stream closed.
 ---@return duplex.WebSocket|nil, table|string, table|nil
 function transport.accept(stream, opts)
   opts = opts or {}

@@ -29,7 +29,7 @@ WebSocket.__index = WebSocket
 -- end of each pass. WebSocket.Hosted (below) changes exactly these three.
 WebSocket.watched = true
 WebSocket._wait = blocking
-function WebSocket:_kick() return true end
+function WebSocket._kick(_) return true end
 
 local defaults = {
   ping_interval = 20,   -- seconds of silence before a ping; 0 turns heartbeats off

@@ -45,8 +45,16 @@ local function child_main(opts, index, keepalive)
   os.exit(ok and 0 or 1, true)
 end
 
+---@class duplex.WorkersOptions
+---@field workers integer
+---@field setup fun(index: integer): any
+---@field on_stop function|nil
+---@field stop_timeout number|nil
+---@field reload_grace number|nil
+---@field log function|nil
+
 --- Run the supervisor; returns when every worker has stopped.
----@param opts {workers: integer, setup: fun(index: integer): any, on_stop: function|nil, stop_timeout: number|nil, reload_grace: number|nil, log: function|nil}
+---@param opts duplex.WorkersOptions
 function workers.run(opts)
   if type(opts.setup) ~= "function" then error("run: workers need a setup function", 3) end
   local children, events, started, pending = {}, {}, {}, {}

@@ -19,7 +19,7 @@ end
 --- silence), then the socket is closed. Returns the bytes and why the
 --- reading ended ("closed" or "timeout").
 function raw.read_all(sock, timeout)
-  local got, why = {}, nil
+  local got, why = {}
   while true do
     local d, err = sock:read(nil, timeout or 5)
     if not d then
