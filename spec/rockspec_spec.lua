@@ -60,7 +60,8 @@ describe("the version", function()
     end
     -- no rockspec of another release is left behind
     for _, path in ipairs(lines("ls " .. root .. "/rockspec/")) do
-      local v = path:match("^duplex%-(%d[%d.]*)%-%d+%.rockspec$") or path:match("^duplex%-openresty%-(%d[%d.]*)%-%d+%.rockspec$")
+      local v = path:match("^duplex%-(%d[%d.]*)%-%d+%.rockspec$")
+        or path:match("^duplex%-openresty%-(%d[%d.]*)%-%d+%.rockspec$")
       if v then assert.equal(VERSION, v, path) end
     end
   end)

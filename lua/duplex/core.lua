@@ -8,7 +8,7 @@
 local name = "duplex.core"
 
 local function build_for_this_lua()
-  if type(jit) == "table" or _VERSION == "Lua 5.1" then
+  if rawget(_G, "jit") or _VERSION == "Lua 5.1" then
     return "this is LuaJIT (OpenResty): use the OpenResty build (luarocks --lua-version=5.1 make"
       .. " rockspec/duplex-openresty-<version>-1.rockspec, or `make luajit` -> build/luajit/duplex/core.so)"
   end
