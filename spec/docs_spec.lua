@@ -60,6 +60,21 @@
 -- sh blocks, which run programs not under test, get the plain build). A
 -- block that names a port or file of a block that failed fails at once,
 -- naming that block.
+--
+-- A server and its client, as a guide writes them:
+--
+--   <!-- test: server, exit=0 -->       (the spec starts it on a free port)
+--   ```lua
+--   ... duplex.listen { port = 8080, ... } ... duplex.run()
+--   ```
+--   <!-- test: run -->                  (then runs this against it)
+--   ```lua
+--   local ws = assert(duplex.connect("ws://127.0.0.1:8080/"))
+--   print(ws:receive())   --> hello	text
+--   ```
+--
+-- Also checked: README.md links every guide, and the relative links (and
+-- their #anchors) of README.md and the guides lead somewhere.
 local proc = require "support.proc"
 local peers = require "support.peers"
 local services = require "support.services"
