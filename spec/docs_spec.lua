@@ -34,8 +34,7 @@
 --
 -- Options: timeout=N; exit=N; logs; cwd=checkout (run in the checkout, not
 -- the guide's directory); luajit (a lua run block runs under LuaJIT too,
--- against build/luajit); needs=FEATURE... (the block uses an API that a
--- probe below checks for: without it the block fails at once, saying so).
+-- against build/luajit).
 --
 -- Claims. In a lua (`--> text`), sh (`# --> text`) or js (`// --> text`)
 -- block that runs, the text after the arrow is a line the program prints:
@@ -79,7 +78,6 @@ local proc = require "support.proc"
 local peers = require "support.peers"
 local services = require "support.services"
 local certs = require "support.certs"
-local runtime = require "duplex.runtime"
 
 local root = peers.root
 local quote = proc.quote
@@ -122,7 +120,7 @@ local MODES = {
   ini = { systemd = true, file = true },
 }
 
-local OPTIONS = { timeout = true, exit = true, logs = true, cwd = true, needs = true, luajit = true }
+local OPTIONS = { timeout = true, exit = true, logs = true, cwd = true, luajit = true }
 
 ---------------------------------------------------------------------------
 -- Reading the guides
@@ -156,7 +154,9 @@ local function parse_guide(path)
     local indent, fence, lang = l:match("^(%s*)(```+)%s*(%S*)%s*$")
     if not fence then indent, fence, lang = l:match("^(%s*)(~~~+)%s*(%S*)%s*$") end
     if m then
-      if marker then problems[#problems + 1] = ("line %d: test marker followed by no code block"):format(marker_line) end
+      if marker then
+        problems[#problems + 1] = ("line %d: test marker followed by no code block"):format(marker_line)
+      end
       marker, marker_line = m, i
     elseif fence then
       local start, body = i, {}
@@ -271,63 +271,12 @@ local function check_claims(list, stdout)
 end
 
 ---------------------------------------------------------------------------
--- Probes for the features a block may need (needs=...)
-
-local probed
-local function probe()
-  if probed then return probed end
-  probed = {}
-  local ok_duplex, duplex = pcall(require, "duplex")
-  local options = require "duplex.options"
-  probed.set_log = ok_duplex and type(duplex.set_log) == "function"
-  local has_on_close = options.listen.on_close ~= nil
-  local seen = {}
-  pcall(runtime.blocking, function()
-    local opts = {
-      host = "127.0.0.1", port = 0,
-      handler = function(ws, req)
-        seen.data = type(ws.data) == "table"
-        seen.query = type(req.query) == "table" and req.query.a == "b c" and req.raw_query == "a=b%20c"
-      end,
-    }
-    if has_on_close then opts.on_close = function(_, code) seen.closed = code end end
-    local server = assert(duplex.listen(opts))
-    local ws = duplex.connect(server:url("/p?a=b%20c"))
-    if ws then ws:receive(2) end
-    server:shutdown(1)
-  end)
-  probed["ws.data"] = seen.data == true
-  probed["request.query"] = seen.query == true
-  probed.on_close = has_on_close and seen.closed ~= nil
-  return probed
-end
-
-local FEATURES = {
-  ["ws.data"] = "ws.data (a per-connection table for the application)",
-  ["request.query"] = "request.query as a table of decoded parameters (request.raw_query the string)",
-  on_close = "the on_close(ws, code, reason) option of duplex.listen",
-  set_log = "duplex.set_log(fn)",
-}
-
-local function missing_features(needs)
-  local missing = {}
-  for f in tostring(needs):gmatch("%S+") do
-    if not FEATURES[f] then
-      missing[#missing + 1] = "unknown feature '" .. f .. "' in needs="
-    elseif not probe()[f] then
-      missing[#missing + 1] = FEATURES[f]
-    end
-  end
-  if #missing > 0 then return table.concat(missing, "; ") end
-end
-
----------------------------------------------------------------------------
 -- Running things
 
 local function lua_env()
   return {
     LUA_PATH = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;;",
-    LUA_CPATH = (os.getenv("DUPLEX_CPATH") or root .. "/lua/?.so") .. ";;",
+    LUA_CPATH = (os.getenv("DUPLEX_CPATH") or root .. "/build/?.so") .. ";;",
   }
 end
 
@@ -336,7 +285,7 @@ end
 -- under it), and so the Lua they start uses the plain build.
 local function shell_env()
   local e = lua_env()
-  e.LUA_CPATH = root .. "/lua/?.so;;"
+  e.LUA_CPATH = root .. "/build/?.so;;"
   e.LD_PRELOAD = false
   return e
 end
@@ -405,7 +354,8 @@ function Ctx:tls_dir()
     self.certs = certs.generate()
     local dir = self.dir .. "/tls"
     os.execute("mkdir -p " .. quote(dir))
-    for name, from in pairs { ["fullchain.pem"] = self.certs.cert, ["privkey.pem"] = self.certs.key, ["ca.pem"] = self.certs.ca } do
+    local files = { ["fullchain.pem"] = self.certs.cert, ["privkey.pem"] = self.certs.key, ["ca.pem"] = self.certs.ca }
+    for name, from in pairs(files) do
       write_file(dir .. "/" .. name, assert(read_file(from)))
     end
     self.tls_path = dir
@@ -470,7 +420,8 @@ function Ctx:stop(svc)
     if s == svc then table.remove(self.services, i); break end
   end
   if #problems > 0 then
-    self.stop_problems[#self.stop_problems + 1] = ("%s (line %d): %s"):format(svc.what, svc.line, table.concat(problems, "\n"))
+    self.stop_problems[#self.stop_problems + 1] =
+      ("%s (line %d): %s"):format(svc.what, svc.line, table.concat(problems, "\n"))
   end
 end
 
@@ -536,7 +487,9 @@ local function run_to_end(ctx, block, text, jit)
     cwd = m.cwd == "checkout" and root or ctx.dir, env = env, timeout = timeout, limit = timeout + 10,
   })
   local who = jit and "under LuaJIT, " or ""
-  if code == nil then error(who .. "did not finish within " .. timeout .. " s:\n" .. tail(out .. err) .. "\n" .. ctx:service_logs(), 0) end
+  if code == nil then
+    error(who .. "did not finish within " .. timeout .. " s:\n" .. tail(out .. err) .. "\n" .. ctx:service_logs(), 0)
+  end
   if code ~= 0 then error(("%sexited with %d:\n%s\n%s"):format(who, code, tail(out .. err), ctx:service_logs()), 0) end
   local bad = check_claims(claims(block.lang, text), out)
   if bad then error(who .. bad .. ":\n" .. tail(out) .. "\n" .. tail(err, 1000), 0) end
@@ -617,7 +570,7 @@ local function shell_words(line)
   return words
 end
 
-function runners.commands(ctx, block, text)
+function runners.commands(_, _, text)
   local script = text:gsub("\\\n", " ")
   local problems, seen = {}, {}
   for line in script:gmatch("[^\n]+") do
@@ -671,20 +624,10 @@ local function nginx_conf(text)
   return "# from the guides (spec/docs_spec.lua)\n" .. text
 end
 
-local function nginx_check(ctx, text)
-  local dir = temp_dir()
-  -- what support.services adds, so that -t checks the file that would run
-  local conf = text:gsub("\nhttp%s*{\n", function()
-    local lines = { "\nhttp {" }
-    for _, d in ipairs { "client_body_temp_path", "proxy_temp_path", "fastcgi_temp_path", "uwsgi_temp_path", "scgi_temp_path" } do
-      lines[#lines + 1] = "    " .. d .. " " .. dir .. "/" .. d .. ";"
-    end
-    lines[#lines + 1] = "    access_log " .. dir .. "/access.log;"
-    return table.concat(lines, "\n") .. "\n"
-  end, 1)
-  write_file(dir .. "/nginx.conf", conf)
-  local code, out, err = proc.run({ "nginx", "-t", "-p", dir .. "/", "-e", dir .. "/error.log", "-c", dir .. "/nginx.conf",
-    "-g", "pid " .. dir .. "/nginx.pid;" }, { env = services.env })
+local function nginx_check(_, text)
+  local dir, argv = services.nginx_prefix(text)
+  argv[#argv + 1], argv[#argv + 2], argv[#argv + 3] = "-t", "-g", "pid " .. dir .. "/nginx.pid;"
+  local code, out, err = proc.run(argv, { env = services.env })
   os.execute("rm -rf " .. quote(dir))
   assert(code == 0, "nginx -t failed:\n" .. out .. err)
 end
@@ -831,17 +774,10 @@ for _, guide in ipairs(guides) do
 
     for _, block in ipairs(blocks) do
       local m = block.marker
-      local title = ("line %d: %s %s%s"):format(block.line, block.lang, m and m.mode or "?", m and m.arg and (" " .. m.arg) or "")
+      local title = ("line %d: %s %s%s"):format(block.line, block.lang, m and m.mode or "?",
+        m and m.arg and (" " .. m.arg) or "")
       it(title, function()
         assert(m, block.problem)
-        if m.needs then
-          local missing = missing_features(m.needs)
-          if missing then
-            ctx:mark_broken(block, m.mode == "server" and placeholders(block.text) or nil,
-              m.mode == "file" and m.arg or nil)
-            error("needs " .. missing .. ", which this checkout does not have yet", 0)
-          end
-        end
         local dep = ctx:dependency_failed(block.text)
         if dep then error("depends on " .. dep .. ", which failed", 0) end
         local text = substitute(ctx, block.text)

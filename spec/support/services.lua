@@ -176,9 +176,12 @@ function services.numsub(port, channel)
   end)
 end
 
-function services.nginx(conf, port)
+--- conf written into a new private prefix directory, with nginx's temp
+--- paths and access log moved into it (so nothing of the system's nginx is
+--- touched): returns the directory and the argv prefix that runs it.
+function services.nginx_prefix(conf)
   local dir = temp_dir()
-  conf = conf:gsub("\nhttp {\n", function()
+  conf = conf:gsub("\nhttp%s*{\n", function()
     local lines = { "\nhttp {" }
     for _, d in ipairs { "client_body_temp_path", "proxy_temp_path", "fastcgi_temp_path",
       "uwsgi_temp_path", "scgi_temp_path" } do
@@ -188,9 +191,15 @@ function services.nginx(conf, port)
     return table.concat(lines, "\n") .. "\n"
   end, 1)
   write_file(dir .. "/nginx.conf", conf)
+  return dir, { "nginx", "-p", dir .. "/", "-e", dir .. "/error.log", "-c", dir .. "/nginx.conf" }
+end
+
+function services.nginx(conf, port)
+  local dir, argv = services.nginx_prefix(conf)
   local n = service("nginx", function()
-    return { "nginx", "-p", dir .. "/", "-e", dir .. "/error.log", "-c", dir .. "/nginx.conf",
-      "-g", "daemon off; pid " .. dir .. "/nginx.pid;" }
+    local a = { table.unpack(argv) }
+    a[#a + 1], a[#a + 2] = "-g", "daemon off; pid " .. dir .. "/nginx.pid;"
+    return a
   end, port, dir)
   n.error_log = dir .. "/error.log"
   return n
