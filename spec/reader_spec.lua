@@ -64,14 +64,10 @@ end
 
 describe("core.reader", function()
   local dir
-  setup(function()
-    local p = assert(io.popen("mktemp -d /tmp/duplex-reader.XXXXXX"))
-    dir = p:read("l")
-    p:close()
-  end)
+  setup(function() dir = proc.temp_dir() end)
   teardown(function()
     proc.killall()
-    if dir then os.execute("rm -rf " .. proc.quote(dir)) end
+    proc.remove_dir(dir)
   end)
 
   it("reads what arrives, times out meanwhile, and says closed at the end", function()
