@@ -131,9 +131,10 @@ demo:
 	$(LUA) examples/chat/server.lua $(if $(PORT),--port $(PORT))
 
 install: all
-	install -d $(DESTDIR)$(LUA_LMOD)/duplex $(DESTDIR)$(LUA_CMOD)/duplex
+	install -d $(DESTDIR)$(LUA_LMOD)/duplex $(DESTDIR)$(LUA_CMOD)/duplex $(DESTDIR)$(PREFIX)/bin
 	install -m 644 lua/duplex/*.lua $(DESTDIR)$(LUA_LMOD)/duplex/
 	install -m 755 $(CORE) $(DESTDIR)$(LUA_CMOD)/duplex/core.so
+	install -m 755 bin/duplex $(DESTDIR)$(PREFIX)/bin/duplex
 
 clean:
 	rm -rf build $(CORE)
