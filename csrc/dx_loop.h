@@ -244,6 +244,9 @@ dx_loop *dx_lua_loop(lua_State *L);
  * at stack index timeout_idx (0: none; nil: none). Raises an error outside a
  * coroutine started by duplex.core.spawn. */
 dx_task *dx_lua_begin(lua_State *L, int timeout_idx);
+/* The same for a read(self, max, timeout) method: leaves max at stack index
+ * 2 as an integer >= 1 (default DX_LOOP_RBUF_SIZE), timeout at 3. */
+dx_task *dx_lua_begin_read(lua_State *L);
 int dx_lua_wait_io(lua_State *L, dx_task *t, dx_io *io, uint32_t events, size_t low_water, lua_KFunction k);
 /* Wait until outside work (a dx_work) wakes t with dx_task_ready(.., DX_WAKE_IO). */
 int dx_lua_wait_work(lua_State *L, dx_task *t, lua_KFunction k);

@@ -58,6 +58,7 @@ int luaopen_duplex_core(lua_State *L) {
 #if DX_HAVE_LOOP
   dx_open_loop(L);
   dx_open_socket(L);
+  dx_open_fd(L);
 #endif
   lua_pushliteral(L, DX_VERSION);
   lua_setfield(L, -2, "version");

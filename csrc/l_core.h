@@ -18,6 +18,7 @@ void dx_open_handshake(lua_State *L); /* l_handshake.c: HTTP upgrade, both roles
 void dx_open_util(lua_State *L);      /* l_util.c: utf8, mask, random, base64, now */
 void dx_open_loop(lua_State *L);      /* l_loop.c: event loop, timers, coroutines */
 void dx_open_socket(lua_State *L);    /* l_socket.c: TCP/TLS sockets */
+void dx_open_fd(lua_State *L);        /* l_fd.c: reading stdin and other fds */
 void dx_open_pmd(lua_State *L);       /* l_pmd.c: permessage-deflate negotiation */
 
 /* The engine behind a duplex.engine userdata (raises a Lua error otherwise). */

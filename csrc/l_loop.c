@@ -122,6 +122,15 @@ dx_task *dx_lua_begin(lua_State *L, int timeout_idx) {
   return &task->t;
 }
 
+dx_task *dx_lua_begin_read(lua_State *L) {
+  lua_Integer max = luaL_optinteger(L, 2, DX_LOOP_RBUF_SIZE);
+  luaL_argcheck(L, max >= 1, 2, "must be >= 1");
+  lua_settop(L, 3);
+  lua_pushinteger(L, max);
+  lua_replace(L, 2);
+  return dx_lua_begin(L, 3);
+}
+
 static int yield_task(lua_State *L, dx_task *t, lua_KFunction k) {
   return lua_yieldk(L, 0, (lua_KContext)t, k);
 }

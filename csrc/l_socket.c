@@ -434,12 +434,7 @@ static int read_k(lua_State *L, int status, lua_KContext ctx) {
 
 static int sock_read(lua_State *L) {
   to_sock(L, 1);
-  lua_Integer max = luaL_optinteger(L, 2, DX_LOOP_RBUF_SIZE);
-  luaL_argcheck(L, max >= 1, 2, "must be >= 1");
-  lua_settop(L, 3);
-  lua_pushinteger(L, max);
-  lua_replace(L, 2);
-  dx_task *t = dx_lua_begin(L, 3);
+  dx_task *t = dx_lua_begin_read(L);
   return read_k(L, LUA_OK, (lua_KContext)t);
 }
 

@@ -1,40 +1,21 @@
 -- The examples keep their public contract: run as a user would, from the
 -- repository root, as child processes (they inherit the environment, so
 -- under scripts/asan-env they run with the sanitizer runtime preloaded too).
-local duplex = require "duplex"
 local core = require "duplex.core"
-local runtime = require "duplex.runtime"
 local proc = require "support.proc"
 local peers = require "support.peers"
 local certs = require "support.certs"
 local examples = require "support.examples"
+local http = require "support.http"
 
 local connect, listen = require("support.tracked").install(after_each, teardown)
 
 local LUA = "lua5.4"
 
--- Wait, with the loop running (in-process servers keep serving), until
--- pred() is true or timeout seconds pass; returns pred()'s last value.
-local function wait_for(pred, timeout)
-  return runtime.blocking(function()
-    local deadline = duplex.now() + timeout
-    while not pred() and duplex.now() < deadline do duplex.sleep(0.02) end
-    return pred()
-  end)
-end
-
-local function spawn(argv)
-  return examples.spawn(argv, {limit = 60})
-end
-
 -- Run an example to its end while the loop keeps running; returns exit
 -- status, stdout, stderr.
 local function run_example(argv, timeout)
-  local h = spawn(argv)
-  wait_for(function() return not h:running() end, timeout or 20)
-  local code, out, err = h:exit_code(), h:stdout(), h:stderr()
-  h:cleanup(1)
-  return code, out, err
+  return examples.run(argv, {timeout = timeout})
 end
 
 local start_echo = examples.echo
@@ -327,26 +308,7 @@ describe("examples/chat/server.lua", function()
     proc.killall()
   end)
 
-  -- A plain HTTP/1.1 GET; returns status, lower-cased headers, body.
-  local function http_get(path)
-    return runtime.blocking(function()
-      local s = assert(core.connect{host = "127.0.0.1", port = tonumber(port), timeout = 5})
-      s:write("GET " .. path .. " HTTP/1.1\r\nHost: 127.0.0.1:" .. port .. "\r\nConnection: close\r\n\r\n")
-      local parts = {}
-      while true do
-        local d = s:read(nil, 5)
-        if not d then break end
-        parts[#parts + 1] = d
-      end
-      s:close()
-      local response = table.concat(parts)
-      local head, body = response:match("^(.-)\r\n\r\n(.*)$")
-      assert(head, "no HTTP response: " .. response)
-      local headers = {}
-      for k, v in head:gmatch("\r\n([^:\r\n]+):%s*([^\r\n]*)") do headers[k:lower()] = v end
-      return tonumber(head:match("^HTTP/1%.1 (%d%d%d)")), headers, body
-    end)
-  end
+  local function http_get(path) return http.get(port, path) end
 
   local function join(nick, room)
     local ws = assert(connect(string.format("ws://127.0.0.1:%s/ws?nick=%s&room=%s", port, nick, room)))

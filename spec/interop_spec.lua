@@ -6,8 +6,6 @@
 -- duplex's server runs in this process (so the ASan run covers it) while a
 -- reference client runs as a child; duplex's client talks to reference
 -- servers running as children.
-local duplex = require "duplex"
-local runtime = require "duplex.runtime"
 local proc = require "support.proc"
 local peers = require "support.peers"
 
@@ -19,15 +17,7 @@ local CLIENTS = {
 }
 local SERVERS = {node = peers.node_echo_server, python = peers.py_echo_server}
 
--- Wait, with the loop running (so in-process servers serve), until pred()
--- is true or `timeout` seconds pass; returns pred()'s last value.
-local function wait_for(pred, timeout)
-  return runtime.blocking(function()
-    local deadline = duplex.now() + timeout
-    while not pred() and duplex.now() < deadline do duplex.sleep(0.02) end
-    return pred()
-  end)
-end
+local wait_for = require("support.loop").wait_for
 
 -- Run a reference client (see interop/ws_client.js) against url while the
 -- loop keeps running; returns its exit status and decoded JSON summary.

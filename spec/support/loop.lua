@@ -1,5 +1,7 @@
--- Run a test body on the event loop, with a time limit.
+-- Run a test body on the event loop, with a time limit; or wait, with the
+-- loop running, for something a child process or a peer does.
 local core = require "duplex.core"
+local runtime = require "duplex.runtime"
 
 local loop = {}
 
@@ -17,6 +19,16 @@ function loop.run(fn, limit)
   guard:cancel()
   if err then error(err, 0) end
   assert(done, "the test did not finish in time")
+end
+
+-- Wait, with the loop running (in-process servers keep serving), until
+-- pred() is true or timeout seconds pass; returns pred()'s last value.
+function loop.wait_for(pred, timeout)
+  return runtime.blocking(function()
+    local deadline = core.now() + timeout
+    while not pred() and core.now() < deadline do core.sleep(0.02) end
+    return pred()
+  end)
 end
 
 return loop

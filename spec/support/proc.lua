@@ -274,6 +274,14 @@ function proc.killall()
   for _, h in ipairs(handles) do h:cleanup() end
 end
 
+--- A private directory under /tmp, for a spec's files; proc.remove_dir(dir)
+--- when done.
+proc.temp_dir = make_temp_dir
+
+function proc.remove_dir(dir)
+  if dir then os.execute("rm -rf " .. quote(dir)) end
+end
+
 proc.sleep = sleep
 proc.now = now
 proc.quote = quote
