@@ -142,10 +142,10 @@ demo:
 # One core.so, the Lua modules and the command-line tool; `luarocks make`
 # runs this same target with the rock tree's directories (rockspec/).
 install: all
-	install -d $(DESTDIR)$(LUA_LMOD)/duplex $(DESTDIR)$(LUA_CMOD)/duplex $(DESTDIR)$(PREFIX)/bin
+	install -d $(DESTDIR)$(LUA_LMOD)/duplex $(DESTDIR)$(LUA_CMOD)/duplex $(DESTDIR)$(BINDIR)
 	install -m 644 lua/duplex/*.lua $(DESTDIR)$(LUA_LMOD)/duplex/
 	install -m 755 $(CORE) $(DESTDIR)$(LUA_CMOD)/duplex/core.so
-	install -m 755 bin/duplex $(DESTDIR)$(PREFIX)/bin/duplex
+	install -m 755 bin/duplex $(DESTDIR)$(BINDIR)/duplex
 
 # The OpenResty/LuaJIT variant: the sans-I/O core and the modules that
 # duplex.nginx needs, which are the ones that parse as Lua 5.1.

@@ -25,7 +25,7 @@ end
 -- ran meanwhile and stdin's file status flags before and after.
 local CHILD = [[
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
-package.cpath = (os.getenv("DUPLEX_CPATH") or "lua/?.so") .. ";" .. package.cpath
+package.cpath = (os.getenv("DUPLEX_CPATH") or "build/?.so") .. ";" .. package.cpath
 local core = require "duplex.core"
 local function flags()
   local f = assert(io.open("/proc/self/fdinfo/0"))
@@ -158,7 +158,7 @@ end)
 describe("core.isatty", function()
   it("is false for a pipe, a file and a socket", function()
     local code, out = proc.run({"sh", "-c", "echo | lua5.4 -e \"$0\" | cat", [[
-      package.cpath = (os.getenv("DUPLEX_CPATH") or "lua/?.so") .. ";" .. package.cpath
+      package.cpath = (os.getenv("DUPLEX_CPATH") or "build/?.so") .. ";" .. package.cpath
       local core = require "duplex.core"
       print(core.isatty(0), core.isatty(1))
     ]]}, {cwd = peers.root})
@@ -174,7 +174,7 @@ describe("core.isatty", function()
 
   it("is true for a terminal (script(1) gives the child one)", function()
     local code, out = proc.run({"script", "-qec", "lua5.4 -e '" ..
-      "package.cpath = (os.getenv(\"DUPLEX_CPATH\") or \"lua/?.so\") .. \";\" .. package.cpath " ..
+      "package.cpath = (os.getenv(\"DUPLEX_CPATH\") or \"build/?.so\") .. \";\" .. package.cpath " ..
       "print(require(\"duplex.core\").isatty(1))'", "/dev/null"}, {cwd = peers.root})
     assert.equal(0, code, out)
     assert.matches("^true\r?\n$", out)

@@ -2,7 +2,8 @@
 -- rockspec and CHANGELOG.md agree with it; `luarocks make` installs the
 -- Lua 5.4 rock and the OpenResty rock from a copy of this checkout, leaves
 -- that copy clean, installs one core.so, and what it installs works: a
--- WebSocket round trip in Lua 5.4 and duplex.nginx in
+-- WebSocket round trip in Lua 5.4, the `duplex` command against
+-- python-websockets, and duplex.nginx in
 -- a real nginx with only the rock tree on its paths. A core built for the
 -- other Lua fails with an error that names the build to use.
 local core = require "duplex.core"
@@ -116,7 +117,7 @@ describe("luarocks make", function()
     if copy then sh("rm -rf " .. proc.quote(copy) .. " " .. proc.quote(tree) .. " " .. proc.quote(ljtree)) end
   end)
 
-  it("installs the versioned Lua 5.4 rock: one core.so and the modules; the checkout stays clean", function()
+  it("installs the versioned Lua 5.4 rock (one core.so, the modules, the command), leaving the checkout clean", function()
     local before = files_under(copy)
     sh("cd " .. proc.quote(copy) .. " && luarocks --lua-version=5.4 make --tree " .. proc.quote(tree)
       .. " rockspec/duplex-" .. VERSION .. "-1.rockspec", 300)
@@ -128,6 +129,7 @@ describe("luarocks make", function()
       local name = path:match("lua/duplex/(.-)%.lua$")
       assert.truthy(io.open(tree .. "/share/lua/5.4/duplex/" .. name .. ".lua"), name .. " not installed")
     end
+    assert.truthy(io.open(tree .. "/bin/duplex"), "the duplex command is not installed")
   end)
 
   it("runs from the tree alone: a round trip over loopback, with the installed core", function()
@@ -152,6 +154,24 @@ describe("luarocks make", function()
     local code, out, err = proc.run({ "lua5.4", script }, { env = env, timeout = 30 })
     assert.equal(0, code, out .. err)
     assert.equal("HELLO FROM THE ROCK\ttext\n", out)
+  end)
+
+  it("installs the duplex command, which talks to python-websockets from the tree alone", function()
+    local code, out, err = proc.run({ tree .. "/bin/duplex", "--help" }, { env = services.env, timeout = 30 })
+    assert.equal(0, code, out .. err)
+    assert.matches("duplex connect", out, 1, true)
+    assert.matches("duplex serve", out, 1, true)
+    local input = copy .. "/lines.txt"
+    write(input, "from the rock\nsecond line\n")
+    local srv = peers.py_echo_server { deflate = true }
+    -- the wrapper luarocks wrote sets the tree's paths; nothing of the checkout
+    local env = { LD_PRELOAD = false, DUPLEX_CPATH = false, LUA_PATH = false, LUA_CPATH = false,
+      LUA_PATH_5_4 = false, LUA_CPATH_5_4 = false }
+    code, out, err = proc.run({ tree .. "/bin/duplex", "connect", "--deflate", "--wait", "0.5", srv.url },
+      { env = env, stdin = input, cwd = "/", timeout = 30 })
+    srv:stop()
+    assert.equal(0, code, out .. err)
+    assert.equal("text from the rock\ntext second line\nclose 1000\n", out)
   end)
 
   it("installs the OpenResty rock, which nginx loads from the tree alone", function()

@@ -403,12 +403,12 @@ local function kind_of(line, n, binary)
   return "binary"
 end
 
--- Until `seconds` have passed since the later of now and the last message
--- (heard.at, kept by the receiver), or the connection ends.
-local function wait_quiet(ws, seconds, heard)
+-- Until `quiet` seconds have passed since the later of now and the last
+-- message (heard.at, kept by the receiver), or the connection ends.
+local function wait_quiet(ws, quiet, heard)
   local since = duplex.now()
   while ws.state == "open" do
-    local left = math.max(since, heard.at or since) + seconds - duplex.now()
+    local left = math.max(since, heard.at or since) + quiet - duplex.now()
     if left <= 0 then return end
     duplex.sleep(left)
   end
