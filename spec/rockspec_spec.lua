@@ -117,7 +117,7 @@ describe("luarocks make", function()
     if copy then sh("rm -rf " .. proc.quote(copy) .. " " .. proc.quote(tree) .. " " .. proc.quote(ljtree)) end
   end)
 
-  it("installs the versioned Lua 5.4 rock (one core.so, the modules, the command), leaving the checkout clean", function()
+  it("installs the Lua 5.4 rock: one core.so, the modules, the command; the checkout stays clean", function()
     local before = files_under(copy)
     sh("cd " .. proc.quote(copy) .. " && luarocks --lua-version=5.4 make --tree " .. proc.quote(tree)
       .. " rockspec/duplex-" .. VERSION .. "-1.rockspec", 300)
