@@ -16,25 +16,32 @@ CC        ?= cc
 OPT       ?= -O2 -g
 WARN      = -Wall -Wextra -Wno-unused-parameter -Wshadow -Wstrict-prototypes
 BASE_CFLAGS = -std=gnu11 -fPIC -fvisibility=hidden $(WARN) $(OPT)
-DX_CFLAGS = $(BASE_CFLAGS) $(LUA_INC) $(CFLAGS)
-LJ_CFLAGS = $(BASE_CFLAGS) $(LUAJIT_INC) $(CFLAGS)
+DX_CFLAGS = $(BASE_CFLAGS) $(INC) $(LUA_INC) $(CFLAGS)
+LJ_CFLAGS = $(BASE_CFLAGS) $(INC) $(LUAJIT_INC) $(CFLAGS)
 LIBS      = -lssl -lcrypto -lz -lpthread
 SAN       = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
-SRC       := $(wildcard csrc/*.c)
-HDR       := $(wildcard csrc/*.h)
+# The layers are folders, each compiled by a glob (a new file needs no list):
+#   csrc/proto  sans-I/O protocol code, no Lua, no syscalls: framing, engine,
+#               UTF-8, masking, deflate, HTTP head parser, handshake rules;
+#               what the fuzzers and the differential oracle link
+#   csrc/io     the event loop, sockets, TLS, the clock
+#   csrc/lua    the duplex.core binding
+PROTO_SRC := $(wildcard csrc/proto/*.c)
+IO_SRC    := $(wildcard csrc/io/*.c)
+BIND_SRC  := $(wildcard csrc/lua/*.c)
+SRC       := $(PROTO_SRC) $(IO_SRC) $(BIND_SRC)
+HDR       := $(wildcard csrc/*/*.h)
+INC       := -Icsrc/proto -Icsrc/io -Icsrc/lua
 OBJ       := $(SRC:csrc/%.c=build/obj/%.o)
 ASAN_OBJ  := $(SRC:csrc/%.c=build/asan-obj/%.o)
-ENGINE_SRC := $(filter csrc/dx_%.c,$(SRC))
-# The sans-I/O protocol code: what the differential oracle links.
-PROTO_SRC := $(addprefix csrc/,dx_buf.c dx_out.c dx_frame.c dx_mask.c dx_pmd.c dx_proto.c dx_utf8.c)
 
 # LuaJIT (Lua 5.1 API, e.g. inside nginx with lua-nginx-module) gets the
-# sans-I/O part only: the event loop and sockets need lua_yieldk, which it
-# lacks. l_compat.h maps the rest of the 5.4 API; nothing is linked against
-# libluajit, the host provides it.
-LJ_SRC    := $(addprefix csrc/,l_core.c l_util.c l_engine.c l_handshake.c l_pmd.c \
-             dx_buf.c dx_out.c dx_frame.c dx_proto.c dx_mask.c dx_utf8.c dx_http.c dx_pmd.c dx_clock.c)
+# sans-I/O part only, and the clock for core.now: the event loop and sockets
+# need lua_yieldk, which it lacks. l_compat.h maps the rest of the 5.4 API;
+# nothing is linked against libluajit, the host provides it.
+LJ_SRC    := $(PROTO_SRC) csrc/io/dx_clock.c \
+             $(addprefix csrc/lua/,l_core.c l_util.c l_engine.c l_handshake.c l_pmd.c)
 LJ_OBJ    := $(LJ_SRC:csrc/%.c=build/luajit-obj/%.o)
 LJ_LIBS   = -lcrypto -lz
 
@@ -42,14 +49,15 @@ CORE      = build/duplex/core.so
 ASAN_CORE = build/asan/duplex/core.so
 LJ_CORE   = build/luajit/duplex/core.so
 
-.PHONY: all check demo install install-luajit asan luajit bench fuzz fuzz-build fuzz-long seeds clean deps spec spec-asan test-fuzz interop lint
+.PHONY: all check demo install install-luajit asan luajit lj-sources bench fuzz fuzz-build fuzz-long seeds clean deps spec spec-asan test-fuzz interop lint
 
 all: $(CORE)
 
 $(CORE): $(OBJ) | build/duplex
 	$(CC) -shared -o $@ $(OBJ) $(LDFLAGS) $(LIBS)
 
-build/obj/%.o: csrc/%.c $(HDR) | build/obj
+build/obj/%.o: csrc/%.c $(HDR)
+	@mkdir -p $(@D)
 	$(CC) $(DX_CFLAGS) -c -o $@ $<
 
 # The specs run a second time against a build with AddressSanitizer and
@@ -60,18 +68,24 @@ asan: $(ASAN_CORE)
 $(ASAN_CORE): $(ASAN_OBJ) | build/asan/duplex
 	$(CC) -shared $(SAN) -o $@ $(ASAN_OBJ) $(LDFLAGS) $(LIBS)
 
-build/asan-obj/%.o: csrc/%.c $(HDR) | build/asan-obj
+build/asan-obj/%.o: csrc/%.c $(HDR)
+	@mkdir -p $(@D)
 	$(CC) $(DX_CFLAGS) $(SAN) -O1 -c -o $@ $<
 
 luajit: $(LJ_CORE)
 
+# The files of the LuaJIT build, for spec/luajit_spec.lua.
+lj-sources:
+	@echo $(LJ_SRC)
+
 $(LJ_CORE): $(LJ_OBJ) | build/luajit/duplex
 	$(CC) -shared -o $@ $(LJ_OBJ) $(LDFLAGS) $(LJ_LIBS)
 
-build/luajit-obj/%.o: csrc/%.c $(HDR) | build/luajit-obj
+build/luajit-obj/%.o: csrc/%.c $(HDR)
+	@mkdir -p $(@D)
 	$(CC) $(LJ_CFLAGS) -c -o $@ $<
 
-build/obj build/duplex build/asan-obj build/asan/duplex build/luajit-obj build/luajit/duplex build/fuzz build/bench:
+build/duplex build/asan/duplex build/luajit/duplex build/fuzz build/bench:
 	mkdir -p $@
 
 deps:
@@ -110,8 +124,9 @@ fuzz-build: $(FUZZ_BIN)
 
 # fuzz_url and fuzz_resp embed Lua 5.4 to fuzz the parsers written in Lua.
 LUA_LIB   ?= -llua5.4
-build/fuzz/%: fuzz/%.c fuzz/lua_harness.h fuzz/fuzz_check.h $(ENGINE_SRC) $(HDR) | build/fuzz
-	$(FUZZ_CC) -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Icsrc $(LUA_INC) -o $@ $< $(ENGINE_SRC) $(LIBS) $(LUA_LIB) -lm -ldl
+build/fuzz/%: fuzz/%.c fuzz/lua_harness.h fuzz/fuzz_check.h $(PROTO_SRC) $(HDR) | build/fuzz
+	$(FUZZ_CC) -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	  -Icsrc/proto $(LUA_INC) -o $@ $< $(PROTO_SRC) -lcrypto -lz $(LUA_LIB) -lm -ldl
 
 fuzz: fuzz-build
 	scripts/fuzz-smoke $(FUZZ_TIME)
@@ -128,7 +143,7 @@ SEEDS_BIN := build/fuzz/roundtrip_seeds
 seeds: $(SEEDS_BIN)
 
 $(SEEDS_BIN): fuzz/roundtrip_seeds.c fuzz/fuzz_roundtrip.c $(PROTO_SRC) $(HDR) | build/fuzz
-	$(CC) -g -O1 -std=gnu11 $(SAN) -Icsrc -o $@ fuzz/roundtrip_seeds.c fuzz/fuzz_roundtrip.c $(PROTO_SRC) -lcrypto -lz
+	$(CC) -g -O1 -std=gnu11 $(SAN) -Icsrc/proto -o $@ fuzz/roundtrip_seeds.c fuzz/fuzz_roundtrip.c $(PROTO_SRC) -lcrypto -lz
 
 bench: all
 	$(MAKE) -C bench run

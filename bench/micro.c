@@ -166,7 +166,7 @@ int main(void) {
   printf("frame header parse    %7.2f ns/header (2/4/10/14-byte mix)\n", t_parse / NHEADERS * 1e9);
   free(hs.wire);
 #else
-  printf("frame header parse    skipped (csrc/dx_frame.c not present)\n");
+  printf("frame header parse    skipped (csrc/proto/dx_frame.c not present)\n");
 #endif
   free(x.a), free(x.b);
   return 0;

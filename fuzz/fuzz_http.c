@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dx_http.h"
+#include "dx_ws.h"
 #include "fuzz_check.h"
 
 

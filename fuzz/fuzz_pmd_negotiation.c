@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dx_http.h"
+#include "dx_ws.h"
 #include "dx_pmd.h"
 #include "fuzz_check.h"
 

@@ -1,4 +1,4 @@
--- Packaging: the version is written once (csrc/dx_version.h) and every
+-- Packaging: the version is written once (csrc/proto/dx_version.h) and every
 -- rockspec and CHANGELOG.md agree with it; `luarocks make` installs the
 -- Lua 5.4 rock and the OpenResty rock from a copy of this checkout, leaves
 -- that copy clean, installs one core.so, and what it installs works: a
@@ -41,10 +41,10 @@ local function sh(cmd, timeout)
   return out
 end
 
-local VERSION = read(root .. "/csrc/dx_version.h"):match('#define DX_VERSION "([^"]+)"')
+local VERSION = read(root .. "/csrc/proto/dx_version.h"):match('#define DX_VERSION "([^"]+)"')
 
 describe("the version", function()
-  it("is the one of csrc/dx_version.h in core.version and duplex.version", function()
+  it("is the one of csrc/proto/dx_version.h in core.version and duplex.version", function()
     assert.is_string(VERSION)
     assert.matches("^%d+%.%d+%.%d+$", VERSION)
     assert.equal(VERSION, core.version)

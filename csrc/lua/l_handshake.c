@@ -1,8 +1,9 @@
 /*
  * The opening handshake for Lua: server and client objects that take bytes
  * as they arrive and hand back the request or response as a table, plus the
- * builders of the messages each side sends. The rules live in dx_http.c;
- * this file only moves values between Lua and C.
+ * builders of the messages each side sends. The rules live in dx_http.c
+ * (HTTP) and dx_ws.c (RFC 6455); this file only moves values between Lua
+ * and C.
  *
  * Bytes that follow the header block (frames sent right after the
  * handshake) are never swallowed: they wait in the object's rest().
@@ -10,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dx_http.h"
+#include "dx_ws.h"
 #include "l_core.h"
 
 #define SERVER_MT "duplex.handshake_server"

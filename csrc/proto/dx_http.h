@@ -1,18 +1,15 @@
 /*
- * dx_http: the WebSocket opening handshake (RFC 6455 §4), without I/O.
+ * dx_http: an incremental HTTP/1.1 head parser (requests for servers,
+ * responses for clients), without I/O. Bytes may arrive one at a time; the
+ * end of the header block is searched from where the previous call stopped,
+ * then the block is parsed once, with every name and value pointing into the
+ * parser's buffer. Bytes after the header block are never taken: the caller
+ * keeps them, as frames may follow the handshake in the same read. Also what
+ * a message is looked at with (header lists, the target and its query) and
+ * written with (header values checked, so that no caller input can inject a
+ * header). The WebSocket rules on top of it are dx_ws.
  *
- * Two layers:
- *  - an incremental HTTP/1.1 head parser (request for servers, response for
- *    clients). Bytes may arrive one at a time; the end of the header block is
- *    searched from where the previous call stopped, then the block is parsed
- *    once, with every name and value pointing into the parser's buffer.
- *    Bytes after the header block are never taken: the caller keeps them, as
- *    frames may follow the handshake in the same read.
- *  - the RFC 6455 rules on top of it: validating a client's request and a
- *    server's answer, and building requests and responses whose header names
- *    and values are checked, so that no caller input can inject a header.
- *
- * Nothing here knows about Lua (the fuzzers link this file alone).
+ * Nothing here knows about Lua or sockets.
  */
 #ifndef DX_HTTP_H
 #define DX_HTTP_H
@@ -116,71 +113,24 @@ int dx_http_query_next(dx_str *rest, dx_str *name, dx_str *value);
  * refusing the request over it would help nobody. */
 size_t dx_http_query_decode(dx_str in, char *out);
 
-/* --- Sec-WebSocket-Extensions ------------------------------------------ */
-
-/* extension-list = 1#( token *( ";" token [ "=" ( token / quoted-string ) ] ) )
- * walked one piece at a time. */
-#define DX_EXT_END 0
-#define DX_EXT_NAME 1  /* a new extension begins: tok.name */
-#define DX_EXT_PARAM 2 /* a parameter of the current one */
-#define DX_EXT_BAD (-1)
-
-typedef struct dx_ext_cursor {
-  const char *p, *end;
-  int in_ext; /* an extension name was read; ';' or ',' expected */
-} dx_ext_cursor;
-
-typedef struct dx_ext_tok {
-  dx_str name;
-  dx_str value;  /* raw: inside the quotes, escapes not removed */
-  int has_value; /* "name=value" rather than "name" */
-  int quoted;    /* value was a quoted-string: see dx_http_unquote */
-} dx_ext_tok;
-
-void dx_ext_init(dx_ext_cursor *c, const char *p, size_t n);
-int dx_ext_next(dx_ext_cursor *c, dx_ext_tok *t);
-/* Is the whole string a valid (possibly empty) extension list? */
-int dx_ext_valid(const char *p, size_t n);
-/* Remove quoted-pair escapes from the inside of a quoted-string; out needs n
- * bytes. Returns the length written. */
+/* Remove quoted-pair escapes from the inside of a quoted-string (RFC 9110
+ * §5.6.4); out needs n bytes. Returns the length written. */
 size_t dx_http_unquote(const char *p, size_t n, char *out);
 
-/* --- the RFC 6455 rules ------------------------------------------------ */
+/* --- for the layers above (dx_ws.c) ------------------------------------ */
 
-#define DX_WS_KEY_LEN 24    /* base64 of 16 bytes */
-#define DX_WS_ACCEPT_LEN 28 /* base64 of a SHA-1 digest */
-
-/* Does key base64-decode to exactly 16 bytes? */
-int dx_ws_key_valid(const char *key, size_t n);
-/* base64(SHA-1(key + GUID)) into out (DX_WS_ACCEPT_LEN + 1 bytes, NUL
- * terminated). Returns 0, or -1 if OpenSSL fails. */
-int dx_ws_accept(const char *key, size_t n, char *out);
-/* A fresh key from RAND_bytes into out (DX_WS_KEY_LEN + 1 bytes). 0 or -1. */
-int dx_ws_new_key(char *out);
-
-typedef struct dx_ws_request {
-  int websocket; /* a valid upgrade request */
-  int upgrade;   /* the client asked for a WebSocket upgrade at all */
-  int status;    /* when !websocket: 400, 405 or 426 */
-  char error[128]; /* when !websocket */
-  dx_str host, origin, key; /* p NULL when absent */
-} dx_ws_request;
-
-/* RFC 6455 §4.2.1 on a parsed request. Always fills r. */
-void dx_ws_check_request(const dx_http_msg *m, dx_ws_request *r);
-
-/* What a client sent, to judge the server's choices against. */
-typedef struct dx_ws_offer {
-  const dx_str *protocols;
-  size_t nprotocols;
-  dx_str extensions; /* the Sec-WebSocket-Extensions value sent (p may be NULL) */
-} dx_ws_offer;
-
-/* RFC 6455 §4.1 on a parsed response to a request carrying key. Returns 0 and
- * sets *protocol (p NULL when none was chosen) when the handshake succeeded;
- * otherwise -1 with a message in err. */
-int dx_ws_check_response(const dx_http_msg *m, const char *key, size_t keylen,
-                         const dx_ws_offer *o, dx_str *protocol, char *err, size_t errlen);
+static inline int dx_http_is_alnum(unsigned char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+static inline int dx_http_is_ows(char c) { return c == ' ' || c == '\t'; }
+/* Length of the RFC 9110 token at p (0 if none). */
+size_t dx_http_token_len(const char *p, const char *end);
+int dx_str_eq(dx_str a, dx_str b);
+int dx_str_ieq_str(dx_str a, dx_str b); /* ASCII case-insensitive */
+/* The first value of header name (p NULL when there is none). */
+dx_str dx_http_first(const dx_http_msg *m, const char *name);
+/* Copy of s fit for an error message: at most 48 bytes, controls as '?'. */
+const char *dx_http_printable(char *dst, size_t cap, dx_str s);
 
 /* --- building ---------------------------------------------------------- */
 
@@ -190,24 +140,28 @@ int dx_ws_check_response(const dx_http_msg *m, const char *key, size_t keylen,
 #define DX_HTTP_EINVAL (-1)
 #define DX_HTTP_ENOMEM (-2)
 
-typedef struct dx_ws_client_opts {
-  dx_str host;   /* name, IPv4 or IPv6 literal (brackets optional) */
-  int port;      /* 0: the default for secure */
-  int secure;
-  dx_str target; /* p NULL: "/" */
-  dx_str origin; /* p NULL: none */
-  const dx_str *protocols;
-  size_t nprotocols;
-  dx_str extensions; /* p NULL: none */
-  const dx_http_header *headers;
-  size_t nheaders;
-} dx_ws_client_opts;
+/* Appends to a buffer, remembering failure: the builder checks once, in
+ * dx_http_w_done, which also undoes a partial message. */
+typedef struct dx_http_writer {
+  dx_buf *b;
+  size_t start; /* content size before we began, to undo on failure */
+  int nomem;
+} dx_http_writer;
+void dx_http_w_init(dx_http_writer *w, dx_buf *b);
+void dx_http_put(dx_http_writer *w, const char *p, size_t n);
+void dx_http_puts(dx_http_writer *w, const char *s);
+void dx_http_put_str(dx_http_writer *w, dx_str s);
+void dx_http_put_header(dx_http_writer *w, const char *name, dx_str value);
+void dx_http_put_headers(dx_http_writer *w, const dx_http_header *h, size_t nh);
+int dx_http_w_done(dx_http_writer *w); /* 0 or DX_HTTP_ENOMEM */
+/* err = fmt with arg made printable; returns DX_HTTP_EINVAL. */
+int dx_http_einval(char *err, size_t errlen, const char *fmt, dx_str arg);
+/* Every caller-supplied header must be a token name with a value that cannot
+ * end the line, and none of reserved (lower-case, NULL-terminated), which the
+ * builder writes itself. 0 or DX_HTTP_EINVAL. */
+int dx_http_check_headers(const dx_http_header *h, size_t nh, const char *const *reserved,
+                          char *err, size_t errlen);
 
-int dx_ws_build_request(dx_buf *out, const dx_ws_client_opts *o, const char *key,
-                        char *err, size_t errlen);
-/* 101 Switching Protocols; protocol and extensions may have p NULL. */
-int dx_ws_build_accept(dx_buf *out, dx_str key, dx_str protocol, dx_str extensions,
-                       const dx_http_header *h, size_t nh, char *err, size_t errlen);
 /* A complete response with Content-Length and Connection: close. A body of
  * NULL gets "<status> <reason>\n" for errors and nothing otherwise. */
 int dx_http_build_response(dx_buf *out, int status, const dx_http_header *h, size_t nh,
