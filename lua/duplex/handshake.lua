@@ -10,7 +10,7 @@ local WebSocket = require "duplex.websocket"
 local options = require "duplex.options"
 
 local now = core.now
-local max_buffered = WebSocket.defaults.max_buffered
+local max_buffered = WebSocket._defaults.max_buffered
 
 local handshake = {}
 

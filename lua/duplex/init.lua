@@ -14,7 +14,9 @@ local WebSocket = require "duplex.websocket"
 local duplex = {
   version = core.version,
   core = core,
-  WebSocket = WebSocket,
+  -- Not API: a connection's metatable depends on its host (duplex.cqueues
+  -- and duplex.nginx connections have another), so it types nothing.
+  _WebSocket = WebSocket,
 }
 
 ---@class duplex.Request

@@ -19,7 +19,7 @@ local options = require "duplex.options"
 
 local poll = {}
 
-poll.reconnect_defaults = {
+poll._reconnect_defaults = {
   min_delay = 0.5, -- seconds before the first retry
   max_delay = 30,  -- the delay doubles up to this
   jitter = 0.5,    -- each delay is randomly shortened by up to this share
@@ -81,7 +81,7 @@ end
 --- Start connecting to url (ws:// or wss://); returns the client at once.
 --- opts: on_open(c), on_message(c, msg, kind), on_close(c, code, reason,
 --- reconnecting), on_error(c, err) (a failed attempt), reconnect (true, or
---- a table like poll.reconnect_defaults; default true), and every option of
+--- a table like poll._reconnect_defaults; default true), and every option of
 --- duplex.connect. Messages queue without waiting up to max_buffered
 --- (default 16 MiB).
 ---@return duplex.PollClient
@@ -104,7 +104,7 @@ function poll.connect(url, opts)
   if reconnect == nil or reconnect == true then reconnect = {} end
   if reconnect then
     local r = {}
-    for k, v in pairs(poll.reconnect_defaults) do r[k] = reconnect[k] or v end
+    for k, v in pairs(poll._reconnect_defaults) do r[k] = reconnect[k] or v end
     reconnect = r
   end
   local self = setmetatable({

@@ -14,7 +14,7 @@ local resp = require "duplex.resp"
 local redis = {}
 
 local command = resp.command
-redis.command = command
+redis._command = command
 
 -- A connection that yields RESP values; authenticates when the URL says so.
 -- Pub/sub channels are global to a Redis server, so no SELECT is needed.

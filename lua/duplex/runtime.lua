@@ -45,14 +45,14 @@ end
 
 --- Things that need checking now and then (heartbeats, close deadlines):
 --- one timer for all of them instead of a timer per connection. Each member
---- has a :sweep(now) method; the timer runs only while there are members, so
+--- has a :_sweep(now) method; the timer runs only while there are members, so
 --- an idle program's loop can end.
 local members, count, timer = {}, 0, nil
 local TICK = 0.25
 
 local function sweep()
   local now = core.now()
-  for m in pairs(members) do m:sweep(now) end
+  for m in pairs(members) do m:_sweep(now) end
 end
 
 function runtime.watch(m)

@@ -28,7 +28,7 @@ local defaults = {
   max_headers = 100,
   max_message = handshake.max_message,
 }
-server.defaults = defaults
+server._defaults = defaults
 
 local function make_routes(opts)
   local routes = {}

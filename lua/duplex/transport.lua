@@ -30,11 +30,11 @@ local Hosted = WebSocket.Hosted
 
 local transport = {}
 
-transport.read_size = 65536
+transport._read_size = 65536
 -- A connection's share of the host before it yields (when the stream can):
 -- an event counts 1, every 4 KiB read counts 1, so a flood of pings or a
 -- burst of messages is read in turns with everyone else.
-transport.turn = 64
+transport._turn = 64
 
 local function left(deadline)
   return deadline and math.max(0, deadline - now())
@@ -44,7 +44,7 @@ end
 local Conduit = {}
 Conduit.__index = Conduit
 
-function transport.wrap(stream, engine)
+function transport._wrap(stream, engine)
   return setmetatable({ stream = stream, engine = engine, writing = false, closed = false, spent = 0 },
     Conduit)
 end
@@ -52,7 +52,7 @@ end
 -- Charge a turn; a full one yields to the host.
 function Conduit:_spend(units)
   local spent = self.spent + units
-  if spent >= transport.turn and self.stream.yield then
+  if spent >= transport._turn and self.stream.yield then
     spent = 0
     self.stream:yield()
   end
@@ -117,7 +117,7 @@ function Conduit:receive(engine, timeout)
     end
     if self.closed then return nil, "closed" end
     deadline = deadline or (timeout and now() + timeout)
-    local chunk, err = self.stream:read(transport.read_size, left(deadline))
+    local chunk, err = self.stream:read(transport._read_size, left(deadline))
     if not chunk then return nil, err end
     engine:feed(chunk)
     self:_spend(math.floor(#chunk / 4096))
@@ -126,7 +126,7 @@ end
 
 function Conduit:read(max, timeout)
   if self.closed then return nil, "closed" end
-  return self.stream:read(max or transport.read_size, timeout)
+  return self.stream:read(max or transport._read_size, timeout)
 end
 
 function Conduit:shutdown(timeout)
@@ -155,7 +155,7 @@ end
 --- The connection object over stream, for an engine whose handshake is done
 --- (from duplex.handshake): for hosts that do the handshake their own way.
 function transport.connection(stream, engine, opts, info)
-  local sock = transport.wrap(stream, engine)
+  local sock = transport._wrap(stream, engine)
   if not info.remote_address then info.remote_address, info.remote_port = sock:peer() end
   local ws = WebSocket.new(sock, engine, opts, info, Hosted)
   ws:_kick() -- frames the first read produced (a pong, say)

@@ -41,7 +41,7 @@ local defaults = {
   send_timeout = 30,    -- seconds send() may wait for a slow peer before closing it
   compress_threshold = 128, -- with permessage-deflate, smaller messages go plain
 }
-WebSocket.defaults = defaults
+WebSocket._defaults = defaults
 
 local function opt(opts, k)
   local v = opts[k]
@@ -213,7 +213,7 @@ local function receive(self, timeout)
         return r1, r2, r3, r4
       end
     elseif data == "timeout" and beat then
-      self:sweep(now())
+      self:_sweep(now())
     elseif data == "timeout" then
       self._reading = false
       return nil, "timeout"
@@ -450,7 +450,7 @@ function WebSocket:try_flush()
 end
 
 --- Heartbeat and close deadline, called by the runtime's sweep timer.
-function WebSocket:sweep(t)
+function WebSocket:_sweep(t)
   if self.state == "closing" and self._close_deadline and t > self._close_deadline then
     self:abort("close timeout")
     return
@@ -474,7 +474,7 @@ function WebSocket:sweep(t)
   end
 end
 
---- Seconds until sweep has something to do (a ping to send, a pong or a
+--- Seconds until _sweep has something to do (a ping to send, a pong or a
 --- close reply overdue), or nil when nothing is scheduled.
 function WebSocket:_due(t)
   local due
