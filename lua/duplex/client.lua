@@ -126,7 +126,8 @@ end
 --- Open a WebSocket connection. Returns the connection, or nil and a message
 --- naming what failed (and, for a refused handshake, the response).
 ---@param target string ws:// or wss:// URL
----@param opts table|nil see README "duplex.connect"
+---@param opts duplex.ConnectOptions|nil see README "duplex.connect"
+---@return duplex.WebSocket|nil ws, string|nil err, duplex.Response|nil response
 function client.connect(target, opts)
   -- our own copy: the caller's table is neither filled with defaults nor
   -- changed when a redirect drops credentials
