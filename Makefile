@@ -106,7 +106,7 @@ check: deps
 # luacheck over the Lua code, settings in .luacheckrc; `make check` runs it
 # as a suite (scripts/lint) and wants zero warnings.
 lint:
-	luacheck -q lua examples spec bench
+	luacheck -q lua types examples spec bench
 
 spec: all seeds
 	$(BUSTED) spec

@@ -10,7 +10,7 @@ local now = core.now
 
 local client = {}
 
-client.defaults = {
+client._defaults = {
   timeout = 10,            -- seconds for TCP connect + TLS + handshake
   max_header_size = 8192,
   max_message = hs.max_message,
@@ -126,7 +126,8 @@ end
 --- Open a WebSocket connection. Returns the connection, or nil and a message
 --- naming what failed (and, for a refused handshake, the response).
 ---@param target string ws:// or wss:// URL
----@param opts table|nil see README "duplex.connect"
+---@param opts duplex.ConnectOptions|nil see README "duplex.connect"
+---@return duplex.WebSocket|nil ws, string|nil err, duplex.Response|nil response
 function client.connect(target, opts)
   -- our own copy: the caller's table is neither filled with defaults nor
   -- changed when a redirect drops credentials
@@ -134,7 +135,7 @@ function client.connect(target, opts)
   options.check("connect", opts or {}, options.connect, 3)
   local o = {}
   for k, v in pairs(opts or {}) do o[k] = v end
-  for k, v in pairs(client.defaults) do if o[k] == nil then o[k] = v end end
+  for k, v in pairs(client._defaults) do if o[k] == nil then o[k] = v end end
   local redirects = redirect_budget(o.follow_redirects)
   local u, perr = url.parse(target)
   if not u then return nil, perr end

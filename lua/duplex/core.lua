@@ -29,4 +29,4 @@ if not open then
   end
   error("cannot load " .. path .. ": " .. err, 2)
 end
-return open(name, path)
+return open(name, path) --[[@as duplex.core]]

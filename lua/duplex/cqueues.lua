@@ -27,10 +27,22 @@ end
 -- values, and a thrown ETIMEDOUT would end the coroutine.
 local function quiet(_, _, err) return err end
 
+-- duplex.Stream over a cqueues socket (documented there).
+---@class duplex.CqueuesStream: duplex.Stream
 local Stream = {}
 Stream.__index = Stream
 
+---@class duplex.CqueuesListenOptions: duplex.RouteOptions
+---@field handler fun(ws: duplex.WebSocket, request: duplex.Request) in its own cqueues coroutine
+---@field host? string                default "127.0.0.1"
+---@field port? integer               default 8080; 0 picks a free one
+---@field handshake_timeout? number   default 10 s
+---@field max_header_size? integer    default 8192 (431 beyond)
+---@field max_headers? integer        default 100
+
 --- The stream interface of duplex.transport over a connected cqueues socket.
+---@param sock any a cqueues socket
+---@return duplex.Stream
 function dcq.stream(sock)
   sock:onerror(quiet)
   sock:setmode("bn", "bn") -- binary, and writes go out at once
@@ -78,7 +90,10 @@ end
 --- Serve WebSocket connections from controller cq: opts are those of
 --- duplex.listen that concern one connection, plus host, port (0 picks a
 --- free one) and handler(ws, request), run in its own cqueues coroutine.
---- Returns a server with :port(), :url(path) and :close().
+--- Returns a server with .port(), .url(path) and .close().
+---@param cq any a cqueues controller
+---@param opts duplex.CqueuesListenOptions
+---@return duplex.CqueuesServer|nil server, string|nil err
 function dcq.listen(cq, opts)
   if type(opts) ~= "table" or type(opts.handler) ~= "function" then
     error("duplex.cqueues.listen: options with a handler function expected", 2)
@@ -88,6 +103,8 @@ function dcq.listen(cq, opts)
   local ok, err = lsock:listen()
   if not ok then return nil, why(err) end
   local _, host, port = lsock:localname()
+  ---@class duplex.CqueuesServer
+  ---@field host string             the bound address
   local server = { host = host, connections = {}, closed = false }
 
   local function serve(sock)
@@ -111,7 +128,12 @@ function dcq.listen(cq, opts)
     lsock:close()
   end)
 
+  --- The bound port.
+  ---@return integer
   function server.port() return port end
+  --- ws://host:port/path to connect to.
+  ---@param path string|nil default "/"
+  ---@return string
   function server.url(path) return string.format("ws://%s:%d%s", host, port, path or "/") end
   --- Stop accepting, and close the open connections with 1001.
   function server.close()
@@ -124,6 +146,9 @@ end
 --- Open a WebSocket from inside a cqueues coroutine. ws:// only: for wss,
 --- connect and starttls the cqueues socket with a verifying luaossl context
 --- yourself and hand it to duplex.transport.connect(dcq.stream(sock), ...).
+---@param target string a ws:// URL
+---@param opts duplex.ConnectOptions|nil tls, proxy, follow_redirects and bind do not apply
+---@return duplex.WebSocket|nil ws, string|nil err, duplex.Response|nil response
 function dcq.connect(target, opts)
   opts = opts or {}
   local u, perr = url.parse(target)

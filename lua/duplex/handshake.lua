@@ -10,7 +10,7 @@ local WebSocket = require "duplex.websocket"
 local options = require "duplex.options"
 
 local now = core.now
-local max_buffered = WebSocket.defaults.max_buffered
+local max_buffered = WebSocket._defaults.max_buffered
 
 local handshake = {}
 
@@ -21,6 +21,10 @@ handshake.max_message = 16 * 1024 * 1024
 --- Server side: the settings of one route (spec may be a handler function),
 --- each of duplex.options.route falling back to opts (the server's), then
 --- to the library's. level is the error level for a bad spec.
+---@param opts duplex.RouteOptions the server's
+---@param spec duplex.RouteOptions|fun(ws: duplex.WebSocket, request: duplex.Request)
+---@param level integer|nil
+---@return table route
 function handshake.route(opts, spec, level)
   if type(spec) == "function" then spec = { handler = spec } end
   if type(spec) ~= "table" or type(spec.handler) ~= "function" then
@@ -68,6 +72,11 @@ end
 --- message for a malformed request, to be answered so; or nil, nil, err when
 --- the connection failed or the deadline passed (a client that trickles
 --- bytes, slowloris-style, is dropped when it passes).
+---@param src duplex.Stream|duplex.core.Socket
+---@param limits {max_header_size: integer|nil, max_headers: integer|nil}
+---@param deadline number core.now() time
+---@param data string|nil
+---@return duplex.Request|nil request, duplex.core.HandshakeServer|integer|nil parser_or_status, string|nil err
 function handshake.read_request(src, limits, deadline, data)
   local hs = core.handshake_server { max_header_size = limits.max_header_size, max_headers = limits.max_headers }
   while true do
@@ -87,6 +96,8 @@ end
 --- Server side: the answer to a request that is not a valid upgrade:
 --- status, headers, body. A broken upgrade gets its error (400, or 426 for
 --- a version we do not speak); plain HTTP is told to upgrade.
+---@param req duplex.Request
+---@return integer status, table<string, string>|nil headers, string|nil body
 function handshake.refusal(req)
   if req.upgrade or req.status == 426 then return req.status or 400, nil, req.error end
   return 426, { ["Upgrade"] = "websocket" }, "this endpoint speaks WebSocket"
@@ -96,6 +107,9 @@ end
 --- on a route. Returns the 101 response bytes, the engine and the fields
 --- the connection object carries; or nil and the refusal's status, headers
 --- and body (403 for a foreign origin, or whatever on_request decided).
+---@param route table from handshake.route
+---@param req duplex.Request
+---@return string|nil response, duplex.core.Engine|integer engine_or_status, table|nil info_or_headers, string|nil body
 function handshake.accept(route, req)
   if route.origin_set and not (req.origin and route.origin_set[req.origin:lower()]) then
     return nil, 403, nil, "origin not allowed"
@@ -127,6 +141,9 @@ end
 --- Client side: the request for URL u (from duplex.url) and opts. Returns
 --- the parser for the response (hc:request() is the bytes to send) and the
 --- deflate offer, if any, for handshake.read_response.
+---@param u duplex.URL
+---@param opts duplex.ConnectOptions
+---@return duplex.core.HandshakeClient hc, table|nil offer
 function handshake.start(u, opts)
   local ext_header, offer
   if opts.deflate then
@@ -213,6 +230,12 @@ end
 --- Client side: read the response to hc:request() from src until deadline.
 --- Returns the engine and the connection's fields, or nil, err and (when
 --- the server answered) the response, with the body of a refusal.
+---@param src duplex.Stream|duplex.core.Socket
+---@param hc duplex.core.HandshakeClient
+---@param offer table|nil
+---@param opts duplex.ConnectOptions
+---@param deadline number core.now() time
+---@return duplex.core.Engine|nil engine, table|string|nil info_or_err, duplex.Response|nil response
 function handshake.read_response(src, hc, offer, opts, deadline)
   while true do
     local data, err = src:read(READ_SIZE, math.max(0, deadline - now()))

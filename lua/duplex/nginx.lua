@@ -29,11 +29,19 @@ local function ms(timeout)
   return math.max(1, math.floor(timeout * 1000 + 0.5))
 end
 
+-- duplex.Stream over a cosocket (documented there).
+---@class duplex.NginxStream: duplex.Stream
 local Stream = {}
 Stream.__index = Stream
 
+---@class duplex.NginxOptions: duplex.RouteOptions
+---@field max_header_size? integer    default 8192 (431 beyond)
+---@field max_headers? integer        default 100
+
 --- The stream interface of duplex.transport over a cosocket (the raw request
 --- socket, or a tcp cosocket for a client connection).
+---@param sock any ngx.req.socket(true) or ngx.socket.tcp()
+---@return duplex.Stream
 function M.stream(sock)
   return setmetatable({ sock = sock }, Stream)
 end
@@ -104,6 +112,8 @@ end
 --- answering a refusal (400, 403, 426... through ngx.exit). opts are those
 --- of duplex.listen that concern one connection: protocols, origins,
 --- on_request, headers, deflate, limits, heartbeat, send_timeout...
+---@param opts duplex.NginxOptions|nil handler is not used
+---@return duplex.WebSocket|nil ws, duplex.Request|string|nil request_or_err
 function M.accept(opts)
   opts = opts or {}
   local route = handshake.route(opts, { handler = function() end }, 2)
@@ -141,6 +151,10 @@ local boxes = setmetatable({}, { __mode = "k" }) -- ws -> its outbox, per worker
 --- another request, a shared-dict poller); ws's own request sends it.
 --- Returns true, or nil, err when the connection is closed or its backlog
 --- is over max_buffered (the connection is then closed as a slow consumer).
+---@param ws duplex.WebSocket from duplex.nginx.serve
+---@param data string
+---@param kind "text"|"binary"|nil
+---@return true|nil ok, string|nil err
 function M.post(ws, data, kind)
   local box = boxes[ws]
   if not box or ws.state ~= "open" then return nil, "closed" end
@@ -189,6 +203,7 @@ end
 --- opts.handler(ws, req) (returning from it closes with 1000; an error in
 --- it closes with 1011), with duplex.nginx.post(ws, ...) delivering from
 --- anywhere in the worker while it runs.
+---@param opts duplex.NginxOptions with a handler
 function M.serve(opts)
   if type(opts) ~= "table" or type(opts.handler) ~= "function" then
     error("duplex.nginx.serve: options with a handler function expected", 2)

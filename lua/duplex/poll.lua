@@ -19,11 +19,23 @@ local options = require "duplex.options"
 
 local poll = {}
 
-poll.reconnect_defaults = {
+poll._reconnect_defaults = {
   min_delay = 0.5, -- seconds before the first retry
   max_delay = 30,  -- the delay doubles up to this
   jitter = 0.5,    -- each delay is randomly shortened by up to this share
 }
+
+---@class duplex.ReconnectOptions
+---@field min_delay? number         seconds before the first retry, default 0.5
+---@field max_delay? number         the delay doubles up to this, default 30
+---@field jitter? number            each delay is shortened by a random share up to this, default 0.5
+
+---@class duplex.PollOptions: duplex.ConnectOptions
+---@field on_open? fun(c: duplex.PollClient)
+---@field on_message? fun(c: duplex.PollClient, message: string, kind: "text"|"binary")
+---@field on_close? fun(c: duplex.PollClient, code: integer, reason: string, reconnecting: boolean)
+---@field on_error? fun(c: duplex.PollClient, err: string) an attempt failed
+---@field reconnect? boolean|duplex.ReconnectOptions default true
 
 ---@class duplex.PollClient
 ---@field state "connecting"|"open"|"waiting"|"closed"
@@ -78,15 +90,17 @@ local function run(self)
   push(self, "closed")
 end
 
+local POLL_OPTIONS = { reconnect = true, on_open = true, on_message = true, on_close = true, on_error = true }
+
 --- Start connecting to url (ws:// or wss://); returns the client at once.
 --- opts: on_open(c), on_message(c, msg, kind), on_close(c, code, reason,
 --- reconnecting), on_error(c, err) (a failed attempt), reconnect (true, or
---- a table like poll.reconnect_defaults; default true), and every option of
+--- a table like poll._reconnect_defaults; default true), and every option of
 --- duplex.connect. Messages queue without waiting up to max_buffered
 --- (default 16 MiB).
+---@param url string
+---@param opts duplex.PollOptions|nil
 ---@return duplex.PollClient
-local POLL_OPTIONS = { reconnect = true, on_open = true, on_message = true, on_close = true, on_error = true }
-
 function poll.connect(url, opts)
   if type(url) ~= "string" then error("duplex.poll.connect: URL string expected", 2) end
   opts = opts or {}
@@ -104,7 +118,7 @@ function poll.connect(url, opts)
   if reconnect == nil or reconnect == true then reconnect = {} end
   if reconnect then
     local r = {}
-    for k, v in pairs(poll.reconnect_defaults) do r[k] = reconnect[k] or v end
+    for k, v in pairs(poll._reconnect_defaults) do r[k] = reconnect[k] or v end
     reconnect = r
   end
   local self = setmetatable({
@@ -151,6 +165,9 @@ end
 --- Queue a message ("text" by default, or "binary"); poll() sends it.
 --- Returns true, or nil and "not open" (while connecting or waiting to
 --- reconnect: nothing is kept for later) or the connection's error.
+---@param data string
+---@param kind "text"|"binary"|nil
+---@return true|nil ok, string|nil err
 function Client:send(data, kind)
   local ws = self.ws
   if not ws or ws.state ~= "open" then return nil, "not open" end
@@ -159,6 +176,8 @@ function Client:send(data, kind)
 end
 
 --- Send a ping now (heartbeats are automatic; see ping_interval).
+---@param data string|nil
+---@return true|nil ok, string|nil err
 function Client:ping(data)
   local ws = self.ws
   if not ws then return nil, "not open" end
@@ -166,12 +185,15 @@ function Client:ping(data)
 end
 
 --- Round trip of the last heartbeat, seconds.
+---@return number|nil
 function Client:latency()
   return self.ws and self.ws.latency
 end
 
 --- Close for good (no reconnecting): the closing handshake completes over
 --- the next polls, then on_close is called.
+---@param code integer|nil default 1000
+---@param reason string|nil
 function Client:close(code, reason)
   self.closing = true
   if self.ws then
@@ -182,6 +204,7 @@ function Client:close(code, reason)
 end
 
 --- Whether the client is done (closed, and not reconnecting).
+---@return boolean
 function Client:closed()
   return self.state == "closed"
 end

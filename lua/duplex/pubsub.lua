@@ -12,10 +12,26 @@ local core = require "duplex.core"
 local pubsub = {}
 
 ---@class duplex.Hub
+---@field stats {published: integer, delivered: integer, dropped: integer, closed: integer, compressed: integer}
 local Hub = {}
 Hub.__index = Hub
 
----@param opts {max_backlog: integer|nil, overflow: "close"|"drop"|nil, on_drop: function|nil, broker: table|nil}|nil
+--- What a hub needs of a broker (duplex.redis is one): it relays the
+--- topics this node has subscribers for between nodes.
+---@class duplex.Broker
+---@field subscribe fun(self: duplex.Broker, topic: string) this node has subscribers for topic now
+---@field unsubscribe fun(self: duplex.Broker, topic: string) ... and no longer
+---@field publish fun(self: duplex.Broker, topic: string, message: string, kind: string): boolean to the other nodes
+---@field on_message fun(self: duplex.Broker, fn: fun(topic: string, message: string, kind: "text"|"binary")) from them
+
+---@class duplex.HubOptions
+---@field max_backlog? integer        a subscriber with more queued bytes overflows, default 1 MiB
+---@field overflow? "close"|"drop"    what overflowing does: close (1008, default) or skip the message
+---@field on_drop? fun(ws: duplex.WebSocket, topic: string) with overflow = "drop": a message was skipped
+---@field broker? duplex.Broker       as hub:attach_broker(broker)
+
+--- A hub of topics.
+---@param opts duplex.HubOptions|nil
 ---@return duplex.Hub
 function pubsub.new(opts)
   opts = opts or {}
@@ -36,6 +52,9 @@ function pubsub.new(opts)
   return hub
 end
 
+--- Add ws to topic's subscribers (again: no effect).
+---@param ws duplex.WebSocket
+---@param topic string
 function Hub:subscribe(ws, topic)
   local subs = self.topics[topic]
   if not subs then
@@ -52,6 +71,9 @@ function Hub:subscribe(ws, topic)
   mine[topic] = true
 end
 
+--- Remove ws from topic's subscribers.
+---@param ws duplex.WebSocket
+---@param topic string
 function Hub:unsubscribe(ws, topic)
   local subs = self.topics[topic]
   if not subs or not subs[ws] then return end
@@ -67,6 +89,7 @@ function Hub:unsubscribe(ws, topic)
 end
 
 --- Remove a connection from every topic (call when it ends).
+---@param ws duplex.WebSocket
 function Hub:unsubscribe_all(ws)
   local mine = self.of[ws]
   if not mine then return end
@@ -74,6 +97,9 @@ function Hub:unsubscribe_all(ws)
   self.of[ws] = nil
 end
 
+--- This process's subscriber count of topic.
+---@param topic string
+---@return integer
 function Hub:subscribers(topic) return self.counts[topic] or 0 end
 
 local function overflow(self, ws, topic)
@@ -88,7 +114,13 @@ local function overflow(self, ws, topic)
   end
 end
 
---- Deliver to this process's subscribers only. Returns the number reached.
+--- Deliver to this process's subscribers only, not through the broker
+--- (what the broker calls with the other nodes' messages). Returns the
+--- number reached.
+---@param topic string
+---@param message string
+---@param kind "text"|"binary"|nil
+---@return integer
 function Hub:deliver(topic, message, kind)
   local subs = self.topics[topic]
   if not subs then return 0 end
@@ -129,6 +161,7 @@ end
 ---@param topic string
 ---@param message string
 ---@param kind "text"|"binary"|nil
+---@return integer
 function Hub:publish(topic, message, kind)
   if type(topic) ~= "string" or type(message) ~= "string" then
     error("publish: topic and message must be strings", 2)
@@ -142,6 +175,7 @@ end
 
 --- Relay topics through a broker (duplex.redis): messages published on any
 --- node reach subscribers on every node.
+---@param broker duplex.Broker
 function Hub:attach_broker(broker)
   self.broker = broker
   broker:on_message(function(topic, message, kind) self:deliver(topic, message, kind) end)

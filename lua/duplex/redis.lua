@@ -14,7 +14,7 @@ local resp = require "duplex.resp"
 local redis = {}
 
 local command = resp.command
-redis.command = command
+redis._command = command
 
 -- A connection that yields RESP values; authenticates when the URL says so.
 -- Pub/sub channels are global to a Redis server, so no SELECT is needed.
@@ -61,7 +61,8 @@ end
 
 -- The broker ---------------------------------------------------------------
 
----@class duplex.RedisBroker
+---@class duplex.RedisBroker: duplex.Broker
+---@field stats {published: integer, received: integer, dropped: integer, reconnects: integer}
 local Broker = {}
 Broker.__index = Broker
 
@@ -80,21 +81,22 @@ local function parse_url(s)
 end
 
 ---@class duplex.RedisOptions
----@field url string|nil
----@field prefix string|nil
----@field on_status function|nil
----@field backoff_min number|nil
----@field backoff_max number|nil
----@field ping_interval number|nil
----@field connect_timeout number|nil
----@field tls table|nil
----@field max_reply integer|nil
+---@field url? string                 redis://[user:pass@]host:port or rediss://, default redis://127.0.0.1:6379
+---@field prefix? string              prepended to channel names, default "duplex:"
+---@field on_status? fun(status: "up"|"down"|"error", detail: string)
+---@field backoff_min? number         first reconnect delay, default 0.1 s
+---@field backoff_max? number         the delay doubles up to this, default 5 s
+---@field ping_interval? number       PING a link silent this long, default 5 s; 0 = never
+---@field connect_timeout? number     default 5 s
+---@field tls? {ca: string|nil, servername: string|nil, verify: boolean|nil} for rediss://
+---@field max_reply? integer          largest reply, default 64 MiB
+---@field node_id? string             this node's name in payloads (no spaces), default random
 
 --- Create a broker and start connecting (in the background).
 --- A rediss:// URL connects with TLS, verified against the system's CAs or
 --- opts.tls.ca (opts.tls = {ca =, servername =, verify = false}).
----@param opts duplex.RedisOptions
----@return duplex.RedisBroker|nil, string|nil
+---@param opts duplex.RedisOptions|nil
+---@return duplex.RedisBroker|nil broker, string|nil err
 function redis.broker(opts)
   opts = opts or {}
   local cfg, err = parse_url(opts.url)
@@ -126,6 +128,8 @@ function redis.broker(opts)
   return self
 end
 
+--- Where messages from the other nodes go (hub:attach_broker sets it).
+---@param fn fun(topic: string, message: string, kind: "text"|"binary")
 function Broker:on_message(fn) self.handler = fn end
 
 function Broker:_status(which, up, detail)
@@ -237,12 +241,16 @@ function Broker:_publisher()
   end
 end
 
+--- Relay topic from the other nodes (hub:subscribe calls it for a new topic).
+---@param topic string
 function Broker:subscribe(topic)
   if self.topics[topic] then return end
   self.topics[topic] = true
   if self.sub_conn then self.sub_conn.sock:write(command("SUBSCRIBE", self.prefix .. topic)) end
 end
 
+--- Stop relaying topic.
+---@param topic string
 function Broker:unsubscribe(topic)
   if not self.topics[topic] then return end
   self.topics[topic] = nil
@@ -251,6 +259,10 @@ end
 
 --- Send a message to the other nodes. Never blocks; while Redis is
 --- unreachable the message is dropped (counted in stats.dropped).
+---@param topic string
+---@param message string
+---@param kind "text"|"binary"|nil
+---@return boolean sent
 function Broker:publish(topic, message, kind)
   local conn = self.pub_conn
   if not conn then
@@ -266,6 +278,7 @@ function Broker:publish(topic, message, kind)
   return true
 end
 
+--- Close both connections and stop reconnecting.
 function Broker:close()
   self.closed = true
   if self.sub_conn then self.sub_conn.sock:close() end

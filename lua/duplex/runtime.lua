@@ -12,6 +12,8 @@ local function stderr_log(level, message)
 end
 local log_hook = stderr_log
 
+---@param level string
+---@param message string
 function runtime.log(level, message) log_hook(level, message) end
 
 ---@param fn fun(level: string, message: string)|nil nil restores the default (stderr)
@@ -29,6 +31,8 @@ end
 --- Run fn(...) where it may block. Inside a loop coroutine it is a plain call;
 --- from the main chunk the loop runs until fn is done, so a script can call
 --- duplex.connect and ws:receive straight down without spawning anything.
+---@param fn function
+---@return any ...
 function runtime.blocking(fn, ...)
   local _, main = coroutine.running()
   if not main then return fn(...) end
@@ -45,16 +49,17 @@ end
 
 --- Things that need checking now and then (heartbeats, close deadlines):
 --- one timer for all of them instead of a timer per connection. Each member
---- has a :sweep(now) method; the timer runs only while there are members, so
+--- has a :_sweep(now) method; the timer runs only while there are members, so
 --- an idle program's loop can end.
 local members, count, timer = {}, 0, nil
 local TICK = 0.25
 
 local function sweep()
   local now = core.now()
-  for m in pairs(members) do m:sweep(now) end
+  for m in pairs(members) do m:_sweep(now) end
 end
 
+---@param m {_sweep: fun(self: any, now: number)}
 function runtime.watch(m)
   if members[m] then return end
   members[m] = true
@@ -62,6 +67,7 @@ function runtime.watch(m)
   if not timer then timer = core.timer(TICK, sweep, TICK) end
 end
 
+---@param m table
 function runtime.unwatch(m)
   if not members[m] then return end
   members[m] = nil

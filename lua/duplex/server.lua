@@ -12,8 +12,8 @@ local now = core.now
 local server = {}
 
 ---@class duplex.Server
----@field host string
----@field port integer
+---@field host string                the bound address
+---@field port integer               the bound port (the one picked for port = 0)
 local Server = {}
 Server.__index = Server
 
@@ -28,7 +28,7 @@ local defaults = {
   max_headers = 100,
   max_message = handshake.max_message,
 }
-server.defaults = defaults
+server._defaults = defaults
 
 local function make_routes(opts)
   local routes = {}
@@ -138,8 +138,8 @@ local function accept_loop(self)
 end
 
 --- Start a server. See README "duplex.listen" for every option.
----@param opts table
----@return duplex.Server|nil, string|nil
+---@param opts duplex.ListenOptions
+---@return duplex.Server|nil server, string|nil err
 function server.listen(opts)
   if type(opts) ~= "table" then error("listen: options table expected", 2) end
   options.check("listen", opts, options.listen, 2)
@@ -176,6 +176,8 @@ function server.listen(opts)
 end
 
 --- The URL clients connect to (for logs and examples).
+---@param path string|nil default "/"
+---@return string
 function Server:url(path)
   local host = self.host
   if host == "0.0.0.0" then host = "127.0.0.1" elseif host == "::" then host = "::1" end
@@ -184,6 +186,7 @@ function Server:url(path)
 end
 
 --- Open WebSocket connections (a snapshot).
+---@return duplex.WebSocket[]
 function Server:clients()
   local list = {}
   for ws in pairs(self.connections) do list[#list + 1] = ws end
@@ -222,6 +225,7 @@ end
 --- (going away), wait up to timeout seconds (default 10) for them to end,
 --- then drop the rest. Returns true when every connection ended in time.
 ---@param timeout number|nil
+---@return boolean all_ended
 function Server:shutdown(timeout)
   return runtime.blocking(shutdown, self, timeout)
 end

@@ -30,21 +30,40 @@ local Hosted = WebSocket.Hosted
 
 local transport = {}
 
-transport.read_size = 65536
+---@class duplex.Stream
+---@field read fun(self: duplex.Stream, max: integer, timeout: number|nil): string|nil, string|nil 1..max bytes
+---@field write fun(self: duplex.Stream, data: string, timeout: number|nil): true|nil, string|nil, integer|nil
+---@field close fun(self: duplex.Stream)
+---@field shutdown? fun(self: duplex.Stream): any stop sending, keep reading
+---@field peer? fun(self: duplex.Stream): string|nil, integer|nil address, port
+---@field yield? fun(self: duplex.Stream) let the host's other work run
+
+---@class duplex.AcceptOptions: duplex.RouteOptions
+---@field handshake_timeout? number   seconds to read the request, default 10
+---@field max_header_size? integer    default 8192 (431 beyond)
+---@field max_headers? integer        default 100
+---@field request? string             bytes of the request the host has read already
+---@field remote_address? string      ws.remote_address (default: the stream's peer)
+
+transport._read_size = 65536
 -- A connection's share of the host before it yields (when the stream can):
 -- an event counts 1, every 4 KiB read counts 1, so a flood of pings or a
 -- burst of messages is read in turns with everyone else.
-transport.turn = 64
+transport._turn = 64
 
 local function left(deadline)
   return deadline and math.max(0, deadline - now())
 end
 
 --- The socket interface duplex.websocket uses, over a stream and an engine.
+---@class duplex.Conduit
 local Conduit = {}
 Conduit.__index = Conduit
 
-function transport.wrap(stream, engine)
+---@param stream duplex.Stream
+---@param engine duplex.core.Engine
+---@return duplex.Conduit
+function transport._wrap(stream, engine)
   return setmetatable({ stream = stream, engine = engine, writing = false, closed = false, spent = 0 },
     Conduit)
 end
@@ -52,7 +71,7 @@ end
 -- Charge a turn; a full one yields to the host.
 function Conduit:_spend(units)
   local spent = self.spent + units
-  if spent >= transport.turn and self.stream.yield then
+  if spent >= transport._turn and self.stream.yield then
     spent = 0
     self.stream:yield()
   end
@@ -117,7 +136,7 @@ function Conduit:receive(engine, timeout)
     end
     if self.closed then return nil, "closed" end
     deadline = deadline or (timeout and now() + timeout)
-    local chunk, err = self.stream:read(transport.read_size, left(deadline))
+    local chunk, err = self.stream:read(transport._read_size, left(deadline))
     if not chunk then return nil, err end
     engine:feed(chunk)
     self:_spend(math.floor(#chunk / 4096))
@@ -126,7 +145,7 @@ end
 
 function Conduit:read(max, timeout)
   if self.closed then return nil, "closed" end
-  return self.stream:read(max or transport.read_size, timeout)
+  return self.stream:read(max or transport._read_size, timeout)
 end
 
 function Conduit:shutdown(timeout)
@@ -154,8 +173,13 @@ end
 
 --- The connection object over stream, for an engine whose handshake is done
 --- (from duplex.handshake): for hosts that do the handshake their own way.
+---@param stream duplex.Stream
+---@param engine duplex.core.Engine
+---@param opts duplex.ConnectionOptions
+---@param info table the connection's fields, from duplex.handshake
+---@return duplex.WebSocket
 function transport.connection(stream, engine, opts, info)
-  local sock = transport.wrap(stream, engine)
+  local sock = transport._wrap(stream, engine)
   if not info.remote_address then info.remote_address, info.remote_port = sock:peer() end
   local ws = WebSocket.new(sock, engine, opts, info, Hosted)
   ws:_kick() -- frames the first read produced (a pong, say)
@@ -176,7 +200,9 @@ local function none() end
 --- the connection and the request, or nil, err and (when it got that far)
 --- the request; a refused request has been answered (400, 403, 426...) and
 --- the stream closed.
----@return duplex.WebSocket|nil, table|string, table|nil
+---@param stream duplex.Stream
+---@param opts duplex.AcceptOptions|nil
+---@return duplex.WebSocket|nil ws, duplex.Request|string|nil request_or_err, duplex.Request|nil request
 function transport.accept(stream, opts)
   opts = opts or {}
   local route = handshake.route(opts, { handler = none }, 2)
@@ -214,7 +240,10 @@ end
 --- origin, deflate, limits, heartbeat, timeout for the handshake).
 --- Returns the connection, or nil, err and the response when the
 --- server refused.
----@return duplex.WebSocket|nil, string|nil, table|nil
+---@param stream duplex.Stream
+---@param target string
+---@param opts duplex.ConnectOptions|nil tls, proxy, follow_redirects and bind do not apply
+---@return duplex.WebSocket|nil ws, string|nil err, duplex.Response|nil response
 function transport.connect(stream, target, opts)
   opts = opts or {}
   local u, perr = url.parse(target)

@@ -12,16 +12,24 @@ local now = core.now
 
 ---@class duplex.WebSocket
 ---@field role "server"|"client"
+---@field state "open"|"closing"|"closed"
 ---@field protocol string|nil          the subprotocol both sides agreed on
 ---@field extensions string|nil        the negotiated Sec-WebSocket-Extensions value
----@field request table|nil            server side: the upgrade request
----@field response table|nil           client side: the 101 response
+---@field deflate boolean              permessage-deflate is on
+---@field request duplex.Request|nil   server side: the upgrade request
+---@field server duplex.Server|nil     server side, on duplex.listen: the server that accepted it
+---@field response duplex.Response|nil client side: the 101 response
+---@field url duplex.URL|nil           client side: the URL connected to, after redirects
 ---@field remote_address string        peer address (client address behind a trusted proxy)
 ---@field remote_port integer
 ---@field close_code integer|nil       once closed: the peer's close code, or 1006
 ---@field close_reason string|nil
+---@field close_by_peer boolean|nil    after a closing handshake: the peer started it
+---@field error string|nil             why the connection failed, when it did
 ---@field latency number|nil           round trip of the last heartbeat, seconds
----@field data table                  the application's per-connection state; the library never touches it
+---@field data table                   the application's per-connection state; the library never touches it
+---@field on_pong fun(ws: duplex.WebSocket, data: string)|nil set by the application: called on each pong
+---@field dropped integer|nil          messages duplex.pubsub dropped for it (overflow = "drop")
 local WebSocket = {}
 WebSocket.__index = WebSocket
 -- Connections on our loop: a loop timer drives their heartbeats, waiting
@@ -41,7 +49,7 @@ local defaults = {
   send_timeout = 30,    -- seconds send() may wait for a slow peer before closing it
   compress_threshold = 128, -- with permessage-deflate, smaller messages go plain
 }
-WebSocket.defaults = defaults
+WebSocket._defaults = defaults
 
 local function opt(opts, k)
   local v = opts[k]
@@ -52,6 +60,12 @@ end
 --- Wrap an engine attached to a socket. Used by duplex.server and
 --- duplex.client once the handshake is done; class is WebSocket (our loop)
 --- or WebSocket.Hosted (a host's stream, see duplex.transport).
+---@param sock duplex.core.Socket|duplex.Conduit
+---@param engine duplex.core.Engine handshake done
+---@param opts duplex.ConnectionOptions
+---@param info table fields the connection carries (request, protocol, deflate...)
+---@param class table|nil
+---@return duplex.WebSocket
 function WebSocket.new(sock, engine, opts, info, class)
   class = class or WebSocket
   local self = setmetatable({
@@ -213,7 +227,7 @@ local function receive(self, timeout)
         return r1, r2, r3, r4
       end
     elseif data == "timeout" and beat then
-      self:sweep(now())
+      self:_sweep(now())
     elseif data == "timeout" then
       self._reading = false
       return nil, "timeout"
@@ -237,6 +251,7 @@ end
 
 --- Iterate over messages until the connection closes:
 --- `for message, kind in ws:messages() do ... end`
+---@return fun(): string|nil, string|nil, boolean|nil
 function WebSocket:messages()
   return function()
     local m, kind, fin = self:receive()
@@ -320,6 +335,7 @@ end
 ---@param data string
 ---@param kind "text"|"binary"|nil  kind of the message (first piece only)
 ---@param fin boolean               true for the last piece
+---@return true|nil ok, string|nil err
 function WebSocket:send_fragment(data, kind, fin)
   if type(data) ~= "string" then error("send_fragment: data must be a string", 2) end
   kind = kind or "text"
@@ -334,6 +350,8 @@ function WebSocket:send_fragment(data, kind, fin)
 end
 
 --- A pre-encoded frame (duplex.encode_frame / pubsub): queued as is, no wait.
+---@param frame string
+---@return true|nil ok, string|nil err
 function WebSocket:send_frame(frame)
   if self.state ~= "open" or self._sending then return nil, "closed" end
   local ok, err = self.engine:send_raw(frame)
@@ -344,6 +362,7 @@ end
 --- Send a ping. The pong's arrival is reported in ws.latency and to
 --- ws.on_pong(ws, payload) when set.
 ---@param data string|nil up to 125 bytes
+---@return true|nil ok, string|nil err
 function WebSocket:ping(data)
   if self.state ~= "open" then return nil, "closed" end
   local ok, err = self.engine:ping(data or "")
@@ -352,6 +371,10 @@ function WebSocket:ping(data)
   return self:_kick()
 end
 
+--- An unsolicited pong: a one-way heartbeat (RFC 6455 §5.5.3) that asks
+--- for no answer. Pings are answered without this.
+---@param data string|nil up to 125 bytes
+---@return true|nil ok, string|nil err
 function WebSocket:pong(data)
   if self.state ~= "open" then return nil, "closed" end
   local ok, err = self.engine:pong(data or "")
@@ -362,6 +385,9 @@ end
 --- Send our close frame without waiting for the answer: whoever reads the
 --- connection sees the peer's reply; the sweep drops the connection if none
 --- comes within close_timeout. Used for graceful shutdown of many at once.
+---@param code integer|nil default 1000
+---@param reason string|nil
+---@return true
 function WebSocket:start_close(code, reason)
   if self.state ~= "open" then return true end
   self.state = "closing"
@@ -392,6 +418,7 @@ end
 --- reading the connection (then that reader sees the close).
 ---@param code integer|nil
 ---@param reason string|nil
+---@return true
 function WebSocket:close(code, reason)
   if code ~= nil and not core.close_code_valid(code) then
     error("close: code " .. tostring(code) .. " may not be sent (1000-1003, 1007-1014, 3000-4999)", 2)
@@ -429,6 +456,7 @@ function WebSocket:__close(err)
 end
 
 --- Drop the TCP connection at once, without a closing handshake.
+---@param why string|nil ws.error and close_reason, default "aborted"
 function WebSocket:abort(why)
   if self.state == "closed" then return end
   self._abort_reason = why or "aborted"
@@ -436,6 +464,7 @@ function WebSocket:abort(why)
 end
 
 --- Bytes queued for the peer and not yet written.
+---@return integer
 function WebSocket:buffered()
   if self.state == "closed" then return 0 end
   return self.sock:buffered()
@@ -450,7 +479,7 @@ function WebSocket:try_flush()
 end
 
 --- Heartbeat and close deadline, called by the runtime's sweep timer.
-function WebSocket:sweep(t)
+function WebSocket:_sweep(t)
   if self.state == "closing" and self._close_deadline and t > self._close_deadline then
     self:abort("close timeout")
     return
@@ -474,7 +503,7 @@ function WebSocket:sweep(t)
   end
 end
 
---- Seconds until sweep has something to do (a ping to send, a pong or a
+--- Seconds until _sweep has something to do (a ping to send, a pong or a
 --- close reply overdue), or nil when nothing is scheduled.
 function WebSocket:_due(t)
   local due

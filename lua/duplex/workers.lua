@@ -45,16 +45,18 @@ local function child_main(opts, index, keepalive)
   os.exit(ok and 0 or 1, true)
 end
 
+-- What duplex.run hands over: the supervisor's part of duplex.RunOptions.
 ---@class duplex.WorkersOptions
 ---@field workers integer
 ---@field setup fun(index: integer): any
----@field on_stop function|nil
----@field stop_timeout number|nil
----@field reload_grace number|nil
----@field log function|nil
+---@field on_stop? fun(ctx: any, index: integer)
+---@field stop_timeout? number
+---@field reload_grace? number
+---@field log? fun(level: string, message: string)
 
 --- Run the supervisor; returns when every worker has stopped.
 ---@param opts duplex.WorkersOptions
+---@return true
 function workers.run(opts)
   if type(opts.setup) ~= "function" then error("run: workers need a setup function", 3) end
   local children, events, started, pending = {}, {}, {}, {}

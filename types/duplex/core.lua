@@ -1,0 +1,489 @@
+---@meta duplex.core
+-- duplex.core, the C module (csrc/l_*.c), for LuaLS: never installed nor
+-- loaded (it is outside lua/), only read by the language server through
+-- .luarc.json. spec/api_docs_spec.lua checks it against the built module:
+-- every function and method the C code registers is here, and no other.
+--
+-- The loop, timers, processes, sockets and TLS (everything from core.run
+-- down to core.tls_context) are in the Lua 5.4 build only; the LuaJIT
+-- build (make luajit, for nginx) has the sans-I/O rest.
+
+---@class duplex.core
+---@field version string             the release, as in csrc/dx_version.h
+local core = {}
+
+-- ---- helpers (l_util.c) ----
+
+--- Validate UTF-8, possibly across pieces: state 0 (the default) means
+--- "between code points"; pass the returned state with the next piece.
+---@param s string
+---@param state integer|nil
+---@return boolean valid, integer|nil state 0 when s ends a complete text
+function core.utf8_valid(s, state) end
+
+--- s XOR the 4-byte masking key, starting at key byte offset.
+---@param s string
+---@param key string 4 bytes
+---@param offset integer|nil 0..3
+---@return string
+function core.mask(s, key, offset) end
+
+--- n bytes from OpenSSL's CSPRNG.
+---@param n integer 1..65536
+---@return string
+function core.random(n) end
+
+--- Standard base64 (for HTTP basic authentication).
+---@param s string
+---@return string
+function core.base64(s) end
+
+--- glibc's M_TRIM_THRESHOLD and M_MMAP_THRESHOLD, process-wide (duplex.run
+--- sets 64 MiB, 32 MiB); false where it is not glibc.
+---@param trim_bytes integer
+---@param mmap_bytes integer at most 32 MiB
+---@return boolean
+function core.tune_malloc(trim_bytes, mmap_bytes) end
+
+--- Monotonic seconds, the clock of the loop's timers.
+---@return number
+function core.now() end
+
+-- ---- the engine (l_engine.c) ----
+
+--- A sans-I/O protocol engine: bytes in (feed), events out (next), frames
+--- queued by send/ping/pong/close and taken with data_to_send.
+---@param opts {role: "server"|"client", max_message: integer|nil, max_frame: integer|nil, max_buffered: integer|nil, streaming: boolean|nil, auto_pong: boolean|nil}
+---@return duplex.core.Engine
+function core.engine(opts) end
+
+--- One unmasked (server) frame to hand to many engines with send_raw; with
+--- window_bits (8..15) the message is compressed once, for connections
+--- without server context takeover.
+---@param data string
+---@param kind "text"|"binary"|"continuation"|"ping"|"pong"|nil default "text"
+---@param fin boolean|nil default true
+---@param window_bits integer|nil
+---@return string
+function core.encode_frame(data, kind, fin, window_bits) end
+
+--- May code be sent in a close frame (1000-1003, 1007-1014, 3000-4999)?
+---@param code integer
+---@return boolean
+function core.close_code_valid(code) end
+
+-- ---- the opening handshake (l_handshake.c) ----
+
+--- A parser for one upgrade request.
+---@param opts {max_header_size: integer|nil, max_headers: integer|nil}|nil defaults 8192, 100
+---@return duplex.core.HandshakeServer
+function core.handshake_server(opts) end
+
+--- A client's request (hc:request()) and the parser for its response.
+---@param opts {host: string, port: integer|nil, secure: boolean|nil, target: string|nil, origin: string|nil, protocols: string[]|nil, extensions: string|nil, headers: table|nil, max_header_size: integer|nil, max_headers: integer|nil}
+---@return duplex.core.HandshakeClient
+function core.handshake_client(opts) end
+
+--- The 101 response to a request with this key.
+---@param opts {key: string, protocol: string|nil, extensions: string|nil, headers: table|nil}
+---@return string
+function core.handshake_response(opts) end
+
+--- A whole HTTP response (a refusal, a page), with Content-Length.
+---@param status integer 200..599
+---@param headers table|nil { name = value } or { {name, value}, ... }
+---@param body string|nil
+---@return string
+function core.http_response(status, headers, body) end
+
+--- Sec-WebSocket-Accept for a Sec-WebSocket-Key.
+---@param key string
+---@return string
+function core.accept_key(key) end
+
+-- ---- permessage-deflate (l_pmd.c) ----
+
+--- A client's Sec-WebSocket-Extensions offer.
+---@param offer duplex.DeflateOptions|nil
+---@return string
+function core.pmd_offer(offer) end
+
+--- Server side: the first acceptable offer among request.extensions.
+---@param extensions table[] request.extensions
+---@param policy duplex.DeflateOptions|nil
+---@return string|nil response, table|string params_or_why
+function core.pmd_accept(extensions, policy) end
+
+--- Client side: the agreed parameters, false when the server accepted
+--- none, or nil and why the handshake must fail.
+---@param extensions table[] response.extensions
+---@param offer duplex.DeflateOptions|nil what was offered
+---@return table|false|nil params, string|nil why
+function core.pmd_check_response(extensions, offer) end
+
+--- Compress and inflate in engine from now on, with the agreed params
+--- (config: mem_level, compress_level).
+---@param engine duplex.core.Engine
+---@param role "server"|"client" the engine's
+---@param params table agreed, from pmd_accept or pmd_check_response
+---@param config duplex.DeflateOptions|nil
+function core.pmd_attach(engine, role, params, config) end
+
+--- A bare codec, outside any engine.
+---@param role "server"|"client"
+---@param params table|nil
+---@param config duplex.DeflateOptions|nil
+---@return duplex.core.Codec
+function core.pmd_codec(role, params, config) end
+
+-- ---- the event loop (l_loop.c) ----
+
+--- Run the loop until nothing is left or core.stop().
+---@return true
+function core.run() end
+
+--- One pass: run what is ready, wait for I/O and timers at most timeout
+--- seconds (default 0), run what woke. Returns whether anything is left.
+---@param timeout number|nil 0..86400
+---@return boolean
+function core.step(timeout) end
+
+--- Make run() return once the running coroutine yields.
+function core.stop() end
+
+--- fn(...) in a new loop coroutine.
+---@param fn function
+---@return thread
+function core.spawn(fn, ...) end
+
+--- Wait, in a loop coroutine.
+---@param seconds number
+function core.sleep(seconds) end
+
+--- Wait until core.wake(this coroutine, ...) or timeout: returns the
+--- values given to wake, or nil, "timeout".
+---@param timeout number|nil
+---@return any ...
+function core.park(timeout) end
+
+--- End a park of co with these values; false if co is not parked.
+---@param co thread
+---@return boolean
+function core.wake(co, ...) end
+
+--- fn(timer) in a new coroutine after seconds, then every `every` seconds.
+---@param seconds number
+---@param fn fun(timer: duplex.core.Timer)
+---@param every number|nil
+---@return duplex.core.Timer
+function core.timer(seconds, fn, every) end
+
+--- Where the errors of loop coroutines go (nil: stderr).
+---@param fn fun(err: any, traceback: string, co: thread)|nil
+function core.on_error(fn) end
+
+--- fn(name) in a new coroutine on the signal; nil restores the default.
+---@param name "INT"|"TERM"|"HUP"|"CHLD"
+---@param fn fun(name: string)|nil
+function core.signal(name, fn) end
+
+--- Counts of the loop's coroutines, sockets, timers, fds, ready and waiting tasks.
+---@return {coroutines: integer, sockets: integer, timers: integer, fds: integer, ready: integer, waiting: integer}
+function core.loop_stats() end
+
+--- fork(2); the child gets a new event loop. 0 in the child.
+---@return integer|nil pid, string|nil err
+function core.fork() end
+
+--- waitpid(2): pid (-1: any), how ("exited", "signaled", "stopped") and
+--- the code or signal; 0 with nohang when none has ended.
+---@param pid integer|nil
+---@param nohang boolean|nil
+---@return integer|nil pid, string|nil how_or_err, integer|nil code
+function core.waitpid(pid, nohang) end
+
+--- kill(2) with a signal name ("TERM", default) or number.
+---@param pid integer
+---@param signal string|integer|nil
+---@return true|nil ok, string|nil err
+function core.kill(pid, signal) end
+
+--- getpid(2).
+---@return integer
+function core.getpid() end
+
+--- Get signal (default "TERM") when the parent dies; false when it is
+--- already gone.
+---@param signal string|integer|nil
+---@return boolean|nil ok, string|nil err
+function core.die_with_parent(signal) end
+
+-- ---- sockets and TLS (l_socket.c) ----
+
+--- A listening TCP socket (a host name is resolved in place).
+---@param opts {host: string|nil, port: integer|nil, backlog: integer|nil, reuseport: boolean|nil, ipv6only: boolean|nil}
+---@return duplex.core.Listener|nil listener, string|nil err
+function core.listen(opts) end
+
+--- Connect over TCP (names resolved off the loop thread), in a loop coroutine.
+---@param opts {host: string, port: integer, timeout: number|nil, bind: string|{host: string, port: integer|nil}|nil, nodelay: boolean|nil}
+---@return duplex.core.Socket|nil sock, string|nil err
+function core.connect(opts) end
+
+--- Resolve a name off the loop thread, in a loop coroutine.
+---@param host string
+---@param port integer|nil
+---@return {family: "inet"|"inet6", addr: string, port: integer}[]|nil addrs, string|nil err
+function core.getaddrinfo(host, port) end
+
+--- A TLS context: a server needs cert and key; a client verifies by default
+--- (against ca, else the system store) and may present cert and key.
+---@param opts {mode: "server"|"client"|nil, cert: string|nil, key: string|nil, chain: string|nil, ca: string|nil, verify: boolean|nil, alpn: string|string[]|nil}
+---@return duplex.core.TLSContext|nil ctx, string|nil err
+function core.tls_context(opts) end
+
+-- ---- userdata ----
+
+---@class duplex.core.Engine
+local Engine = {}
+
+--- Keep a copy of bytes from the peer; nothing is parsed yet.
+---@param data string
+function Engine:feed(data) end
+
+--- The next event, parsed now, or nil when more bytes are needed:
+--- "text"|"binary", data; "fragment", data, kind, first, last;
+--- "ping"|"pong", data; "close", reason, code, by_peer; "error", reason, code.
+---@return string|nil kind, string|nil data, any, any, any
+function Engine:next() end
+
+--- Fed bytes wait to be parsed.
+---@return boolean
+function Engine:has_input() end
+
+--- Queue a message or a piece of one ("continuation" goes on with fin = false's).
+---@param data string
+---@param kind "text"|"binary"|"continuation"|nil
+---@param fin boolean|nil default true
+---@param compress boolean|nil
+---@return true|nil ok, string|nil err "overflow" past max_buffered
+function Engine:send(data, kind, fin, compress) end
+
+---@param data string|nil up to 125 bytes
+---@return true|nil ok, string|nil err
+function Engine:ping(data) end
+
+---@param data string|nil up to 125 bytes
+---@return true|nil ok, string|nil err
+function Engine:pong(data) end
+
+--- Start the closing handshake.
+---@param code integer|nil
+---@param reason string|nil up to 123 bytes, with a code
+---@return true|nil ok, string|nil err
+function Engine:close(code, reason) end
+
+--- Queue a frame from core.encode_frame (server role).
+---@param frame string
+---@return true|nil ok, string|nil err
+function Engine:send_raw(frame) end
+
+--- Take the bytes queued for the peer.
+---@return string
+function Engine:data_to_send() end
+
+--- Bytes queued for the peer.
+---@return integer
+function Engine:pending() end
+
+---@return "open"|"closing"|"closed"
+function Engine:state() end
+
+---@return "server"|"client"
+function Engine:role() end
+
+---@return {frames_in: integer, frames_out: integer, messages_in: integer, messages_out: integer, deflate: boolean}
+function Engine:stats() end
+
+--- Free the engine's buffers and codec now (the collector does it too).
+function Engine:release() end
+
+--- Free the memory of empty buffers (an idle connection).
+function Engine:shrink() end
+
+---@class duplex.core.Socket
+local Socket = {}
+
+--- Up to max bytes (default 64 KiB), waiting up to timeout.
+---@param max integer|nil
+---@param timeout number|nil
+---@return string|nil data, string|nil err "timeout", "closed" or why
+function Socket:read(max, timeout) end
+
+--- Queue bytes; the loop writes them at the end of its pass.
+---@param data string
+---@return true|nil ok, string|nil err
+function Socket:write(data) end
+
+--- Wait until everything queued is written.
+---@param timeout number|nil
+---@return true|nil ok, string|nil err
+function Socket:flush(timeout) end
+
+--- Write what the kernel takes now; returns the bytes still queued.
+---@return integer
+function Socket:try_flush() end
+
+--- Wait until at most low bytes are queued.
+---@param low integer
+---@param timeout number|nil
+---@return true|nil ok, string|nil err
+function Socket:drain(low, timeout) end
+
+--- Bytes queued (the socket's and its engine's).
+---@return integer
+function Socket:buffered() end
+
+--- Flush, then stop sending (TLS close_notify, FIN); reading goes on.
+---@param timeout number|nil
+---@return true|nil ok, string|nil err
+function Socket:shutdown(timeout) end
+
+--- Close now (abort: RST instead of FIN).
+---@param abort boolean|nil
+---@return true
+function Socket:close(abort) end
+
+---@return string|nil address, integer|string|nil port_or_err
+function Socket:peer() end
+
+---@return string|nil address, integer|string|nil port_or_err
+function Socket:local_address() end
+
+---@return integer|nil fd, string|nil err
+function Socket:fd() end
+
+---@param on boolean
+---@return true|nil ok, string|nil err
+function Socket:setnodelay(on) end
+
+--- Write this engine's output with the socket's own (nil detaches).
+---@param engine duplex.core.Engine|nil
+---@return true|nil ok, string|nil err
+function Socket:attach(engine) end
+
+--- The engine's next event (as engine:next()), reading as needed; nil, err
+--- on timeout or when the socket fails.
+---@param engine duplex.core.Engine
+---@param timeout number|nil
+---@return string|nil kind, any, any, any, any
+function Socket:receive(engine, timeout) end
+
+--- The TLS handshake on this connection.
+---@param ctx duplex.core.TLSContext
+---@param opts {servername: string|nil, timeout: number|nil}|nil servername: default the host given to core.connect
+---@param timeout number|nil
+---@return true|nil ok, string|nil err
+function Socket:starttls(ctx, opts, timeout) end
+
+--- The ALPN protocol agreed on, if any.
+---@return string|nil
+function Socket:alpn() end
+
+---@class duplex.core.Listener
+local Listener = {}
+
+--- The next connection, waiting up to timeout.
+---@param timeout number|nil
+---@return duplex.core.Socket|nil sock, string|nil err
+function Listener:accept(timeout) end
+
+--- The connections in the accept queue, without waiting (before a close).
+---@return duplex.core.Socket[]
+function Listener:drain() end
+
+---@return string|nil address, integer|string|nil port_or_err
+function Listener:address() end
+
+---@return true
+function Listener:close() end
+
+---@return integer|nil fd, string|nil err
+function Listener:fd() end
+
+---@class duplex.core.Timer
+local Timer = {}
+
+--- Disarm; returns whether it was armed.
+---@return boolean
+function Timer:cancel() end
+
+---@return boolean
+function Timer:active() end
+
+---@class duplex.core.HandshakeServer
+local HandshakeServer = {}
+
+--- Feed request bytes: nil until the header is complete, then the request;
+--- nil, status, message for a malformed one.
+---@param data string
+---@return duplex.Request|nil request, integer|nil status, string|nil message
+function HandshakeServer:feed(data) end
+
+--- The bytes that came after the header (frames).
+---@return string
+function HandshakeServer:rest() end
+
+--- Free the parser.
+function HandshakeServer:close() end
+
+---@class duplex.core.HandshakeClient
+local HandshakeClient = {}
+
+--- Feed response bytes: nil until the header is complete, then the
+--- response; nil, message and the response when it is a refusal or wrong.
+---@param data string
+---@return duplex.Response|nil response, string|nil err, duplex.Response|nil refused
+function HandshakeClient:feed(data) end
+
+---@return string
+function HandshakeClient:rest() end
+
+--- The request to send.
+---@return string
+function HandshakeClient:request() end
+
+--- The Sec-WebSocket-Key sent.
+---@return string
+function HandshakeClient:key() end
+
+--- Free the parser.
+function HandshakeClient:close() end
+
+---@class duplex.core.Codec
+local Codec = {}
+
+--- Compress a piece of a message (fin: its end, the default).
+---@param data string
+---@param fin boolean|nil
+---@return string|nil data, string|nil err
+function Codec:deflate(data, fin) end
+
+--- Inflate a piece; max bounds the whole message (default 16 MiB).
+---@param data string
+---@param fin boolean|nil
+---@param max integer|nil
+---@return string|nil data, string|nil err "too big" or "invalid data"
+function Codec:inflate(data, fin, max) end
+
+--- zlib bytes held.
+---@return integer
+function Codec:memory() end
+
+--- Free the zlib streams.
+function Codec:close() end
+
+-- An opaque context for sock:starttls and connect's tls.context.
+---@class duplex.core.TLSContext
+
+return core
