@@ -44,6 +44,7 @@ local FILES = {
   ["lua/duplex/url.lua"] = false, -- URL parsing
   ["lua/duplex/addr.lua"] = false, -- trusted proxies
   ["lua/duplex/resp.lua"] = false, -- the Redis protocol
+  ["lua/duplex/cli.lua"] = false, -- the duplex command (README: Command line)
 }
 
 -- README's owners of members: a class, or "module:" and a module.
@@ -71,6 +72,7 @@ local OWNERS = {
   hs = "duplex.core.HandshakeServer",
   hc = "duplex.core.HandshakeClient",
   codec = "duplex.core.Codec",
+  r = "duplex.core.Reader",
 }
 
 -- Owners that mean something else under a heading (a plain substring of it).
@@ -124,6 +126,7 @@ local METATABLES = {
   ["duplex.handshake_client"] = "duplex.core.HandshakeClient",
   ["duplex.pmd_codec"] = "duplex.core.Codec",
   ["duplex.tls_context"] = "duplex.core.TLSContext",
+  ["duplex.reader"] = "duplex.core.Reader",
 }
 
 local API_SECTIONS = { "API", "Embedding", "permessage-deflate" }

@@ -218,6 +218,19 @@ function core.getpid() end
 ---@return boolean|nil ok, string|nil err
 function core.die_with_parent(signal) end
 
+-- ---- descriptors the program did not open (l_fd.c) ----
+
+--- Read fd (stdin as a pipe, a file or a terminal) on the loop, without
+--- setting O_NONBLOCK on it: a zero-timeout poll comes before each read.
+---@param fd integer
+---@return duplex.core.Reader|nil reader, string|nil err
+function core.reader(fd) end
+
+--- Whether fd is a terminal.
+---@param fd integer
+---@return boolean
+function core.isatty(fd) end
+
 -- ---- sockets and TLS (l_socket.c) ----
 
 --- A listening TCP socket (a host name is resolved in place).
@@ -410,6 +423,18 @@ function Listener:close() end
 
 ---@return integer|nil fd, string|nil err
 function Listener:fd() end
+
+---@class duplex.core.Reader
+local Reader = {}
+
+--- 1..max bytes; nil, "timeout" (nothing consumed); nil, "closed" at the end of input.
+---@param max integer|nil
+---@param timeout number|nil
+---@return string|nil data, string|nil err
+function Reader:read(max, timeout) end
+
+--- Close the reader's own duplicate of the descriptor.
+function Reader:close() end
 
 ---@class duplex.core.Timer
 local Timer = {}
