@@ -14,7 +14,7 @@ LJ_LMOD   ?= $(PREFIX)/share/lua/5.1
 LJ_CMOD   ?= $(PREFIX)/lib/lua/5.1
 CC        ?= cc
 OPT       ?= -O2 -g
-WARN      = -Wall -Wextra -Wno-unused-parameter -Wshadow -Wstrict-prototypes
+WARN      = -Wall -Wextra -Wno-unused-parameter -Wshadow -Wstrict-prototypes -Werror=implicit-function-declaration
 BASE_CFLAGS = -std=gnu11 -fPIC -fvisibility=hidden $(WARN) $(OPT)
 DX_CFLAGS = $(BASE_CFLAGS) $(INC) $(LUA_INC) $(CFLAGS)
 LJ_CFLAGS = $(BASE_CFLAGS) $(INC) $(LUAJIT_INC) $(CFLAGS)

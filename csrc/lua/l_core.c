@@ -58,6 +58,9 @@ int luaopen_duplex_core(lua_State *L) {
 #if DX_HAVE_LOOP
   dx_open_loop(L);
   dx_open_socket(L);
+  dx_open_tls(L);
+  dx_open_connect(L);
+  dx_open_listen(L);
   dx_open_fd(L);
 #endif
   lua_pushliteral(L, DX_VERSION);

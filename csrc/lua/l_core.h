@@ -17,7 +17,10 @@ void dx_open_engine(lua_State *L);    /* l_engine.c: engine objects, frame encod
 void dx_open_handshake(lua_State *L); /* l_handshake.c: HTTP upgrade, both roles */
 void dx_open_util(lua_State *L);      /* l_util.c: utf8, mask, random, base64, now */
 void dx_open_loop(lua_State *L);      /* l_loop.c: event loop, timers, coroutines */
-void dx_open_socket(lua_State *L);    /* l_socket.c: TCP/TLS sockets */
+void dx_open_socket(lua_State *L);    /* l_socket.c: the socket object */
+void dx_open_tls(lua_State *L);       /* l_tls.c: TLS contexts, starttls */
+void dx_open_connect(lua_State *L);   /* l_connect.c: name resolution, connect */
+void dx_open_listen(lua_State *L);    /* l_listen.c: listeners */
 void dx_open_fd(lua_State *L);        /* l_fd.c: reading stdin and other fds */
 void dx_open_pmd(lua_State *L);       /* l_pmd.c: permessage-deflate negotiation */
 

@@ -21,9 +21,7 @@
 #include <stdio.h>
 #include <unistd.h>
 
-#include "dx_sock.h"
-#include "l_core.h" /* before dx_loop.h: lua.h enables its Lua part */
-#include "dx_loop.h"
+#include "l_socket.h"
 
 #define READER_MT "duplex.reader"
 
@@ -33,17 +31,6 @@ typedef struct lreader {
   int fd;        /* our duplicate of the caller's fd; -1 once closed */
   int polled;
 } lreader;
-
-static int fail(lua_State *L, const char *msg) {
-  luaL_pushfail(L);
-  lua_pushstring(L, msg);
-  return 2;
-}
-
-static int fail_errno(lua_State *L, int err) {
-  char buf[128];
-  return fail(L, dx_sock_strerror(err, buf, sizeof buf));
-}
 
 static lreader *to_reader(lua_State *L, int idx) { return luaL_checkudata(L, idx, READER_MT); }
 
@@ -68,8 +55,8 @@ static int readable(int fd) {
 static int read_k(lua_State *L, int status, lua_KContext ctx) {
   dx_task *t = (dx_task *)ctx;
   lreader *r = to_reader(L, 1);
-  if (status == LUA_YIELD && dx_lua_woken(L, t) == DX_WAKE_TIMEOUT) return fail(L, "timeout");
-  if (r->fd < 0) return fail(L, "closed");
+  if (status == LUA_YIELD && dx_lua_woken(L, t) == DX_WAKE_TIMEOUT) return dx_lua_fail(L, "timeout");
+  if (r->fd < 0) return dx_lua_fail(L, "closed");
   if (r->polled && !readable(r->fd)) return dx_lua_wait_io(L, t, &r->io, EPOLLIN, 0, read_k);
   size_t max = (size_t)lua_tointeger(L, 2);
   if (max > r->loop->rbuf_size) max = r->loop->rbuf_size;
@@ -80,12 +67,12 @@ static int read_k(lua_State *L, int status, lua_KContext ctx) {
     lua_pushlstring(L, (const char *)r->loop->rbuf, (size_t)n);
     return 1;
   }
-  if (n == 0) return fail(L, "closed");
+  if (n == 0) return dx_lua_fail(L, "closed");
   /* someone else made the description non-blocking, and another reader
    * took the data between our poll and our read */
   if ((errno == EAGAIN || errno == EWOULDBLOCK) && r->polled)
     return dx_lua_wait_io(L, t, &r->io, EPOLLIN, 0, read_k);
-  return fail_errno(L, errno);
+  return dx_lua_fail_errno(L, errno);
 }
 
 /* reader:read([max [, timeout]]) -> bytes | nil, "timeout" | nil, "closed"
@@ -122,7 +109,7 @@ static int l_reader(lua_State *L) {
   int fd = (int)dx_check_range(L, 1, 0, INT_MAX);
   dx_loop *loop = dx_lua_loop(L);
   int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (own < 0) return fail_errno(L, errno);
+  if (own < 0) return dx_lua_fail_errno(L, errno);
   lreader *r = lua_newuserdatauv(L, sizeof *r, 0);
   dx_io_init(&r->io, NULL);
   r->loop = loop;
@@ -135,7 +122,7 @@ static int l_reader(lua_State *L) {
   } else if (rc != -EPERM) {
     r->fd = -1;
     close(own);
-    return fail_errno(L, rc);
+    return dx_lua_fail_errno(L, rc);
   }
   return 1;
 }

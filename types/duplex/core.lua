@@ -231,7 +231,7 @@ function core.reader(fd) end
 ---@return boolean
 function core.isatty(fd) end
 
--- ---- sockets and TLS (l_socket.c) ----
+-- ---- sockets and TLS (l_socket.c, l_tls.c, l_connect.c, l_listen.c) ----
 
 --- A listening TCP socket (a host name is resolved in place).
 ---@param opts {host: string|nil, port: integer|nil, backlog: integer|nil, reuseport: boolean|nil, ipv6only: boolean|nil}

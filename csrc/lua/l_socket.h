@@ -1,0 +1,78 @@
+/*
+ * The socket object of the duplex.core binding, shared by the files of its
+ * socket layer, one concern each: l_socket.c (the object: output, input,
+ * flushing, the glue to an engine), l_tls.c (contexts and starttls),
+ * l_connect.c (name resolution and connect), l_listen.c (listeners).
+ */
+#ifndef DX_L_SOCKET_H
+#define DX_L_SOCKET_H
+
+#include "dx_sock.h"
+#include "dx_tls.h"
+#include "l_core.h" /* before dx_loop.h: lua.h enables its Lua part */
+#include "dx_loop.h"
+
+#define DX_SOCK_MT "duplex.socket"
+#define DX_ERR_MAX 256
+
+/* uservalues of a socket */
+enum { UV_ENGINE = 1, UV_TLSCTX, UV_HOST, UV_COUNT = UV_HOST };
+
+typedef struct lsock {
+  dx_io io;
+  dx_dirty dirty;
+  dx_loop *loop;
+  dx_buf out;
+  dx_proto *engine; /* attached engine (kept alive by UV_ENGINE) */
+  SSL *ssl;
+  uint32_t flush_want; /* readiness a blocked flush waits for */
+  int werr;            /* sticky write error (errno) */
+  int closed, wr_shut;
+  int blocked;     /* the kernel (or TLS) would not take more output */
+  int tls_wsrc;    /* the buffer an SSL_write must be retried with: 1 own, 2 engine */
+  int handshaking; /* output waits until the TLS handshake is done */
+  int tls_failed;  /* fatal TLS error: no more TLS calls */
+  /* A short read emptied the kernel's receive buffer: the next read would
+   * only say EAGAIN, so wait for the next EPOLLIN edge instead of asking
+   * (one system call less per message in a request/response exchange). */
+  int rd_empty;
+  /* The peer's FIN (or an error) was seen with some data: the data and the
+   * end can be reported by one edge, so after it every read really reads. */
+  int rd_hup;
+  /* receive's share of the current loop pass (see PASS_EVENTS) */
+  uint64_t pass;
+  unsigned pass_events;
+  size_t pass_bytes;
+} lsock;
+
+/* The socket at idx (raises a Lua error otherwise). */
+lsock *dx_sock_check(lua_State *L, int idx);
+/* Push a socket for a connected fd (which it owns from now on), or return
+ * NULL with nothing pushed, fd closed and *err set. */
+lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int *err);
+/* Close now. Orderly: write what the kernel takes at once and send TLS
+ * close_notify, then FIN; output that does not fit is dropped (flush first
+ * to be sure). Abortive: RST. Waiters get "closed". */
+void dx_sock_close(lsock *s, int abort, int with_engine);
+/* Bytes queued on the socket, its own and its engine's. */
+size_t dx_sock_buffered(const lsock *s);
+
+/* sock:starttls(ctx, opts, timeout), sock:alpn() (l_tls.c) */
+int dx_sock_starttls(lua_State *L);
+int dx_sock_alpn(lua_State *L);
+
+/* Expected failures: push fail (nil) and a message; returns 2. */
+int dx_lua_fail(lua_State *L, const char *msg);
+int dx_lua_fail_errno(lua_State *L, int err);
+/* Push the local (peer 0) or remote address of fd and its port: 2 values,
+ * or fail and a message. */
+int dx_lua_push_address(lua_State *L, int fd, int peer);
+/* Stack value idx as a port 0..65535 (raises an error naming `what`). */
+int dx_lua_check_port(lua_State *L, int idx, const char *what);
+/* Field key of the options table at t: a string, or NULL when nil (the
+ * table keeps it alive). */
+const char *dx_lua_opt_string(lua_State *L, int t, const char *key);
+/* A metatable called name, with meta's metamethods and methods as __index. */
+void dx_lua_new_class(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta);
+
+#endif
