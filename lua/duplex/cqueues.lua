@@ -111,7 +111,7 @@ function dcq.listen(cq, opts)
     local ws, req = transport.accept(dcq.stream(sock), opts)
     if not ws then return end
     server.connections[ws] = true
-    ws:_serve(opts, req, function(msg) io.stderr:write("duplex.cqueues: ", msg, "\n") end)
+    ws:serve(opts, req, function(msg) io.stderr:write("duplex.cqueues: ", msg, "\n") end)
     server.connections[ws] = nil
   end
 

@@ -176,7 +176,7 @@ local function deliver(ws, box)
   while ws.state == "open" do
     local ok = box.sema:wait(3600)
     if box.overflow then
-      ws:_slow_consumer("outbox over max_buffered: the peer is not reading")
+      ws:close_slow_consumer("outbox over max_buffered: the peer is not reading")
       break
     end
     if ok then
@@ -211,7 +211,7 @@ function M.serve(opts)
   local ws, req = M.accept(opts)
   if not ws then return end
   local writer = start_outbox(ws)
-  ws:_serve(opts, req, function(msg) ngx.log(ngx.ERR, "duplex: ", msg) end)
+  ws:serve(opts, req, function(msg) ngx.log(ngx.ERR, "duplex: ", msg) end)
   boxes[ws].sema:post(1) -- let the writer see the end
   ngx.thread.wait(writer)
   boxes[ws] = nil

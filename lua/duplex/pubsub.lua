@@ -105,7 +105,7 @@ function Hub:subscribers(topic) return self.counts[topic] or 0 end
 local function overflow(self, ws, topic)
   if self.overflow == "close" then
     self.stats.closed = self.stats.closed + 1
-    ws:_slow_consumer("subscriber backlog over max_backlog on topic " .. tostring(topic))
+    ws:close_slow_consumer("subscriber backlog over max_backlog on topic " .. tostring(topic))
     self:unsubscribe_all(ws)
   else
     self.stats.dropped = self.stats.dropped + 1

@@ -83,7 +83,7 @@ local function upgrade(self, sock, req, hs, route)
   info.remote_address, info.remote_port, info.server = req.remote_address, req.peer_port, self
   local ws = WebSocket.new(sock, engine, route, info)
   self.connections[ws] = true
-  ws:_serve(route, req, function(msg) self.log("error", msg) end)
+  ws:serve(route, req, function(msg) self.log("error", msg) end)
   self.connections[ws] = nil
 end
 

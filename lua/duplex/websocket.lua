@@ -182,7 +182,7 @@ function WebSocket:_event(kind, data, a, b, c)
     self:_finish(a, data)
     return true, self:_closed_result()
   elseif a == 1008 then -- the engine's output limit (max_buffered) was passed
-    self:_slow_consumer("send buffer over max_buffered: the peer is not reading")
+    self:close_slow_consumer("send buffer over max_buffered: the peer is not reading")
     return true, self:_closed_result()
   else -- "error": the peer broke the protocol; our close frame is queued
     self.close_code, self.close_reason = a, data
@@ -267,14 +267,17 @@ local function wait_for_room(self)
   local ok, err = sock:drain(self.low_water, self.send_timeout)
   if ok then return true end
   if err == "timeout" then
-    self:_slow_consumer("send timed out: the peer is not reading")
+    self:close_slow_consumer("send timed out: the peer is not reading")
     return nil, "timeout"
   end
   return self:_lost(err)
 end
 
---- Close a peer that does not read fast enough (1008, policy violation).
-function WebSocket:_slow_consumer(why)
+--- Close a peer that does not read fast enough, at once: a best-effort close
+--- frame 1008 (policy violation) and the connection ends; ws.error says why.
+--- What duplex.pubsub does to a subscriber over its backlog.
+---@param why string
+function WebSocket:close_slow_consumer(why)
   if self.state ~= "open" then return end
   -- The close frame queues behind the backlog the peer is not reading, so
   -- it is sent on a best-effort basis: the connection ends now either way.
@@ -287,7 +290,7 @@ end
 -- when a frame is queued) the connection has failed.
 function WebSocket:_refused(err)
   if err == "overflow" then
-    self:_slow_consumer("send buffer over max_buffered: the peer is not reading")
+    self:close_slow_consumer("send buffer over max_buffered: the peer is not reading")
     return nil, "closed"
   end
   return nil, self.state == "open" and err or "closed"
@@ -428,12 +431,16 @@ function WebSocket:close(code, reason)
   return self._wait(close, self, code or 1000, reason or "")
 end
 
---- Run a server handler on this connection, the same on every host:
+--- Run a server handler on this connection, the same on every host (for
+--- hosts: duplex.listen, duplex.cqueues and duplex.nginx call it):
 --- spec.handler(ws, req); an error in it goes to log(message) and closes
 --- with 1011, returning closes with 1000. Then, whatever ended the
 --- connection, spec.on_close(ws, code, reason). The connection is over when
 --- this returns.
-function WebSocket:_serve(spec, req, log)
+---@param spec {handler: fun(ws: duplex.WebSocket, request: duplex.Request), on_close: fun(ws: duplex.WebSocket, code: integer, reason: string)|nil}
+---@param req duplex.Request
+---@param log fun(message: string)
+function WebSocket:serve(spec, req, log)
   local ok, err = xpcall(spec.handler, debug.traceback, self, req)
   if not ok then
     log("handler failed: " .. tostring(err))
@@ -530,7 +537,7 @@ function Hosted:_room()
   local ok, err = self.sock:flush(self.send_timeout)
   if ok then return true end
   if err == "timeout" then
-    self:_slow_consumer("send timed out: the peer is not reading")
+    self:close_slow_consumer("send timed out: the peer is not reading")
     return nil, "timeout"
   end
   return self:_lost(err)
