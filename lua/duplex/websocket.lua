@@ -437,7 +437,7 @@ end
 --- with 1011, returning closes with 1000. Then, whatever ended the
 --- connection, spec.on_close(ws, code, reason). The connection is over when
 --- this returns.
----@param spec {handler: fun(ws: duplex.WebSocket, request: duplex.Request), on_close: fun(ws: duplex.WebSocket, code: integer, reason: string)|nil}
+---@param spec duplex.RouteOptions what runs: its handler and on_close
 ---@param req duplex.Request
 ---@param log fun(message: string)
 function WebSocket:serve(spec, req, log)
