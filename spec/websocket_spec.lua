@@ -49,6 +49,28 @@ describe("duplex client and server", function()
     assert.equal(1000, ws.close_code)
   end)
 
+  it("judges close arguments before changing any state, start_close as close", function()
+    local srv = listen { handler = echo }
+    local ws = assert(duplex.connect(srv:url("/")))
+    for _, call in ipairs {
+      { 1005, nil, "close code may not be sent" }, { 999, nil, "close code may not be sent" },
+      { 1000, string.rep("r", 124), "close reason longer than 123 bytes" },
+      { 1000, "\255", "close reason is not UTF-8" },
+    } do
+      for _, method in ipairs { "close", "start_close" } do
+        local ok, err = pcall(function() ws[method](ws, call[1], call[2]) end)
+        assert.is_false(ok)
+        assert.matches("close: " .. call[3], err, 1, true)
+        assert.matches("websocket_spec.lua", err, 1, true) -- the caller's line
+        assert.equal("open", ws.state, method .. " changed the state before refusing")
+      end
+    end
+    assert.is_true(ws:send("still open"))
+    assert.equal("still open", (ws:receive(5)))
+    assert.is_true(ws:close(4000, "bye"))
+    assert.equal(4000, ws.close_code)
+  end)
+
   it("sends a message in fragments and receives one piece by piece when asked", function()
     local pieces = {}
     local srv = listen { streaming = true, handler = function(ws)

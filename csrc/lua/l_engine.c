@@ -242,10 +242,8 @@ static int l_close(lua_State *L) {
   lua_Integer code = dx_opt_range(L, 2, 0, 0, 65535);
   size_t n;
   const char *reason = luaL_optlstring(L, 3, "", &n);
-  if (code != 0 && !dx_close_code_valid((unsigned)code))
-    return luaL_argerror(L, 2, "close code may not be sent (valid: 1000-1003, 1007-1014, 3000-4999)");
-  if (n > DX_CONTROL_MAX - 2) return luaL_argerror(L, 3, "close reason longer than 123 bytes");
-  if (code == 0 && n > 0) return luaL_argerror(L, 3, "a close reason needs a close code");
+  const char *bad = dx_close_args_error((unsigned)code, reason, n);
+  if (bad) return luaL_error(L, "close: %s", bad);
   return push_result(L, dx_proto_close(&e->p, (unsigned)code, reason, n));
 }
 
@@ -409,6 +407,22 @@ static int l_encode_frame(lua_State *L) {
   return 1;
 }
 
+/* core.close_check(code, reason) -> true, or nil and why not: the close
+ * arguments judged before anything changes (e:close raises on the same). */
+static int l_close_check(lua_State *L) {
+  lua_Integer code = dx_opt_range(L, 1, 0, 0, 65535);
+  size_t n;
+  const char *reason = luaL_optlstring(L, 2, "", &n);
+  const char *bad = dx_close_args_error((unsigned)code, reason, n);
+  if (!bad) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  luaL_pushfail(L);
+  lua_pushstring(L, bad);
+  return 2;
+}
+
 /* core.close_code_valid(code) -> may this code be sent in a close frame? */
 static int l_close_code_valid(lua_State *L) {
   lua_Integer code = luaL_checkinteger(L, 1);
@@ -429,6 +443,7 @@ void dx_open_engine(lua_State *L) {
   static const luaL_Reg funcs[] = {{"engine", l_engine_new},
                                    {"encode_frame", l_encode_frame},
                                    {"close_code_valid", l_close_code_valid},
+                                   {"close_check", l_close_check},
                                    {NULL, NULL}};
   luaL_newmetatable(L, DX_ENGINE_MT);
   dx_register_mt(L, &ENGINE_KEY);

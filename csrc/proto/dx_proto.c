@@ -214,12 +214,18 @@ static int send_close_frame(dx_proto *p, unsigned code, const char *reason, size
   return rc;
 }
 
+const char *dx_close_args_error(unsigned code, const char *reason, size_t n) {
+  if (code && !dx_close_code_valid(code))
+    return "close code may not be sent (valid: 1000-1003, 1007-1014, 3000-4999)";
+  if (code == 0 && n > 0) return "a close reason needs a close code";
+  if (n > DX_CONTROL_MAX - 2) return "close reason longer than 123 bytes";
+  if (n && !dx_utf8_valid((const uint8_t *)reason, n)) return "close reason is not UTF-8";
+  return NULL;
+}
+
 int dx_proto_close(dx_proto *p, unsigned code, const char *reason, size_t n) {
+  if (dx_close_args_error(code, reason, n)) return DX_E_ARG;
   if (p->state != DX_STATE_OPEN || p->close_sent) return DX_E_STATE;
-  if (code == 0 && n > 0) return DX_E_ARG;
-  if (code && !dx_close_code_valid(code)) return DX_E_ARG;
-  if (n > DX_CONTROL_MAX - 2) return DX_E_ARG;
-  if (n && !dx_utf8_valid((const uint8_t *)reason, n)) return DX_E_ARG;
   int rc = send_close_frame(p, code, reason, n);
   if (rc) return rc;
   p->state = DX_STATE_CLOSING;

@@ -201,6 +201,10 @@ int dx_proto_pong(dx_proto *p, const void *data, size_t n);
 /* Start (or answer) the closing handshake. code 0 sends an empty close frame;
  * otherwise code must be valid on the wire and code+reason fit in 125 bytes. */
 int dx_proto_close(dx_proto *p, unsigned code, const char *reason, size_t n);
+/* The one home of what a close frame we send may carry (RFC 6455 §5.5.1,
+ * §7.4): NULL when code (0: none) and reason are fine, else why not. The
+ * bindings ask it before they change any state of their own. */
+const char *dx_close_args_error(unsigned code, const char *reason, size_t n);
 /* Queue a frame encoded elsewhere (dx_frame_encode), e.g. one broadcast frame
  * written to many connections. Server role only (clients must mask). */
 int dx_proto_send_raw(dx_proto *p, const void *frame, size_t n);

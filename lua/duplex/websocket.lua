@@ -385,6 +385,13 @@ function WebSocket:pong(data)
   return self:_kick()
 end
 
+-- The close arguments, judged by the engine's rule (core.close_check)
+-- before anything here changes: a bad code is the caller's mistake.
+local function check_close(code, reason, level)
+  local ok, why = core.close_check(code or 1000, reason or "")
+  if not ok then error("close: " .. why, level + 1) end
+end
+
 --- Send our close frame without waiting for the answer: whoever reads the
 --- connection sees the peer's reply; the sweep drops the connection if none
 --- comes within close_timeout. Used for graceful shutdown of many at once.
@@ -392,6 +399,7 @@ end
 ---@param reason string|nil
 ---@return true
 function WebSocket:start_close(code, reason)
+  check_close(code, reason, 2)
   if self.state ~= "open" then return true end
   self.state = "closing"
   self._close_deadline = now() + self.close_timeout
@@ -423,10 +431,7 @@ end
 ---@param reason string|nil
 ---@return true
 function WebSocket:close(code, reason)
-  if code ~= nil and not core.close_code_valid(code) then
-    error("close: code " .. tostring(code) .. " may not be sent (1000-1003, 1007-1014, 3000-4999)", 2)
-  end
-  if reason ~= nil and #reason > 123 then error("close: reason longer than 123 bytes", 2) end
+  check_close(code, reason, 2)
   if self.state ~= "open" then return true end
   return self._wait(close, self, code or 1000, reason or "")
 end

@@ -72,6 +72,13 @@ function core.encode_frame(data, kind, fin, window_bits) end
 ---@return boolean
 function core.close_code_valid(code) end
 
+--- Would e:close(code, reason) take these (a code that may be sent, a reason
+--- of at most 123 bytes of UTF-8, none without a code)? The one rule, in C.
+---@param code integer|nil 0 or nil: no code
+---@param reason string|nil
+---@return true|nil ok, string|nil why
+function core.close_check(code, reason) end
+
 -- ---- the opening handshake (l_handshake.c) ----
 
 --- A parser for one upgrade request.
