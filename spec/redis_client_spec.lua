@@ -434,6 +434,38 @@ describe("duplex.redis.connect across a restart", function()
   end)
 end)
 
+describe("duplex.redis.connect and a Redis that stops answering", function()
+  teardown(proc.killall)
+
+  it("times out, finds the silent subscriber out with a PING, and recovers", function()
+    local r = services.redis()
+    local ok, err = pcall(run, function()
+      local log, on_status, last = recorder()
+      local c = connect { url = r.url, on_status = on_status, timeout = 0.3, connect_timeout = 0.3,
+        ping_interval = 0.2, backoff_max = 0.2 }
+      local got = {}
+      assert.is_true(c:subscribe("news", function(_, m) got[#got + 1] = m end))
+
+      r.h:kill("STOP") -- hung, or a network that drops everything: no FIN
+      local t0 = core.now()
+      local ok2, err2 = pcall(function()
+        assert.same({ nil, "timeout", "connection" }, { c:call("PING") })
+        assert.is_true(core.now() - t0 < 1)
+        wait_for("the subscriber to notice", 3, function() return last("subscriber") == "down" end)
+      end)
+      r.h:kill("CONT") -- whatever happened above
+      assert(ok2, err2)
+      assert.matches("down subscriber: no answer to PING", table.concat(log, "\n"))
+
+      wait_for("both back", 10, function() return last("commands") == "up" and last("subscriber") == "up" end)
+      assert.equal(1, connect(r.url):publish("news", "awake"))
+      wait_for("the message", 5, function() return got[#got] == "awake" end)
+    end)
+    r:cleanup()
+    assert(ok, err)
+  end)
+end)
+
 describe("duplex.redis.connect over TLS", function()
   teardown(proc.killall)
 
