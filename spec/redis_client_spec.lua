@@ -57,6 +57,15 @@ local function wait_for(what, timeout, pred)
   end
 end
 
+-- fn(r) on the loop, with a redis-server of its own (services.redis opts),
+-- stopped after, passed or failed.
+local function with_redis(opts, fn)
+  local r = services.redis(nil, opts)
+  local ok, err = pcall(run, function() fn(r) end)
+  r:cleanup()
+  assert(ok, err)
+end
+
 local function tcp(port)
   return assert(core.connect { host = "127.0.0.1", port = port, timeout = 2 })
 end
@@ -351,12 +360,11 @@ describe("duplex.redis.connect", function()
   end)
 end)
 
-describe("duplex.redis.connect with credentials", function()
+describe("duplex.redis.connect, each test with a redis-server of its own", function()
   teardown(proc.killall)
 
   it("authenticates with a password or an ACL user, and refuses wrong ones", function()
-    local r = services.redis(nil, { args = { "--requirepass", "s3cret" } })
-    local ok, err = pcall(run, function()
+    with_redis({ args = { "--requirepass", "s3cret" } }, function(r)
       local base = "127.0.0.1:" .. r.port
       fails("^PING failed: NOAUTH", nil, redis.connect("redis://" .. base))
       fails("^AUTH failed: WRONGPASS", nil, redis.connect("redis://:wrong@" .. base))
@@ -381,17 +389,10 @@ describe("duplex.redis.connect with credentials", function()
       fails("^NOPERM", "redis", alice:subscribe("forbidden", function() end))
       assert.equal(1, admin:publish("app:news", "x"))
     end)
-    r:cleanup()
-    assert(ok, err)
   end)
-end)
-
-describe("duplex.redis.connect across a restart", function()
-  teardown(proc.killall)
 
   it("fails fast while Redis is down, then reconnects and subscribes again", function()
-    local r = services.redis()
-    local ok, err = pcall(run, function()
+    with_redis(nil, function(r)
       local log, on_status, last = recorder()
       local c = connect { url = r.url, on_status = on_status, backoff_max = 0.3 }
       local got = {}
@@ -429,17 +430,10 @@ describe("duplex.redis.connect across a restart", function()
       assert.equal("PONG", c:call("PING"))
       assert.matches("down subscriber: ", table.concat(log, "\n"))
     end)
-    r:cleanup()
-    assert(ok, err)
   end)
-end)
 
-describe("duplex.redis.connect and a Redis that stops answering", function()
-  teardown(proc.killall)
-
-  it("times out, finds the silent subscriber out with a PING, and recovers", function()
-    local r = services.redis()
-    local ok, err = pcall(run, function()
+  it("times out, finds a silent subscriber out with a PING, and recovers", function()
+    with_redis(nil, function(r)
       local log, on_status, last = recorder()
       local c = connect { url = r.url, on_status = on_status, timeout = 0.3, connect_timeout = 0.3,
         ping_interval = 0.2, backoff_max = 0.2 }
@@ -461,18 +455,11 @@ describe("duplex.redis.connect and a Redis that stops answering", function()
       assert.equal(1, connect(r.url):publish("news", "awake"))
       wait_for("the message", 5, function() return got[#got] == "awake" end)
     end)
-    r:cleanup()
-    assert(ok, err)
   end)
-end)
-
-describe("duplex.redis.connect over TLS", function()
-  teardown(proc.killall)
 
   it("verifies the server for rediss:// URLs", function()
     local c = certs.generate()
-    local r = services.redis(nil, { tls = c })
-    local ok, err = pcall(run, function()
+    local ok, err = pcall(with_redis, { tls = c }, function(r)
       local cl = connect { url = r.url, tls = { ca = c.ca } }
       assert.equal("OK", cl:call("SET", "over", "tls"))
       assert.equal("tls", cl:call("GET", "over"))
@@ -489,7 +476,6 @@ describe("duplex.redis.connect over TLS", function()
       -- plain RESP to the TLS port: an error, not a hang
       fails("^no answer to PING", nil, redis.connect { url = "redis://127.0.0.1:" .. r.tls_port, connect_timeout = 1 })
     end)
-    r:cleanup()
     c.cleanup()
     assert(ok, err)
   end)
