@@ -6,6 +6,7 @@
 local core = require "duplex.core"
 local resp = require "duplex.resp"
 local redis = require "duplex.redis"
+local runtime = require "duplex.runtime"
 local loop = require "support.loop"
 local proc = require "support.proc"
 local services = require "support.services"
@@ -337,6 +338,32 @@ describe("duplex.redis.connect", function()
       assert.is_nil(lone:call("PING"))
       core.sleep(0.2)
       assert.same({ nil, "not connected", "connection" }, { lone:call("PING") })
+    end)
+  end)
+
+  it("logs a connect function that raises, and tries again when called", function()
+    local logged = {}
+    runtime.set_log(function(level, message) logged[#logged + 1] = level .. " " .. message end)
+    finally(function() runtime.set_log(nil) end)
+    run(function()
+      local raised = false
+      local _, on_status, last = recorder()
+      local c = connect { stream = tcp(r.port), backoff_min = 0.01, on_status = on_status, connect = function()
+        if not raised then
+          raised = true
+          error("a bug in the factory")
+        end
+        return tcp(r.port) -- a socket is a stream too
+      end }
+      connect(r.url):call("CLIENT", "KILL", "ID", c:call("CLIENT", "ID"))
+      fails(".", "connection", c:call("PING"))
+      wait_for("the error logged", 5, function() return #logged > 0 end)
+      assert.matches("^error redis commands: .*a bug in the factory", logged[1])
+      wait_for("the commands back", 5, function()
+        c:call("PING")
+        return last("commands") == "up"
+      end)
+      assert.equal("PONG", c:call("PING"))
     end)
   end)
 

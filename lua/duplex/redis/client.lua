@@ -285,13 +285,20 @@ function Link:retry()
 end
 
 -- The link's coroutine: serve the connection while it lasts (the
--- subscriber's), then dial until one is up again.
+-- subscriber's), then dial until one is up again. Should that raise (an
+-- opts.connect that throws), the link is left able to retry.
 function Link:_run(conn)
-  repeat
-    if conn then self.serve(conn) end
-    conn = self:_redial()
-  until not (conn and self.serve)
+  local ok, err = pcall(function()
+    repeat
+      if conn then self.serve(conn) end
+      conn = self:_redial()
+    until not (conn and self.serve)
+  end)
   self.co = nil
+  if not ok then
+    if self.conn then self.conn:fail("redis " .. self.role .. " failed") end
+    runtime.log("error", "redis " .. self.role .. ": " .. tostring(err))
+  end
 end
 
 -- Never longer than backoff_max between tries; nil once the client closes.
@@ -529,8 +536,9 @@ end
 function Client:_conn()
   if self.closed then return nil, "client closed" end
   local conn = self.commands.conn
-  if not conn then return nil, "not connected" end
-  return conn
+  if conn then return conn end
+  self.commands:retry() -- under way already, unless an earlier try raised
+  return nil, "not connected"
 end
 
 -- Commands that would take the shared connection over (its replies would no
