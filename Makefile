@@ -157,8 +157,9 @@ demo:
 # One core.so, the Lua modules and the command-line tool; `luarocks make`
 # runs this same target with the rock tree's directories (rockspec/).
 install: all
-	install -d $(DESTDIR)$(LUA_LMOD)/duplex $(DESTDIR)$(LUA_CMOD)/duplex $(DESTDIR)$(BINDIR)
+	install -d $(DESTDIR)$(LUA_LMOD)/duplex/redis $(DESTDIR)$(LUA_CMOD)/duplex $(DESTDIR)$(BINDIR)
 	install -m 644 lua/duplex/*.lua $(DESTDIR)$(LUA_LMOD)/duplex/
+	install -m 644 lua/duplex/redis/*.lua $(DESTDIR)$(LUA_LMOD)/duplex/redis/
 	install -m 755 $(CORE) $(DESTDIR)$(LUA_CMOD)/duplex/core.so
 	install -m 755 bin/duplex $(DESTDIR)$(BINDIR)/duplex
 

@@ -1,8 +1,8 @@
---- The options of duplex.listen, its routes and duplex.connect: each one's
---- kind and range, in one place, checked when the call is made. A typo
---- (`timeot`) or a wrong value (`max_connections = "many"`) is an error
---- that names the option, raised to the caller, not a failure much later in
---- some connection.
+--- The options of duplex.listen, its routes, duplex.connect and
+--- duplex.redis.connect: each one's kind and range, in one place, checked
+--- when the call is made. A typo (`timeot`) or a wrong value
+--- (`max_connections = "many"`) is an error that names the option, raised
+--- to the caller, not a failure much later in some connection.
 ---
 --- Runs on Lua 5.4 and on LuaJIT: no integer operators here.
 local options = {}
@@ -125,6 +125,28 @@ end
 options.listen = union(CONNECTION, ROUTE, LISTEN)
 options.route = union(CONNECTION, ROUTE)
 options.connect = union(CONNECTION, CONNECT)
+
+-- duplex.redis.connect. A zero timeout or backoff would fail every call or
+-- redial in a tight loop: they start at a millisecond.
+local positive = number(0.001, 86400 * 365)
+options.redis = {
+  url = str,
+  user = str,
+  password = str,
+  db = integer(0, INT_MAX),
+  tls = CONNECT.tls,
+  connect_timeout = positive,
+  timeout = positive,
+  ping_interval = seconds,
+  max_reply = integer(1, INT_MAX),
+  backoff_min = positive,
+  backoff_max = positive,
+  on_status = func,
+  connect = func,
+  stream = function(v)
+    if type(v) ~= "table" and type(v) ~= "userdata" then return "a stream (read, write, close)" end
+  end,
+}
 
 --- Raise an error (at level) naming the first option of opts that set does
 --- not know or whose value it refuses; who is the function's name.

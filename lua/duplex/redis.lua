@@ -15,6 +15,7 @@ local redis = {}
 
 local command = resp.command
 redis._command = command
+redis.connect = require("duplex.redis.client").connect -- a general client (duplex/redis/client.lua)
 
 -- A connection that yields RESP values; authenticates when the URL says so.
 -- Pub/sub channels are global to a Redis server, so no SELECT is needed.

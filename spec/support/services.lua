@@ -137,7 +137,7 @@ end
 --- redis-server on a free port, nothing saved to disk. r:stop("KILL") and
 --- r:start() bring it down and back on the same port. With opts.tls (from
 --- support.certs) it also listens with TLS on r.tls_port, and r.url is the
---- rediss:// one.
+--- rediss:// one. opts.args: more arguments ({ "--requirepass", "secret" }).
 function services.redis(port, opts)
   port = port or services.free_port()
   local tls_port = opts and opts.tls and services.free_port()
@@ -150,6 +150,7 @@ function services.redis(port, opts)
         argv[#argv + 1] = a
       end
     end
+    for _, a in ipairs(opts and opts.args or {}) do argv[#argv + 1] = a end
     return argv
   end, port)
   r.tls_port = tls_port
