@@ -45,6 +45,7 @@ local FILES = {
   ["lua/duplex/addr.lua"] = false, -- trusted proxies
   ["lua/duplex/resp.lua"] = false, -- the Redis protocol
   ["lua/duplex/cli.lua"] = false, -- the duplex command (README: Command line)
+  ["lua/duplex/redis/client.lua"] = false, -- redis.connect
 }
 
 -- README's owners of members: a class, or "module:" and a module.
@@ -73,6 +74,7 @@ local OWNERS = {
   hc = "duplex.core.HandshakeClient",
   codec = "duplex.core.Codec",
   r = "duplex.core.Reader",
+  db = "duplex.RedisClient",
 }
 
 -- Owners that mean something else under a heading (a plain substring of it).
@@ -601,7 +603,7 @@ end
 
 local function lua_files()
   local out = {}
-  local p = assert(io.popen("ls lua/duplex/*.lua types/duplex/*.lua"))
+  local p = assert(io.popen("ls lua/duplex/*.lua lua/duplex/*/*.lua types/duplex/*.lua"))
   for path in p:lines() do out[#out + 1] = { path = path, text = read(path) } end
   p:close()
   return out

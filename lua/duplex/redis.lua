@@ -15,7 +15,9 @@ local redis = {}
 
 local command = resp.command
 redis._command = command
-redis.connect = require("duplex.redis.client").connect -- a general client (duplex/redis/client.lua)
+--- A general Redis client: commands, pipelines, pub/sub (duplex/redis/client.lua).
+---@type fun(url_or_opts: string|table): duplex.RedisClient|nil, string|nil
+redis.connect = require("duplex.redis.client").connect
 
 -- A connection that yields RESP values; authenticates when the URL says so.
 -- Pub/sub channels are global to a Redis server, so no SELECT is needed.

@@ -580,6 +580,7 @@ function Client:call(...)
   return blocking(self._call, self, encode("call", 2, ...))
 end
 
+--- PUBLISH: the number of subscribers reached, or nil, message, kind.
 function Client:publish(channel, message)
   return blocking(self._call, self, encode("publish", 2, "PUBLISH", channel, message))
 end
