@@ -1,5 +1,6 @@
 --- The loop as the rest of the Lua layer sees it: blocking calls from the
---- main chunk, the one sweep timer that drives heartbeats and close deadlines.
+--- main chunk, the timer wheel that keeps the connections' clocks, and where
+--- the errors nobody can receive go.
 local core = require "duplex.core"
 
 local runtime = {}
@@ -47,40 +48,64 @@ function runtime.blocking(fn, ...)
   return table.unpack(result, 2, result.n)
 end
 
---- Things that need checking now and then (heartbeats, close deadlines):
---- one timer for all of them instead of a timer per connection. Each member
---- has a :_sweep(now) method; the timer runs only while there are members, so
---- an idle program's loop can end.
-local members, count, timer = {}, 0, nil
+--- The connections' clocks (heartbeats, close deadlines): a timer wheel.
+--- Each member sits in the slot of its next due time and is looked at only
+--- when that slot comes, so an idle connection costs one look per ping
+--- interval, not one per tick; one loop timer ticks while anything is
+--- scheduled, so an idle program's loop can end. A slot is a list threaded
+--- through its members (fields _slot, _next, _prev, false when unused):
+--- scheduling allocates nothing, so thousands of connections rescheduled
+--- at once leave no garbage behind. A member also has :_on_due(now).
 local TICK = 0.25
+local slots, scheduled, last, ticker = {}, 0, nil, nil
 
-local function sweep()
-  local now = core.now()
-  for m in pairs(members) do m:_sweep(now) end
+local function unlink(m)
+  local prev, nxt = m._prev, m._next
+  if prev then prev._next = nxt else slots[m._slot] = nxt or nil end
+  if nxt then nxt._prev = prev end
+  m._slot, m._next, m._prev = false, false, false
+  scheduled = scheduled - 1
 end
 
----@param m {_sweep: fun(self: any, now: number)}
-function runtime.watch(m)
-  if members[m] then return end
-  members[m] = true
-  count = count + 1
-  if not timer then timer = core.timer(TICK, sweep, TICK) end
-end
-
----@param m table
-function runtime.unwatch(m)
-  if not members[m] then return end
-  members[m] = nil
-  count = count - 1
-  if count == 0 then
-    -- A Lua table keeps its peak size when emptied: start afresh so that
-    -- memory returns to its idle level after a burst of connections.
-    members = {}
-    if timer then
-      timer:cancel()
-      timer = nil
+local function tick()
+  local t = core.now()
+  local now_slot = math.floor(t / TICK)
+  while last < now_slot do
+    last = last + 1
+    -- one at a time from the head: a member's _on_due may reschedule or
+    -- unschedule others of the same slot
+    local m = slots[last]
+    while m do
+      unlink(m)
+      m:_on_due(t)
+      m = slots[last]
     end
   end
+  if scheduled == 0 and ticker then
+    ticker:cancel()
+    ticker = nil
+  end
+end
+
+--- Schedule m for time due (core.now() seconds), or unschedule it (nil).
+---@param m {_slot: integer|false, _next: table|false, _prev: table|false, _on_due: fun(self: any, now: number)}
+---@param due number|nil
+function runtime.schedule(m, due)
+  local slot = due and math.ceil(due / TICK) or false
+  if slot and last and slot <= last then slot = last + 1 end -- already due: the next tick
+  if m._slot == slot then return end
+  if m._slot then unlink(m) end
+  if not slot then return end
+  if not ticker then
+    last = math.floor(core.now() / TICK)
+    ticker = core.timer(TICK, tick, TICK)
+    if slot <= last then slot = last + 1 end
+  end
+  local head = slots[slot]
+  m._slot, m._next, m._prev = slot, head or false, false
+  if head then head._prev = m end
+  slots[slot] = m
+  scheduled = scheduled + 1
 end
 
 return runtime

@@ -85,10 +85,11 @@ function WebSocket.new(sock, engine, opts, info, class)
     deflate = info.deflate or false,
     data = {},
     _last_seen = now(),
+    _slot = false, _next = false, _prev = false, -- the runtime's timer wheel
   }, class)
   for k, v in pairs(info) do self[k] = v end
   if self.low_water > self.high_water then self.low_water = self.high_water end
-  if class.watched then runtime.watch(self) end
+  if class.watched then self:_arm(self._last_seen) end
   return self
 end
 
@@ -104,7 +105,7 @@ function WebSocket:_finish(code, reason, err)
   self.close_code = self.close_code or code
   self.close_reason = self.close_reason or reason or ""
   self.error = self.error or err
-  runtime.unwatch(self)
+  runtime.schedule(self, nil)
   self.sock:close(err ~= nil)
   self.engine:release()
 end
@@ -216,7 +217,12 @@ local function receive(self, timeout)
     local kind, data, a, b, c = sock:receive(engine, wait)
     if kind then
       self._last_seen = now() -- any traffic proves the peer alive
-      self._shrunk = false
+      if self._shrunk then
+        self._shrunk = false
+        -- the timer waits for a ping due much later: it must give the
+        -- buffers back a second after this burst ends
+        if self.watched then self:_arm(self._last_seen) end
+      end
       if kind == "text" or kind == "binary" then -- the common case, first
         self._reading = false
         return data, kind
@@ -403,6 +409,7 @@ function WebSocket:start_close(code, reason)
   if self.state ~= "open" then return true end
   self.state = "closing"
   self._close_deadline = now() + self.close_timeout
+  if self.watched then self:_arm(now()) end
   -- This fails only when the engine has already read the peer's close frame
   -- and answered it; the event waits in its queue for the next reader.
   self.engine:close(code or 1000, reason or "")
@@ -490,7 +497,8 @@ function WebSocket:try_flush()
   return self.sock:try_flush()
 end
 
---- Heartbeat and close deadline, called by the runtime's sweep timer.
+--- Heartbeat and close deadline: what the connection's timer (or, for a
+--- hosted connection, its reader) does when something is due.
 function WebSocket:_sweep(t)
   if self.state == "closing" and self._close_deadline and t > self._close_deadline then
     self:abort("close timeout")
@@ -525,6 +533,27 @@ function WebSocket:_due(t)
     due = self._ping_sent and self._ping_sent + self.ping_timeout or self._last_seen + self.ping_interval
   end
   return due and math.max(0, due - t)
+end
+
+-- A connection on our loop is scheduled on the runtime's timer wheel for
+-- the next thing its clock must do (_sweep): give its buffers back after a
+-- quiet second, ping after ping_interval of silence, drop a peer whose pong
+-- is overdue, end a closing handshake that takes too long. Traffic only
+-- moves those times later, so a message does not reschedule it: one looked
+-- at early looks again and takes its new time.
+function WebSocket:_on_due(t)
+  self:_sweep(t)
+  if self.state ~= "closed" then self:_arm(t) end
+end
+
+function WebSocket:_arm(t)
+  local due = self.state ~= "closed" and self:_due(t)
+  if self.state == "open" and not self._shrunk then
+    local quiet = math.max(self._last_seen + 1.001 - t, 0)
+    if quiet == 0 then quiet = 1 end -- a queue kept it from shrinking: try again later
+    if not due or quiet < due then due = quiet end
+  end
+  runtime.schedule(self, due and t + due)
 end
 
 --- A connection over a host's stream (duplex.transport): the host's own
