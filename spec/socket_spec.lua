@@ -249,7 +249,7 @@ describe("duplex.core sockets", function()
         if not c then break end
         held[#held + 1] = c
       end
-      assert.equal("timed out", err)
+      assert.equal("timeout", err)
       for _, c in ipairs(held) do c:close() end
       l:close()
     end)

@@ -193,7 +193,7 @@ static int connect_k(lua_State *L, int status, lua_KContext ctx) {
   if (wake == DX_WAKE_TIMEOUT) {
     resolve_release(r);
     if (s) dx_sock_close(s, 1, 0);
-    return dx_lua_fail(L, "timed out");
+    return dx_lua_fail(L, "timeout");
   }
   if (r->phase == 0) {
     if (r->job) {

@@ -72,7 +72,11 @@ local function open_transport(u, opts, deadline)
   local sock, err = core.connect {
     host = target.host, port = target.port, timeout = left(deadline), bind = opts.bind,
   }
-  if not sock then return nil, string.format("connect to %s:%d failed: %s", target.host, target.port, err) end
+  if not sock then
+    -- core.connect says "timeout" as every wait does; the message is prose
+    if err == "timeout" then err = "timed out" end
+    return nil, string.format("connect to %s:%d failed: %s", target.host, target.port, err)
+  end
   if proxy then
     local ok, perr = proxy_tunnel(sock, proxy, u, deadline)
     if not ok then sock:close(); return nil, perr end

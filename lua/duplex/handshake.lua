@@ -86,10 +86,10 @@ function handshake.read_request(src, limits, deadline, data)
       if status then return nil, status, msg end
     end
     local left = deadline - now()
-    if left <= 0 then return nil, nil, "handshake timeout" end
+    if left <= 0 then return nil, nil, "handshake timed out" end
     local err
     data, err = src:read(READ_SIZE, left)
-    if not data then return nil, nil, err == "timeout" and "handshake timeout" or err end
+    if not data then return nil, nil, err == "timeout" and "handshake timed out" or err end
   end
 end
 

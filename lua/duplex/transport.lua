@@ -167,7 +167,7 @@ end
 
 local function write_all(stream, data, deadline)
   local ok, err = stream:write(data, left(deadline))
-  if not ok then return nil, err == "timeout" and "handshake timeout" or err end
+  if not ok then return nil, err == "timeout" and "handshake timed out" or err end
   return true
 end
 
