@@ -594,12 +594,7 @@ end
 
 -- ---- the files -----------------------------------------------------------------
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local function read(path) return assert(require("support.proc").read_file(path), "cannot read " .. path) end
 
 local function lua_files()
   local out = {}

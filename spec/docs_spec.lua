@@ -82,19 +82,7 @@ local certs = require "support.certs"
 local root = peers.root
 local quote = proc.quote
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function write_file(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+local read_file, write_file = proc.read_file, proc.write_file
 
 local function shell_lines(cmd)
   local p = assert(io.popen(cmd))
@@ -104,11 +92,7 @@ local function shell_lines(cmd)
   return out
 end
 
-local function temp_dir()
-  local dir = shell_lines("mktemp -d /tmp/duplex-docs.XXXXXX")[1]
-  assert(dir and dir ~= "", "mktemp -d failed")
-  return dir
-end
+local temp_dir = proc.temp_dir
 
 -- Which modes each language has.
 local MODES = {

@@ -14,18 +14,8 @@ local services = require "support.services"
 
 local root = peers.root
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+local function read(path) return assert(proc.read_file(path), "cannot read " .. path) end
+local write = proc.write_file
 
 local function lines(cmd)
   local out = {}

@@ -18,11 +18,7 @@ local function sh(cmd)
   assert(ok, "command failed: " .. cmd)
 end
 
-local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
+local write = require("support.proc").write_file
 
 local function make_ca(dir, name)
   local cnf = dir .. "/" .. name .. ".cnf"

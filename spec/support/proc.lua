@@ -43,6 +43,12 @@ local function read_file(path)
   return s
 end
 
+local function write_file(path, text)
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+end
+
 local function make_temp_dir()
   local p = assert(io.popen("mktemp -d /tmp/duplex-proc.XXXXXX"))
   local dir = p:read("l")
@@ -277,6 +283,8 @@ end
 --- A private directory under /tmp, for a spec's files; proc.remove_dir(dir)
 --- when done.
 proc.temp_dir = make_temp_dir
+proc.read_file = read_file   -- the file's bytes, or nil when it cannot be read
+proc.write_file = write_file
 
 function proc.remove_dir(dir)
   if dir then os.execute("rm -rf " .. quote(dir)) end

@@ -18,26 +18,8 @@ local services = {}
 
 services.env = { LD_PRELOAD = false }
 
-local function read_file(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function write_file(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
-
-local function temp_dir()
-  local p = assert(io.popen("mktemp -d /tmp/duplex-deploy.XXXXXX"))
-  local dir = p:read("l")
-  p:close()
-  assert(dir and dir ~= "", "mktemp -d failed")
-  return dir
-end
+local function read_file(path) return assert(proc.read_file(path), "cannot read " .. path) end
+local write_file, temp_dir = proc.write_file, proc.temp_dir
 
 --- A TCP port that was free a moment ago (the kernel picks it).
 function services.free_port()
