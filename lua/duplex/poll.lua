@@ -16,6 +16,7 @@
 local core = require "duplex.core"
 local client = require "duplex.client"
 local options = require "duplex.options"
+local WebSocket = require "duplex.websocket"
 
 local poll = {}
 
@@ -111,8 +112,8 @@ function poll.connect(url, opts)
   end
   options.check("duplex.poll.connect", copts, options.connect, 2)
   -- send() must never wait here: the queue may grow to max_buffered (the
-  -- heartbeat sweep closes a peer that lets it grow past that).
-  copts.max_buffered = opts.max_buffered or 16 * 1024 * 1024
+  -- engine fails a peer that lets it grow past that, as frames are queued).
+  copts.max_buffered = opts.max_buffered or WebSocket._defaults.max_buffered
   copts.high_water, copts.low_water = copts.max_buffered, copts.max_buffered
   local reconnect = opts.reconnect
   if reconnect == nil or reconnect == true then reconnect = {} end
