@@ -109,6 +109,9 @@ local INTERNAL = {
   ["duplex.NginxStream"] = "implements duplex.Stream",
   ["duplex.WorkersOptions"] = "what duplex.run hands the workers module: part of duplex.RunOptions",
   ["duplex.core.TLSContext"] = "opaque: no field, no method",
+  ["duplex.RequestRead"] = "duplex.handshake's result, between the hosts and the shared handshake code",
+  ["duplex.Answer"] = "duplex.handshake's result, between the hosts and the shared handshake code",
+  ["duplex.ResponseRead"] = "duplex.handshake's result, between the hosts and the shared handshake code",
 }
 
 -- The option sets of lua/duplex/options.lua and their classes.

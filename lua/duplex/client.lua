@@ -95,8 +95,9 @@ end
 local function handshake(sock, u, opts, deadline)
   local hc, offer = hs.start(u, opts)
   sock:write(hc:request())
-  local engine, info, res = hs.read_response(sock, hc, offer, opts, deadline)
-  if not engine then return nil, info, res end
+  local got = hs.read_response(sock, hc, offer, opts, deadline)
+  if not got.engine then return nil, got.error, got.response end
+  local engine, info = got.engine, got.info
   sock:attach(engine)
   info.remote_address, info.remote_port = sock:peer()
   info.url = u

@@ -14,6 +14,28 @@ local max_buffered = WebSocket._defaults.max_buffered
 
 local handshake = {}
 
+-- What each step of a handshake returns: one table, whichever way it went.
+
+---@class duplex.RequestRead
+---@field request duplex.Request|nil   a complete request, and
+---@field parser duplex.core.HandshakeServer|nil its parser (parser:rest(): the bytes after it)
+---@field status integer|nil           a malformed request: the status to answer it with
+---@field error string|nil             why there is no request
+
+---@class duplex.Answer
+---@field response string|nil          the 101 to send, with
+---@field engine duplex.core.Engine|nil the connection's engine and
+---@field info table|nil               the fields its connection object carries
+---@field status integer|nil           or a refusal's status,
+---@field headers table|nil            headers
+---@field body string|nil              and body
+
+---@class duplex.ResponseRead
+---@field engine duplex.core.Engine|nil the connection's engine and
+---@field info table|nil               its fields, or
+---@field error string|nil             why not, and
+---@field response duplex.Response|nil the server's answer, if it gave one
+
 local READ_SIZE = 65536 -- per read while handshaking: headers are limited far below
 
 handshake.max_message = 16 * 1024 * 1024
@@ -67,29 +89,30 @@ end
 
 --- Server side: read an upgrade request from src (anything with
 --- src:read(max, timeout): our sockets, duplex.transport streams) until
---- deadline, after data, bytes of it already read. Returns the request and
---- its parser (hs:rest() is what came after the request); or nil, status,
---- message for a malformed request, to be answered so; or nil, nil, err when
---- the connection failed or the deadline passed (a client that trickles
---- bytes, slowloris-style, is dropped when it passes).
+--- deadline, after data, bytes of it already read. One result, whichever
+--- way it went: { request =, parser = } (parser:rest() is what came after
+--- the request); { status =, error = } for a malformed request, to be
+--- answered with that status; { error = } when the connection failed or the
+--- deadline passed (a client that trickles bytes, slowloris-style, is
+--- dropped when it passes).
 ---@param src duplex.Stream|duplex.core.Socket
 ---@param limits {max_header_size: integer|nil, max_headers: integer|nil}
 ---@param deadline number core.now() time
 ---@param data string|nil
----@return duplex.Request|nil request, duplex.core.HandshakeServer|integer|nil parser_or_status, string|nil err
+---@return duplex.RequestRead
 function handshake.read_request(src, limits, deadline, data)
   local hs = core.handshake_server { max_header_size = limits.max_header_size, max_headers = limits.max_headers }
   while true do
     if data then
       local req, status, msg = hs:feed(data)
-      if req then return req, hs end
-      if status then return nil, status, msg end
+      if req then return { request = req, parser = hs } end
+      if status then return { status = status, error = msg } end
     end
     local left = deadline - now()
-    if left <= 0 then return nil, nil, "handshake timed out" end
+    if left <= 0 then return { error = "handshake timed out" } end
     local err
     data, err = src:read(READ_SIZE, left)
-    if not data then return nil, nil, err == "timeout" and "handshake timed out" or err end
+    if not data then return { error = err == "timeout" and "handshake timed out" or err } end
   end
 end
 
@@ -104,19 +127,20 @@ function handshake.refusal(req)
 end
 
 --- Server side: answer a valid upgrade request (from core.handshake_server)
---- on a route. Returns the 101 response bytes, the engine and the fields
---- the connection object carries; or nil and the refusal's status, headers
---- and body (403 for a foreign origin, or whatever on_request decided).
+--- on a route. One result: { response =, engine =, info = } (the 101's
+--- bytes, the engine, the fields the connection object carries), or a
+--- refusal { status =, headers =, body = } (403 for a foreign origin, or
+--- whatever on_request decided).
 ---@param route table from handshake.route
 ---@param req duplex.Request
----@return string|nil response, duplex.core.Engine|integer engine_or_status, table|nil info_or_headers, string|nil body
+---@return duplex.Answer
 function handshake.accept(route, req)
   if route.origin_set and not (req.origin and route.origin_set[req.origin:lower()]) then
-    return nil, 403, nil, "origin not allowed"
+    return { status = 403, body = "origin not allowed" }
   end
   if route.on_request then
     local status, body, headers = route.on_request(req)
-    if status then return nil, status, headers, body end
+    if status then return { status = status, headers = headers, body = body } end
   end
   local protocol = choose_protocol(route, req)
   local ext, pmd_params
@@ -132,10 +156,10 @@ function handshake.accept(route, req)
     streaming = route.streaming, max_buffered = route.max_buffered or max_buffered,
   }
   if pmd_params then core.pmd_attach(engine, "server", pmd_params, route.deflate_policy) end
-  return response, engine, {
+  return { response = response, engine = engine, info = {
     request = req, protocol = protocol, extensions = ext, deflate = pmd_params ~= nil,
     deflate_params = pmd_params,
-  }
+  } }
 end
 
 --- Client side: the request for URL u (from duplex.url) and opts. Returns
@@ -235,18 +259,19 @@ end
 ---@param offer table|nil
 ---@param opts duplex.ConnectOptions
 ---@param deadline number core.now() time
----@return duplex.core.Engine|nil engine, table|string|nil info_or_err, duplex.Response|nil response
+---@return duplex.ResponseRead
 function handshake.read_response(src, hc, offer, opts, deadline)
   while true do
     local data, err = src:read(READ_SIZE, math.max(0, deadline - now()))
     if not data then
-      return nil, err == "timeout" and "handshake timed out" or "connection closed during handshake: " .. tostring(err)
+      return { error = err == "timeout" and "handshake timed out"
+        or "connection closed during handshake: " .. tostring(err) }
     end
     local engine, info, res = feed(hc, offer, opts, data)
-    if engine then return engine, info end
+    if engine then return { engine = engine, info = info } end
     if info then
       if res and res.status ~= 101 then res.body = read_body(src, res, hc:rest(), deadline) end
-      return nil, info, res
+      return { error = info, response = res }
     end
   end
 end

@@ -130,12 +130,13 @@ function M.accept(opts)
     return nil, "not a WebSocket upgrade"
   end
   req.remote_address, req.peer_port = ngx.var.remote_addr, tonumber(ngx.var.remote_port)
-  local response, engine, info, body = handshake.accept(route, req)
-  if not response then
-    refuse(engine, info, body)
-    return nil, "refused with " .. tostring(engine)
+  local answer = handshake.accept(route, req)
+  if not answer.response then
+    refuse(answer.status, answer.headers, answer.body)
+    return nil, "refused with " .. tostring(answer.status)
   end
-  local ok, err = send_switching_protocols(response)
+  local engine, info = answer.engine, answer.info
+  local ok, err = send_switching_protocols(answer.response)
   if not ok then engine:release(); return nil, "sending the 101 failed: " .. tostring(err) end
   local sock, serr = ngx.req.socket(true)
   if not sock then engine:release(); return nil, "no raw request socket: " .. tostring(serr) end

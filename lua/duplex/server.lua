@@ -57,10 +57,9 @@ local function read_request(self, sock)
     local ok, err = sock:starttls(self.tls_context, nil, self.handshake_timeout)
     if not ok then return nil, "TLS handshake failed: " .. tostring(err) end
   end
-  local req, hs, msg = handshake.read_request(sock, self, deadline)
-  if req then return req, hs end
-  if hs then respond(sock, hs, nil, msg) end -- malformed: hs is the status
-  return nil, msg
+  local got = handshake.read_request(sock, self, deadline)
+  if got.status then respond(sock, got.status, nil, got.error) end -- malformed
+  return got.request, got.parser
 end
 
 -- A request that is not (or not a valid) WebSocket upgrade.
@@ -74,9 +73,10 @@ local function serve_http(self, sock, req, route)
 end
 
 local function upgrade(self, sock, req, hs, route)
-  local response, engine, info, body = handshake.accept(route, req)
-  if not response then return respond(sock, engine, info, body) end -- refused: status, headers
-  sock:write(response)
+  local answer = handshake.accept(route, req)
+  if not answer.response then return respond(sock, answer.status, answer.headers, answer.body) end
+  local engine, info = answer.engine, answer.info
+  sock:write(answer.response)
   sock:attach(engine)
   local rest = hs:rest()
   if #rest > 0 then engine:feed(rest) end

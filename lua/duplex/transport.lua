@@ -207,28 +207,30 @@ function transport.accept(stream, opts)
   opts = opts or {}
   local route = handshake.route(opts, { handler = none }, 2)
   local deadline = now() + (opts.handshake_timeout or 10)
-  local req, hs, msg = handshake.read_request(stream, opts, deadline, opts.request)
+  local got = handshake.read_request(stream, opts, deadline, opts.request)
+  local req = got.request
   if not req then
-    if hs then refuse(stream, hs, nil, msg, deadline) else stream:close() end -- hs: the status
-    return nil, msg
+    if got.status then refuse(stream, got.status, nil, got.error, deadline) else stream:close() end
+    return nil, got.error
   end
   if not req.websocket then
     local status, headers, body = handshake.refusal(req)
     refuse(stream, status, headers, body, deadline)
     return nil, "not a WebSocket upgrade: " .. tostring(req.error or req.method .. " " .. req.target), req
   end
-  local response, engine, info, body = handshake.accept(route, req)
-  if not response then
-    refuse(stream, engine, info, body, deadline)
-    return nil, "refused with " .. tostring(engine), req
+  local answer = handshake.accept(route, req)
+  if not answer.response then
+    refuse(stream, answer.status, answer.headers, answer.body, deadline)
+    return nil, "refused with " .. tostring(answer.status), req
   end
-  local ok, werr = write_all(stream, response, deadline)
+  local engine, info = answer.engine, answer.info
+  local ok, werr = write_all(stream, answer.response, deadline)
   if not ok then
     engine:release()
     stream:close()
     return nil, werr, req
   end
-  local rest = hs:rest()
+  local rest = got.parser:rest()
   if #rest > 0 then engine:feed(rest) end
   info.remote_address = opts.remote_address
   return transport.connection(stream, engine, route, info), req
@@ -252,10 +254,10 @@ function transport.connect(stream, target, opts)
   local hc, offer = handshake.start(u, opts)
   local ok, err = write_all(stream, hc:request(), deadline)
   if not ok then return nil, err end
-  local engine, info, res = handshake.read_response(stream, hc, offer, opts, deadline)
-  if not engine then return nil, info, res end
-  info.url = u
-  return transport.connection(stream, engine, opts, info)
+  local got = handshake.read_response(stream, hc, offer, opts, deadline)
+  if not got.engine then return nil, got.error, got.response end
+  got.info.url = u
+  return transport.connection(stream, got.engine, opts, got.info)
 end
 
 return transport
