@@ -45,6 +45,29 @@ local transport = {}
 ---@field request? string             bytes of the request the host has read already
 ---@field remote_address? string      ws.remote_address (default: the stream's peer)
 
+-- The stream contract, once: what each method must be (the class above says
+-- what it does). A host's mistake is named when its stream is handed over,
+-- not found later as "attempt to call a nil value" inside a connection.
+local STREAM = { read = true, write = true, close = true, shutdown = false, peer = false, yield = false }
+
+--- Raise an error (at level) unless stream keeps the contract of duplex.Stream.
+---@param stream any
+---@param who string the caller, for the message
+---@param level integer|nil
+function transport.check_stream(stream, who, level)
+  level = (level or 1) + 1
+  local t = type(stream)
+  if t ~= "table" and t ~= "userdata" then error(who .. ": a stream object expected, got " .. t, level) end
+  for name, required in pairs(STREAM) do
+    local ok, method = pcall(function() return stream[name] end)
+    if not ok or (method == nil and required) or (method ~= nil and type(method) ~= "function"
+        and not (getmetatable(method) or {}).__call) then
+      error(string.format("%s: the stream's %s must be a method (%s)", who, name,
+        required and "required" or "optional"), level)
+    end
+  end
+end
+
 transport._read_size = 65536
 -- A connection's share of the host before it yields (when the stream can):
 -- an event counts 1, every 4 KiB read counts 1, so a flood of pings or a
@@ -179,6 +202,7 @@ end
 ---@param info table the connection's fields, from duplex.handshake
 ---@return duplex.WebSocket
 function transport.connection(stream, engine, opts, info)
+  transport.check_stream(stream, "transport.connection", 2)
   local sock = transport._wrap(stream, engine)
   if not info.remote_address then info.remote_address, info.remote_port = sock:peer() end
   local ws = WebSocket.new(sock, engine, opts, info, Hosted)
@@ -204,6 +228,7 @@ local function none() end
 ---@param opts duplex.AcceptOptions|nil
 ---@return duplex.WebSocket|nil ws, duplex.Request|string|nil request_or_err, duplex.Request|nil request
 function transport.accept(stream, opts)
+  transport.check_stream(stream, "transport.accept", 2)
   opts = opts or {}
   local route = handshake.route(opts, { handler = none }, 2)
   local deadline = now() + (opts.handshake_timeout or 10)
@@ -247,6 +272,7 @@ end
 ---@param opts duplex.ConnectOptions|nil tls, proxy, follow_redirects and bind do not apply
 ---@return duplex.WebSocket|nil ws, string|nil err, duplex.Response|nil response
 function transport.connect(stream, target, opts)
+  transport.check_stream(stream, "transport.connect", 2)
   opts = opts or {}
   local u, perr = url.parse(target)
   if not u then return nil, perr end
