@@ -6,6 +6,7 @@
  */
 #include <stdio.h>
 
+#include "dx_http.h"
 #include "dx_version.h"
 #include "l_core.h"
 
@@ -65,5 +66,14 @@ int luaopen_duplex_core(lua_State *L) {
 #endif
   lua_pushliteral(L, DX_VERSION);
   lua_setfield(L, -2, "version");
+  /* the C defaults, so that the Lua layer repeats none of them */
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, (lua_Integer)DX_DEFAULT_MAX_MESSAGE);
+  lua_setfield(L, -2, "max_message");
+  lua_pushinteger(L, DX_HTTP_DEFAULT_MAX_SIZE);
+  lua_setfield(L, -2, "max_header_size");
+  lua_pushinteger(L, DX_HTTP_DEFAULT_MAX_HEADERS);
+  lua_setfield(L, -2, "max_headers");
+  lua_setfield(L, -2, "defaults");
   return 1;
 }

@@ -12,7 +12,7 @@ local client = {}
 
 client._defaults = {
   timeout = 10,            -- seconds for TCP connect + TLS + handshake
-  max_header_size = 8192,
+  max_header_size = core.defaults.max_header_size,
   max_message = hs.max_message,
   follow_redirects = false, -- or the number of redirects to follow (true = 5, at most 10)
 }

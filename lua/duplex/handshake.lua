@@ -38,7 +38,7 @@ local handshake = {}
 
 local READ_SIZE = 65536 -- per read while handshaking: headers are limited far below
 
-handshake.max_message = 16 * 1024 * 1024
+handshake.max_message = core.defaults.max_message
 
 --- Server side: the settings of one route (spec may be a handler function),
 --- each of duplex.options.route falling back to opts (the server's), then

@@ -24,8 +24,8 @@ local defaults = {
   reuseport = false,
   max_connections = 10000,
   handshake_timeout = 10,
-  max_header_size = 8192,
-  max_headers = 100,
+  max_header_size = core.defaults.max_header_size,
+  max_headers = core.defaults.max_headers,
   max_message = handshake.max_message,
 }
 server._defaults = defaults

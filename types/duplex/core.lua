@@ -72,6 +72,11 @@ function core.encode_frame(data, kind, fin, window_bits) end
 ---@return boolean
 function core.close_code_valid(code) end
 
+--- The engine's and the HTTP parser's defaults, written once in C:
+--- { max_message = 16 MiB, max_header_size = 8192, max_headers = 100 }.
+---@type {max_message: integer, max_header_size: integer, max_headers: integer}
+core.defaults = nil
+
 --- Would e:close(code, reason) take these (a code that may be sent, a reason
 --- of at most 123 bytes of UTF-8, none without a code)? The one rule, in C.
 ---@param code integer|nil 0 or nil: no code
