@@ -119,6 +119,9 @@ local OPTION_SETS = {
   { set = "listen", class = "duplex.ListenOptions" },
   { set = "route", class = "duplex.RouteOptions" },
   { set = "connect", class = "duplex.ConnectOptions" },
+  { set = "accept", class = "duplex.AcceptOptions" },
+  { set = "cqueues_listen", class = "duplex.CqueuesListenOptions" },
+  { set = "nginx", class = "duplex.NginxOptions" },
 }
 
 -- The C module's userdata: metatable name -> class in the stub.

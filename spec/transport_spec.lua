@@ -26,6 +26,18 @@ describe("duplex.transport's stream contract", function()
     assert.has_error(function() transport.accept(42) end, "transport.accept: a stream object expected, got number")
   end)
 
+  it("checks the hosts' options as duplex.listen checks its own", function()
+    local stream = { read = noop, write = noop, close = noop }
+    assert.has_error(function() transport.accept(stream, { handshake_timeot = 1 }) end,
+      "transport.accept: unknown option 'handshake_timeot'")
+    assert.has_error(function() transport.connect(stream, "ws://127.0.0.1:1/", { ping_interval = "often" }) end,
+      "transport.connect: option 'ping_interval' must be a number from 0 to 31536000, got \"often\"")
+    local dcq = require "duplex.cqueues"
+    local cq = require("cqueues").new()
+    assert.has_error(function() dcq.listen(cq, { handler = noop, prot = 8080 }) end,
+      "duplex.cqueues.listen: unknown option 'prot'")
+  end)
+
   it("takes callable tables as methods", function()
     local callable = setmetatable({}, { __call = function() return nil, "closed" end })
     local stream = { read = callable, write = noop, close = noop }

@@ -12,6 +12,7 @@ local csocket = require "cqueues.socket"
 local errno = require "cqueues.errno"
 local transport = require "duplex.transport"
 local url = require "duplex.url"
+local options = require "duplex.options"
 
 local dcq = {}
 
@@ -98,6 +99,12 @@ function dcq.listen(cq, opts)
   if type(opts) ~= "table" or type(opts.handler) ~= "function" then
     error("duplex.cqueues.listen: options with a handler function expected", 2)
   end
+  options.check("duplex.cqueues.listen", opts, options.cqueues_listen, 2)
+  -- what each connection takes: all but where to listen
+  local accept_opts = {}
+  for k, v in pairs(opts) do
+    if k ~= "host" and k ~= "port" then accept_opts[k] = v end
+  end
   local lsock = csocket.listen { host = opts.host or "127.0.0.1", port = opts.port or 8080, reuseaddr = true }
   lsock:onerror(quiet)
   local ok, err = lsock:listen()
@@ -108,7 +115,7 @@ function dcq.listen(cq, opts)
   local server = { host = host, connections = {}, closed = false }
 
   local function serve(sock)
-    local ws, req = transport.accept(dcq.stream(sock), opts)
+    local ws, req = transport.accept(dcq.stream(sock), accept_opts)
     if not ws then return end
     server.connections[ws] = true
     ws:serve(opts, req, function(msg) io.stderr:write("duplex.cqueues: ", msg, "\n") end)

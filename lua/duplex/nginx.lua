@@ -18,6 +18,7 @@
 local core = require "duplex.core"
 local handshake = require "duplex.handshake"
 local transport = require "duplex.transport"
+local options = require "duplex.options"
 
 local ngx = ngx
 local M = {}
@@ -116,6 +117,7 @@ end
 ---@return duplex.WebSocket|nil ws, duplex.Request|string|nil request_or_err
 function M.accept(opts)
   opts = opts or {}
+  options.check("duplex.nginx.accept", opts, options.nginx, 2)
   local route = handshake.route(opts, { handler = function() end }, 2)
   local hs = core.handshake_server { max_header_size = opts.max_header_size, max_headers = opts.max_headers }
   -- nginx has read the request already: its raw header goes through the

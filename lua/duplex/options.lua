@@ -122,9 +122,21 @@ local function union(...)
   return all
 end
 
+-- What a host that reads the upgrade request itself takes besides a route's.
+local HOSTED = {
+  handshake_timeout = seconds,
+  max_header_size = integer(64, INT_MAX),
+  max_headers = integer(1, INT_MAX),
+}
+
 options.listen = union(CONNECTION, ROUTE, LISTEN)
 options.route = union(CONNECTION, ROUTE)
 options.connect = union(CONNECTION, CONNECT)
+options.accept = union(CONNECTION, ROUTE, HOSTED, { request = str, remote_address = str })
+options.cqueues_listen = union(CONNECTION, ROUTE, HOSTED, { host = str, port = integer(0, 65535) })
+-- nginx has read the request (and timed it) itself
+options.nginx = union(CONNECTION, ROUTE, { max_header_size = HOSTED.max_header_size,
+  max_headers = HOSTED.max_headers })
 
 -- duplex.redis.connect. A zero timeout or backoff would fail every call or
 -- redial in a tight loop: they start at a millisecond.

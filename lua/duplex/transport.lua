@@ -24,6 +24,7 @@ local core = require "duplex.core"
 local WebSocket = require "duplex.websocket"
 local handshake = require "duplex.handshake"
 local url = require "duplex.url"
+local options = require "duplex.options"
 
 local now = core.now
 local Hosted = WebSocket.Hosted
@@ -230,6 +231,7 @@ local function none() end
 function transport.accept(stream, opts)
   transport.check_stream(stream, "transport.accept", 2)
   opts = opts or {}
+  options.check("transport.accept", opts, options.accept, 2)
   local route = handshake.route(opts, { handler = none }, 2)
   local deadline = now() + (opts.handshake_timeout or 10)
   local got = handshake.read_request(stream, opts, deadline, opts.request)
@@ -274,6 +276,7 @@ end
 function transport.connect(stream, target, opts)
   transport.check_stream(stream, "transport.connect", 2)
   opts = opts or {}
+  options.check("transport.connect", opts, options.connect, 2)
   local u, perr = url.parse(target)
   if not u then return nil, perr end
   local deadline = now() + (opts.timeout or 10)
