@@ -150,12 +150,18 @@ describe("on_close", function()
 end)
 
 describe("<close>", function()
-  it("closes a client connection with 1000 when its scope ends", function()
+  -- A server that records the close code of every connection it served.
+  local function recording_server()
     local codes = {}
     local srv = listen { handler = function(ws)
       for _ in ws:messages() do end
       codes[#codes + 1] = ws.close_code
     end }
+    return srv, codes
+  end
+
+  it("closes a client connection with 1000 when its scope ends", function()
+    local srv, codes = recording_server()
     run(function()
       do
         local ws <close> = assert(duplex.connect(srv:url("/")))
@@ -167,11 +173,7 @@ describe("<close>", function()
   end)
 
   it("closes with 1011 when an error leaves the scope", function()
-    local codes = {}
-    local srv = listen { handler = function(ws)
-      for _ in ws:messages() do end
-      codes[#codes + 1] = ws.close_code
-    end }
+    local srv, codes = recording_server()
     run(function()
       local ok = pcall(function()
         local ws <close> = assert(duplex.connect(srv:url("/")))
@@ -215,14 +217,20 @@ describe("a refused handshake", function()
   end)
 
   it("decodes a chunked body and stops at the limit", function()
-    local function answer_with(response)
+    -- A server that answers any request with response, in pieces of `piece`
+    -- bytes each written on its own (all at once without it).
+    local function answer_with(response, piece)
       local l = assert(core.listen { host = "127.0.0.1", port = 0 })
       local _, port = l:address()
       core.spawn(function()
         local sock = l:accept()
+        sock:setnodelay(true)
         sock:read(nil, 5)
-        sock:write(response)
-        sock:flush(5)
+        piece = piece or #response
+        for i = 1, #response, piece do
+          sock:write(response:sub(i, i + piece - 1))
+          sock:flush(5)
+        end
         sock:close()
         l:close()
       end)
@@ -230,6 +238,11 @@ describe("a refused handshake", function()
     end
     local _, _, res = duplex.connect(answer_with("HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n"
       .. "5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n"))
+    assert.equal(403, res.status)
+    assert.equal("hello, world", res.body)
+    -- the same answer one byte per write: every cut, inside sizes and chunks
+    _, _, res = duplex.connect(answer_with("HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n"
+      .. "5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n", 1))
     assert.equal(403, res.status)
     assert.equal("hello, world", res.body)
     local big = string.rep("x", 200000)

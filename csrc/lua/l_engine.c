@@ -408,9 +408,16 @@ static int l_encode_frame(lua_State *L) {
 }
 
 /* core.close_check(code, reason) -> true, or nil and why not: the close
- * arguments judged before anything changes (e:close raises on the same). */
+ * arguments judged before anything changes (e:close raises on the same).
+ * nil is no code; 0, a fraction or a number beyond 16 bits is a bad code
+ * like any other, judged by the same rule. */
 static int l_close_check(lua_State *L) {
-  lua_Integer code = dx_opt_range(L, 1, 0, 0, 65535);
+  lua_Integer code = 0;
+  if (!lua_isnoneornil(L, 1)) {
+    int isint;
+    code = lua_tointegerx(L, 1, &isint);
+    if (!isint || code < 1 || code > 65535) code = 1; /* 1 is never a code to send */
+  }
   size_t n;
   const char *reason = luaL_optlstring(L, 2, "", &n);
   const char *bad = dx_close_args_error((unsigned)code, reason, n);

@@ -320,12 +320,12 @@ static void push_query(lua_State *L, dx_str query) {
   lua_newtable(L);
   while (query.p && dx_http_query_next(&query, &name, &value)) {
     push_query_part(L, name);
-    if (lua_rawget(L, -2) != LUA_TNIL) {
-      lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    if (lua_rawget(L, -3) != LUA_TNIL) {
+      lua_pop(L, 2);
       continue;
     }
     lua_pop(L, 1);
-    push_query_part(L, name);
     push_query_part(L, value);
     lua_rawset(L, -3);
   }

@@ -91,16 +91,17 @@ end
 ---@param m {_slot: integer|false, _next: table|false, _prev: table|false, _on_due: fun(self: any, now: number)}
 ---@param due number|nil
 function runtime.schedule(m, due)
-  local slot = due and math.ceil(due / TICK) or false
-  if slot and last and slot <= last then slot = last + 1 end -- already due: the next tick
+  local slot = false
+  if due then
+    if not ticker then
+      last = math.floor(core.now() / TICK)
+      ticker = core.timer(TICK, tick, TICK)
+    end
+    slot = math.max(math.ceil(due / TICK), last + 1) -- already due: the next tick
+  end
   if m._slot == slot then return end
   if m._slot then unlink(m) end
   if not slot then return end
-  if not ticker then
-    last = math.floor(core.now() / TICK)
-    ticker = core.timer(TICK, tick, TICK)
-    if slot <= last then slot = last + 1 end
-  end
   local head = slots[slot]
   m._slot, m._next, m._prev = slot, head or false, false
   if head then head._prev = m end

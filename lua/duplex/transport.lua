@@ -60,9 +60,9 @@ function transport.check_stream(stream, who, level)
   local t = type(stream)
   if t ~= "table" and t ~= "userdata" then error(who .. ": a stream object expected, got " .. t, level) end
   for name, required in pairs(STREAM) do
-    local ok, method = pcall(function() return stream[name] end)
-    if not ok or (method == nil and required) or (method ~= nil and type(method) ~= "function"
-        and not (getmetatable(method) or {}).__call) then
+    local method = stream[name]
+    local callable = type(method) == "function" or (getmetatable(method) or {}).__call ~= nil
+    if (method ~= nil or required) and not callable then
       error(string.format("%s: the stream's %s must be a method (%s)", who, name,
         required and "required" or "optional"), level)
     end

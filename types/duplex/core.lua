@@ -79,7 +79,7 @@ core.defaults = nil
 
 --- Would e:close(code, reason) take these (a code that may be sent, a reason
 --- of at most 123 bytes of UTF-8, none without a code)? The one rule, in C.
----@param code integer|nil 0 or nil: no code
+---@param code integer|nil nil: no code (0 is a bad code, as for ws:close)
 ---@param reason string|nil
 ---@return true|nil ok, string|nil why
 function core.close_check(code, reason) end
