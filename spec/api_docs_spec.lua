@@ -46,6 +46,10 @@ local FILES = {
   ["lua/duplex/resp.lua"] = false, -- the Redis protocol
   ["lua/duplex/cli.lua"] = false, -- the duplex command (README: Command line)
   ["lua/duplex/redis/client.lua"] = false, -- redis.connect
+  ["lua/duplex/redis/broker.lua"] = false, -- redis.broker
+  ["lua/duplex/pubsub/history.lua"] = false, -- history rules and recovery, for the brokers
+  ["lua/duplex/pubsub/memory.lua"] = false, -- pubsub.memory_broker
+  ["lua/duplex/pubsub/roster.lua"] = false, -- presence counting, for the brokers
 }
 
 -- README's owners of members: a class, or "module:" and a module.
@@ -112,6 +116,13 @@ local INTERNAL = {
   ["duplex.RequestRead"] = "duplex.handshake's result, between the hosts and the shared handshake code",
   ["duplex.Answer"] = "duplex.handshake's result, between the hosts and the shared handshake code",
   ["duplex.ResponseRead"] = "duplex.handshake's result, between the hosts and the shared handshake code",
+  ["duplex.MemoryBroker"] = "the methods of duplex.RedisBroker, in one process (README: pubsub.memory_broker)",
+  ["duplex.MemoryBrokerOptions"] = "its one option, history, is duplex.HistoryOptions",
+  ["duplex.HistoryOptions"] = "described in README's History and recovery",
+  ["duplex.Position"] = "described in README's History and recovery",
+  ["duplex.History"] = "broker:read's result, described in README's broker table",
+  ["duplex.Recovery"] = "hub:recover's result, described in README's History and recovery",
+  ["duplex.RedisBrokerStats"] = "broker.stats, described in README's broker table",
 }
 
 -- The option sets of lua/duplex/options.lua and their classes.
@@ -122,6 +133,7 @@ local OPTION_SETS = {
   { set = "accept", class = "duplex.AcceptOptions" },
   { set = "cqueues_listen", class = "duplex.CqueuesListenOptions" },
   { set = "nginx", class = "duplex.NginxOptions" },
+  { set = "broker", class = "duplex.RedisOptions" },
 }
 
 -- The C module's userdata: metatable name -> class in the stub.

@@ -86,6 +86,7 @@ end)
 describe("redis broker against a Redis that pushes nonsense", function()
   -- A fake Redis: answers PING and SUBSCRIBE like one, then sends each
   -- connection's next scripted push.
+  local published = {}
   local function fake_redis(pushes)
     local l = assert(core.listen { host = "127.0.0.1", port = 0 })
     local _, port = l:address()
@@ -108,7 +109,11 @@ describe("redis broker against a Redis that pushes nonsense", function()
               s:write("+PONG\r\n")
             elseif v[1] == "SUBSCRIBE" then
               s:write(resp.command("subscribe", v[2], 1))
-              if push then s:write(push) end
+              if push and v[2] == "duplex:room" then s:write(push) end
+            elseif v[1] == "PUBLISH" then
+              published[#published + 1] = v[3]
+              s:write(":0\r\n")
+              if v[3]:find(" cut$") then break end -- the link breaks under the publisher
             end
           end
           s:close()
@@ -143,19 +148,31 @@ describe("redis broker against a Redis that pushes nonsense", function()
     local text = table.concat(statuses, "\n")
     assert.matches("malformed message push", text)
   end)
-  it("does not count a message as published when the write fails", function()
+  it("counts a message as published only once Redis took it", function()
     local l, port = fake_redis {}
-    local broker = assert(redis.broker { url = "redis://127.0.0.1:" .. port, backoff_min = 5 })
-    run(function()
-      local deadline = core.now() + 10
-      while not broker.pub_conn and core.now() < deadline do core.sleep(0.02) end
-    end)
-    assert.is_truthy(broker.pub_conn, "the publisher did not connect")
+    local statuses = {}
+    local broker = assert(redis.broker { url = "redis://127.0.0.1:" .. port, backoff_min = 5, node_id = "n",
+      on_status = function(status, detail) statuses[#statuses + 1] = status .. " " .. detail end })
+    local function wait(what, pred)
+      run(function()
+        local deadline = core.now() + 10
+        while not pred() and core.now() < deadline do core.sleep(0.02) end
+      end)
+      assert.is_truthy(pred(), what)
+    end
+    wait("the publisher to connect", function() return table.concat(statuses, " "):find("up publisher") end)
     assert.is_true(broker:publish("room", "one"))
-    broker.pub_conn.sock:close() -- the link breaks under the publisher
-    assert.is_false(broker:publish("room", "two"))
-    assert.equal(1, broker.stats.published)
-    assert.equal(1, broker.stats.dropped)
+    wait("one to be taken", function() return broker.stats.published == 1 end)
+    assert.is_true(broker:publish("room", "two cut")) -- taken, then the link breaks
+    wait("two to be taken", function() return broker.stats.published == 2 end)
+    assert.is_true(broker:publish("room", "three"))   -- sent to a closed connection
+    wait("the publisher to fail", function() return broker.stats.dropped == 1 end)
+    assert.same({ "n t one", "n t two cut" }, published)
+    assert.equal(2, broker.stats.published)
+    assert.matches("down publisher", table.concat(statuses, "\n"))
+    -- While it is known down, a plain message is dropped at once.
+    assert.is_false(broker:publish("room", "four"))
+    assert.equal(2, broker.stats.dropped)
     broker:close()
     l:close()
   end)

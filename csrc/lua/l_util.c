@@ -68,6 +68,24 @@ static int l_base64(lua_State *L) {
   return 1;
 }
 
+/* sha1_hex(s) -> s's SHA-1 as 40 hex digits: the name Redis gives a
+ * script (EVALSHA), known without asking the server for it. */
+static int l_sha1_hex(lua_State *L) {
+  size_t n;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (EVP_Digest(s, n, md, &len, EVP_sha1(), NULL) != 1) return luaL_error(L, "sha1_hex: EVP_Digest failed");
+  char hex[2 * EVP_MAX_MD_SIZE];
+  static const char digits[] = "0123456789abcdef";
+  for (unsigned int i = 0; i < len; i++) {
+    hex[2 * i] = digits[md[i] >> 4];
+    hex[2 * i + 1] = digits[md[i] & 15];
+  }
+  lua_pushlstring(L, hex, 2 * (size_t)len);
+  return 1;
+}
+
 /* random(n) -> n bytes from OpenSSL's CSPRNG */
 static int l_random(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
@@ -116,6 +134,7 @@ void dx_open_util(lua_State *L) {
       {"mask", l_mask},
       {"random", l_random},
       {"base64", l_base64},
+      {"sha1_hex", l_sha1_hex},
       {"tune_malloc", l_tune_malloc},
       {"now", l_now},
       {NULL, NULL},

@@ -160,6 +160,26 @@ options.redis = {
   end,
 }
 
+-- duplex.redis.broker: the client's connection options, and its own.
+-- history is checked by duplex.pubsub.history (a rule or a list of them).
+options.broker = {
+  url = str,
+  tls = CONNECT.tls,
+  connect_timeout = positive,
+  ping_interval = seconds,
+  max_reply = integer(1, INT_MAX),
+  backoff_min = positive,
+  backoff_max = positive,
+  on_status = func,
+  client = tbl,
+  sharded = boolean,
+  prefix = str,
+  history = tbl,
+  presence_ttl = integer(1, 86400),
+  max_pending = integer(1, INT_MAX),
+  node_id = str,
+}
+
 --- Raise an error (at level) naming the first option of opts that set does
 --- not know or whose value it refuses; who is the function's name.
 function options.check(who, opts, set, level)

@@ -38,6 +38,11 @@ function core.random(n) end
 ---@return string
 function core.base64(s) end
 
+--- The SHA-1 of s as 40 lowercase hex digits (a Redis script's EVALSHA name).
+---@param s string
+---@return string
+function core.sha1_hex(s) end
+
 --- glibc's M_TRIM_THRESHOLD and M_MMAP_THRESHOLD, process-wide (duplex.run
 --- sets 64 MiB, 32 MiB); false where it is not glibc.
 ---@param trim_bytes integer

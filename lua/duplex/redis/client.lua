@@ -487,6 +487,10 @@ local function configure(opts)
   return cfg
 end
 
+-- A broker checks its URL and TLS settings when it is made, before it
+-- connects in the background.
+client._configure = configure
+
 -- The client ---------------------------------------------------------------
 
 ---@class duplex.RedisClient
