@@ -6,7 +6,8 @@
 //   node browser_test.js chat URL
 //       Opens URL (the chat example's page) in two tabs, joins the same room
 //       as "ann" and "ben", each says something, and checks that each tab's
-//       #log shows the other's line.
+//       #log shows the other's line; then drops ann's connection and checks
+//       that her page reconnects and recovers what ben said meanwhile.
 //   node browser_test.js echo URL [--oversize N]
 //       Uses the page's own WebSocket API against an echo server: text,
 //       binary (ArrayBuffer), 1 MiB, then closes with 4000 and a reason.
@@ -98,6 +99,24 @@ async function chat(opts) {
   const [ann, ben] = people;
   await logHas(ann.page, `ben: ${ben.says}`);
   await logHas(ben.page, `ann: ${ann.says}`);
+  // Own lines are marked; the member list names both.
+  summary.own_marked = await ann.page.$$eval('#log div.me', (ds) => ds.map((d) => d.textContent));
+  await ann.page.waitForFunction(() => document.getElementById('members').textContent === 'in #browsers: ann, ben',
+    null, { timeout: 15000 });
+  // ann's connection drops (not closed by the page): the page reconnects
+  // with its last position and gets what ben said meanwhile, once.
+  await ann.page.evaluate(() => ws.close(4001, 'test drop'));
+  await ann.page.waitForSelector('body[data-state="closed"]', { timeout: 15000 });
+  await ben.page.fill('#text', 'said while ann was away');
+  await ben.page.click('#send');
+  await logHas(ben.page, 'ben: said while ann was away');
+  await ann.page.waitForSelector('body[data-state="open"]', { timeout: 15000 });
+  await logHas(ann.page, 'ben: said while ann was away');
+  summary.reconnected = await ann.page.$$eval('#log div', (ds) => ({
+    copies: ds.filter((d) => d.textContent === 'ben: said while ann was away').length,
+    back: ds.map((d) => d.textContent).filter((t) => t.startsWith('* back')),
+    url: location.search,
+  }));
   summary.logs = {};
   for (const p of people) {
     summary.logs[p.nick] = await p.page.$$eval('#log div', (ds) => ds.map((d) => d.textContent));

@@ -310,18 +310,28 @@ describe("examples/chat/server.lua", function()
 
   local function http_get(path) return http.get(port, path) end
 
-  local function join(nick, room)
-    local ws = assert(connect(string.format("ws://127.0.0.1:%s/ws?nick=%s&room=%s", port, nick, room)))
+  -- A room's lines come as "#epoch:offset line": the line, and the position.
+  local function line_of(m)
+    local pos, text = m:match("^#(%w*:%d+) (.*)$")
+    return text or m, pos
+  end
+
+  local function join(nick, room, since)
+    local ws = assert(connect(string.format("ws://127.0.0.1:%s/ws?nick=%s&room=%s%s", port, nick, room,
+      since and "&since=" .. since or "")))
     local hello = recv(ws)
     assert.matches("^%* you are " .. nick .. " in #" .. room .. " %(from 127%.0%.0%.1", hello)
-    assert.equal("* " .. nick .. " joined #" .. room, (recv(ws)))
+    if not since then assert.equal("* " .. nick .. " joined #" .. room, line_of(recv(ws))) end
     return ws
   end
 
+  -- The next line, and its position if it is a room's.
   local function expect(ws, line)
     local m, kind = recv(ws)
-    assert.equal(line, m)
     assert.equal("text", kind)
+    local text, pos = line_of(m)
+    assert.equal(line, text)
+    return pos
   end
 
   it("serves its page at / and answers /health", function()
@@ -362,8 +372,7 @@ describe("examples/chat/server.lua", function()
     assert(bob:send("/join r2"))
     expect(alice, "* bob left #r1")
     expect(carol, "* bob joined #r2")
-    expect(bob, "* bob left #r1")
-    expect(bob, "* bob joined #r2")
+    expect(bob, "* bob joined #r2") -- (his goodbye to r1 went to r1, which he had left)
     -- alice's room no longer reaches bob: once alice sees her own line, the
     -- server has published it, so bob's next line is carol's.
     assert(alice:send("anyone left?"))
@@ -379,6 +388,40 @@ describe("examples/chat/server.lua", function()
     expect(carol, "* bob left #r2")
     alice:close()
     carol:close()
+  end)
+
+  it("gives a client that comes back what it missed, and lists who is in the room", function()
+    local erin = join("erin", "r4")
+    local frank = join("frank", "r4")
+    expect(erin, "* frank joined #r4")
+    assert(frank:send("/who"))
+    expect(frank, "* in #r4: erin, frank")
+    assert(erin:send("before"))
+    expect(frank, "erin: before")
+    local pos = expect(erin, "erin: before")
+    assert.matches("^%w+:%d+$", pos)
+    erin:abort("the network went away") -- no goodbye: nobody is told she left
+    assert(frank:send("one"))
+    assert(frank:send("two"))
+    expect(frank, "frank: one")
+    expect(frank, "frank: two")
+    assert(frank:send("/who")) -- her presence ended with the connection
+    expect(frank, "* in #r4: frank")
+    local back = join("erin", "r4", pos)
+    expect(back, "frank: one")
+    expect(back, "frank: two")
+    expect(back, "* back: 2 missed line(s) above")
+    assert(frank:send("three"))
+    expect(back, "frank: three")
+    expect(frank, "frank: three")
+    -- A position from a history that is not this room's is told so.
+    local stale = join("gina", "r4", "0000:3")
+    local m = recv(stale)
+    assert.matches("^%* back, but some lines are lost %(the history was reset", m)
+    back:close()
+    expect(frank, "* erin left #r4")
+    stale:close()
+    frank:close()
   end)
 
   it("stops cleanly on SIGTERM", function()

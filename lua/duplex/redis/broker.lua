@@ -508,6 +508,13 @@ end
 function Broker:_catch_up(topic, st)
   st.catching = st.catching or {}
   local h = self:_read(topic, st.offset)
+  if h and h.epoch and h.epoch ~= st.epoch then
+    -- The history this node knew is gone (expired, or Redis restarted
+    -- empty): what it missed is all of the new one.
+    self.stats.gaps = self.stats.gaps + 1
+    st.epoch, st.offset = h.epoch, 0
+    h = self:_read(topic, 0)
+  end
   if not h then return end
   if h.epoch == st.epoch then
     local first = h.publications[1]
@@ -519,9 +526,6 @@ function Broker:_catch_up(topic, st)
         self:_deliver(topic, pub.message, pub.kind, position_of(pub))
       end
     end
-  elseif h.epoch then -- the history this node knew is gone: a new epoch
-    self.stats.gaps = self.stats.gaps + 1
-    st.epoch, st.offset = h.epoch, 0
   end
   local later = st.catching
   st.catching = nil
