@@ -219,6 +219,20 @@ describe("duplex.redis.connect", function()
     end)
   end)
 
+  it("names each of its connections, so that CLIENT LIST tells whose they are", function()
+    run(function()
+      local c = connect { url = r.url, name = "node-7" }
+      assert.equal("node-7", c:call("CLIENT", "GETNAME"))
+      assert.is_true(c:subscribe("x", function() end))
+      local list = c:call("CLIENT", "LIST")
+      local named = 0
+      for _ in list:gmatch("name=node%-7 ") do named = named + 1 end
+      assert.equal(2, named) -- the command connection and the subscriber's
+      assert.has_error(function() redis.connect { url = r.url, name = "two words" } end,
+        "redis.connect: option 'name' must be a name without spaces (CLIENT SETNAME), got \"two words\"")
+    end)
+  end)
+
   it("delivers messages of channels, patterns and shard channels, beside commands", function()
     run(function()
       local log, on_status = recorder()

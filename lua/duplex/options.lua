@@ -143,6 +143,9 @@ options.nginx = union(CONNECTION, ROUTE, { max_header_size = HOSTED.max_header_s
 local positive = number(0.001, 86400 * 365)
 options.redis = {
   url = str,
+  name = function(v)
+    if type(v) ~= "string" or not v:match("^[!-~]+$") then return "a name without spaces (CLIENT SETNAME)" end
+  end,
   user = str,
   password = str,
   db = integer(0, INT_MAX),

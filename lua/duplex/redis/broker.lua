@@ -201,6 +201,7 @@ function broker.new(opts)
     local cfg = { on_status = function(status, detail) self:_client_status(status, detail) end }
     for _, k in ipairs(CLIENT_OPTIONS) do cfg[k] = opts[k] end
     cfg.url = cfg.url or client.defaults.url
+    cfg.name = self.prefix .. self.node -- who is who in CLIENT LIST
     -- A bad URL or TLS setup is known now; an unreachable Redis is not
     -- an error, just down until it answers.
     local probe, perr = client._configure(cfg)

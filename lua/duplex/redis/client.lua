@@ -455,6 +455,8 @@ local function setup_steps(cfg)
   if cfg.password and cfg.user then step("AUTH", "AUTH", cfg.user, cfg.password)
   elseif cfg.password then step("AUTH", "AUTH", cfg.password) end
   if cfg.db ~= 0 then step("SELECT " .. cfg.db, "SELECT", cfg.db) end
+  -- CLIENT LIST then says whose connection is whose (which node, which role)
+  if cfg.name then step("CLIENT SETNAME", "CLIENT", "SETNAME", cfg.name) end
   step("PING", "PING")
   return names, table.concat(bytes)
 end
