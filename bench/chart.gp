@@ -1,9 +1,11 @@
 # Chart of bench/run's medians: server CPU per operation (log scale) and RSS
-# per idle connection, duplex vs node ws vs python websockets.
-#   gnuplot -e "dir='bench/results'" bench/chart.gp
+# per idle connection, duplex vs its peers.
+#   gnuplot -e "dir='bench/results'; servers='duplex uws lws node python'" bench/chart.gp
 # reads dir/chart_cpu.dat and dir/chart_rss.dat (written by bench/run: a
-# quoted label, then one column per server) and writes dir/chart.png.
+# quoted label, then one column per server, in the order of `servers`, the
+# ones that ran) and writes dir/chart.png.
 if (!exists("dir")) dir = "bench/results"
+if (!exists("servers")) servers = "duplex node python"
 
 if (strstrt(GPVAL_TERMINALS, "pngcairo") > 0) {
   set terminal pngcairo size 1400,620 font "sans,10"
@@ -20,7 +22,12 @@ set grid ytics
 set key top left
 set xtics nomirror scale 0 font ",9"
 set datafile missing "NaN"
-duplex = "#2b6cb0"; node = "#48a56a"; python = "#d69e2e"
+# a colour and a legend name per server id; unknown ids get grey
+colour(id) = id eq "duplex" ? "#2b6cb0" : id eq "uws" ? "#805ad5" : id eq "lws" ? "#319795" : \
+             id eq "node" ? "#48a56a" : id eq "python" ? "#d69e2e" : "#718096"
+label(id) = id eq "uws" ? "uWebSockets" : id eq "lws" ? "libwebsockets" : id eq "node" ? "node ws" : \
+            id eq "python" ? "python websockets" : id
+n = words(servers)
 
 set multiplot
 set bmargin 4
@@ -30,19 +37,18 @@ set origin 0,0
 set title "server CPU per operation, µs (log scale; medians; lower is better)"
 set logscale y
 set format y "%g"
-plot dir."/chart_cpu.dat" using 2:xticlabels(1) title "duplex" lc rgb duplex, \
-     "" using 3 title "node ws" lc rgb node, \
-     "" using 4 title "python websockets" lc rgb python
+plot for [i=1:n] dir."/chart_cpu.dat" using (column(i + 1)):xticlabels(1) title label(word(servers, i)) \
+     lc rgb colour(word(servers, i))
 
 set size 0.24,1
 set origin 0.76,0
 set title "RSS per idle connection, KiB\n(dashed: duplex's target)"
 unset logscale y
 set yrange [0:*]
-set key top left
+# same colours as on the left; a second legend would cover the bars
+unset key
 set arrow 1 from graph 0, first 2 to graph 1, first 2 nohead dt 2 lw 1.5 lc rgb "#c53030"
-plot dir."/chart_rss.dat" using 2:xticlabels(1) title "duplex" lc rgb duplex, \
-     "" using 3 title "node ws" lc rgb node, \
-     "" using 4 title "python" lc rgb python
+plot for [i=1:n] dir."/chart_rss.dat" using (column(i + 1)):xticlabels(1) title label(word(servers, i)) \
+     lc rgb colour(word(servers, i))
 
 unset multiplot

@@ -1,8 +1,16 @@
 -- The servers and scenarios that bench/run measures. Each scenario runs
--- every server in turn (duplex, node, python, duplex, node, ...) for
--- `rounds` rounds on a freshly started server, and reports medians.
+-- every server in turn (duplex, uWS, lws, node, python, duplex, uWS, ...)
+-- for `rounds` rounds on a freshly started server, and reports medians.
 --
 -- Server commands are argument lists relative to the repository root.
+-- Server fields besides the commands:
+--   short        its name in ratio columns (duplex/short)
+--   flags        its options for deflate, max_size and TLS
+--   cannot       scenario feature (tls, deflate) -> why this server sits
+--                that scenario out (bench/run says so in its notes)
+--   needs        files that must exist (built by `make -C bench peers`);
+--                if one is missing the server is skipped, with the reason
+--                the build left in build/peers/ID.skipped if there is one
 -- Scenario fields:
 --   mode, args   loadgen mode and options (--url, --pid, --json, --warmup,
 --                --duration or --hold are added by bench/run)
@@ -22,11 +30,23 @@ M.servers = {
     echo = { "lua5.4", "examples/echo.lua", "--port", "0" },
     broadcast = { "lua5.4", "bench/broadcast_server.lua" },
     flags = { deflate = { "--deflate" }, max_size = "--max-size", cert = "--tls-cert", key = "--tls-key" } },
-  { id = "node", name = "node ws",
+  { id = "uws", name = "uWebSockets", short = "uWS",
+    echo = { "build/peers/bin/uws_echo" },
+    broadcast = { "build/peers/bin/uws_broadcast" },
+    flags = { max_size = "--max-payload" },
+    needs = { "build/peers/bin/uws_echo", "build/peers/bin/uws_broadcast" },
+    cannot = { tls = "built with LIBUS_NO_SSL, as the issue asks: no TLS",
+      deflate = "built with UWS_NO_ZLIB (compression off, as the issue asks): no permessage-deflate" } },
+  { id = "lws", name = "libwebsockets", short = "lws",
+    echo = { "build/peers/bin/lws_echo" },
+    broadcast = { "build/peers/bin/lws_echo", "--broadcast" },
+    flags = { deflate = { "--deflate" }, max_size = "--max-payload", cert = "--tls-cert", key = "--tls-key" },
+    needs = { "build/peers/bin/lws_echo" } },
+  { id = "node", name = "node ws", short = "node",
     echo = { "node", "interop/ws_echo_server.js" },
     broadcast = { "node", "bench/node_broadcast_server.js" },
     flags = { deflate = { "--deflate" }, max_size = "--max-payload", cert = "--tls-cert", key = "--tls-key" } },
-  { id = "python", name = "python websockets",
+  { id = "python", name = "python websockets", short = "python",
     echo = { "/usr/bin/python3", "interop/py_echo_server.py" },
     broadcast = { "/usr/bin/python3", "bench/py_broadcast_server.py" },
     flags = { deflate = { "--deflate" }, max_size = "--max-payload", cert = "--tls-cert", key = "--tls-key" } },
