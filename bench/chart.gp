@@ -40,15 +40,19 @@ set format y "%g"
 plot for [i=1:n] dir."/chart_cpu.dat" using (column(i + 1)):xticlabels(1) title label(word(servers, i)) \
      lc rgb colour(word(servers, i))
 
-set size 0.24,1
-set origin 0.76,0
-set title "RSS per idle connection, KiB\n(dashed: duplex's target)"
-unset logscale y
-set yrange [0:*]
-# same colours as on the left; a second legend would cover the bars
-unset key
-set arrow 1 from graph 0, first 2 to graph 1, first 2 nohead dt 2 lw 1.5 lc rgb "#c53030"
-plot for [i=1:n] dir."/chart_rss.dat" using (column(i + 1)):xticlabels(1) title label(word(servers, i)) \
-     lc rgb colour(word(servers, i))
+# bench/run --only without an idle scenario: no RSS panel (an empty plot is
+# an error to gnuplot)
+if (!exists("rss") || rss) {
+  set size 0.24,1
+  set origin 0.76,0
+  set title "RSS per idle connection, KiB\n(dashed: duplex's target)"
+  unset logscale y
+  set yrange [0:*]
+  # same colours as on the left; a second legend would cover the bars
+  unset key
+  set arrow 1 from graph 0, first 2 to graph 1, first 2 nohead dt 2 lw 1.5 lc rgb "#c53030"
+  plot for [i=1:n] dir."/chart_rss.dat" using (column(i + 1)):xticlabels(1) title label(word(servers, i)) \
+       lc rgb colour(word(servers, i))
+}
 
 unset multiplot
