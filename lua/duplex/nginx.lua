@@ -19,6 +19,7 @@ local core = require "duplex.core"
 local handshake = require "duplex.handshake"
 local transport = require "duplex.transport"
 local options = require "duplex.options"
+local runtime = require "duplex.runtime"
 
 local ngx = ngx
 local M = {}
@@ -201,6 +202,70 @@ local function start_outbox(ws)
   boxes[ws] = box
   return ngx.thread.spawn(deliver, ws, box)
 end
+
+-- ---- the host seam (duplex.runtime.set_host) on nginx's primitives ----
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+-- The longest wait an ngx.semaphore takes (its milliseconds are a C int).
+local LONGEST_WAIT = 2147483
+
+local parking = setmetatable({}, { __mode = "k" }) -- coroutine -> { sema, parked, values }
+
+-- As core.spawn's, the coroutine starts after spawn returns (ngx.sleep(0)
+-- yields to the next turn of nginx's loop), so that the caller can note it
+-- before it runs; an error in it is logged as duplex's loop logs one.
+local function start(fn, ...)
+  ngx.sleep(0)
+  local ok, err = xpcall(fn, debug.traceback, ...)
+  if not ok then runtime.log("error", "error in a light thread: " .. tostring(err)) end
+end
+
+local function spawn(fn, ...)
+  local co, err = ngx.thread.spawn(start, fn, ...)
+  if not co then error("ngx.thread.spawn failed: " .. tostring(err), 2) end
+  return co
+end
+
+local function park(timeout)
+  local co = coroutine.running()
+  local spot = parking[co]
+  if not spot then
+    spot = { sema = require("ngx.semaphore").new() }
+    parking[co] = spot
+  end
+  spot.parked, spot.values = true, nil
+  local ok
+  repeat
+    ok = spot.sema:wait(timeout and math.min(timeout, LONGEST_WAIT) or LONGEST_WAIT)
+  until ok or timeout or spot.values
+  spot.parked = false
+  local values = spot.values
+  if not values then return nil, "timeout" end
+  spot.values = nil
+  -- woken as the wait timed out: the post is still counted, and would end
+  -- the next park at once
+  if not ok then spot.sema:wait(0) end
+  return unpack(values, 1, values.n)
+end
+
+local function wake(co, ...)
+  local spot = parking[co]
+  if not (spot and spot.parked and not spot.values) then return false end
+  spot.values = pack(...)
+  spot.sema:post(1)
+  return true
+end
+
+--- What duplex.runtime.set_host takes, on nginx's own primitives: light
+--- threads (ngx.thread.spawn) for spawn, a semaphore per coroutine for park
+--- and wake, the core's monotonic clock for now. Set by this module when
+--- duplex.core has no loop (its LuaJIT build, inside nginx), so that
+--- duplex.redis runs in a timer or a request: its cosockets, like every
+--- cosocket, belong to that one context.
+M.host = { spawn = spawn, park = park, wake = wake, now = core.now }
+
+if not core.spawn then runtime.set_host(M.host) end
 
 --- The whole content phase of a WebSocket location: accept, run
 --- opts.handler(ws, req) (returning from it closes with 1000; an error in
