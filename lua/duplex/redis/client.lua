@@ -18,7 +18,10 @@ local url = require "duplex.url"
 local options = require "duplex.options"
 local runtime = require "duplex.runtime"
 
-local now, command, blocking, running = runtime.now, resp.command, runtime.blocking, coroutine.running
+local now, command, blocking = runtime.now, resp.command, runtime.blocking
+-- LuaJIT's main chunk is no coroutine (nil), which would pass for "nobody"
+local MAIN = {}
+local function running() return coroutine.running() or MAIN end
 -- Lua 5.1 (LuaJIT, inside nginx) has them as globals, or not at all
 local pack = table.pack or function(...) return { n = select("#", ...), ... } end
 local unpack = table.unpack or rawget(_G, "unpack")
