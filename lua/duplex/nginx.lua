@@ -48,18 +48,38 @@ function M.stream(sock)
   return setmetatable({ sock = sock }, Stream)
 end
 
+-- A client cosocket's reader waits in slices of this many seconds: a
+-- cosocket will not close under another light thread's read ("socket busy
+-- reading"), so a close asked meanwhile is the reader's to do when its
+-- slice ends.
+local SLICE = 1
+
 function Stream:read(max, timeout)
   local sock = self.sock
-  sock:settimeouts(NO_LIMIT, NO_LIMIT, ms(timeout))
-  local data, err = sock:receiveany(max)
-  if data then return data end
-  return nil, err -- "timeout", "closed" or the system error
+  if not sock.close then -- the raw request socket: nobody else closes it
+    sock:settimeouts(NO_LIMIT, NO_LIMIT, ms(timeout))
+    local data, err = sock:receiveany(max)
+    if data then return data end
+    return nil, err -- "timeout", "closed" or the system error
+  end
+  local deadline = timeout and core.now() + timeout
+  while not self.closing do
+    local wait = deadline and math.max(0, deadline - core.now())
+    sock:settimeouts(NO_LIMIT, NO_LIMIT, ms(wait and math.min(wait, SLICE) or SLICE))
+    local data, err = sock:receiveany(max)
+    if data then return data end
+    -- a timed-out read keeps nothing back, so the next slice loses nothing
+    if err ~= "timeout" or (deadline and core.now() >= deadline) then return nil, err end
+  end
+  sock:close()
+  return nil, "closed"
 end
 
 function Stream:write(data, timeout)
   local sock = self.sock
   sock:settimeouts(NO_LIMIT, ms(timeout), NO_LIMIT)
   local n, err = sock:send(data)
+  if self.closing then sock:close() end
   if n then return true end
   -- A cosocket does not say how much went out: after a timeout here the
   -- connection cannot go on, and the connection object treats it so.
@@ -78,8 +98,11 @@ end
 
 function Stream:close()
   -- The raw request socket closes when the request ends; a client
-  -- cosocket closes now.
-  if self.sock.close then self.sock:close() end
+  -- cosocket closes now, or as soon as the light thread reading or
+  -- writing it is done.
+  if not self.sock.close then return end
+  local ok, err = self.sock:close()
+  if not ok and err and err:find("busy", 1, true) then self.closing = true end
 end
 
 function Stream:peer()
