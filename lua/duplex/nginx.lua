@@ -8,7 +8,11 @@
 ---   message and wakes a light thread of the connection's own request,
 ---   which sends it (server push from anywhere in the worker);
 --- * a read that times out keeps nothing back (receiveany), so a heartbeat
----   wait never cuts a frame in two.
+---   wait never cuts a frame in two;
+--- * code that waits on its own (duplex.redis's client) spawns, parks and
+---   wakes through duplex.runtime's host, here light threads and
+---   semaphores (M.host), in the one timer or request that owns its
+---   cosockets.
 ---
 --- location /ws { content_by_lua_block {
 ---   require("duplex.nginx").serve { handler = function(ws, req)
