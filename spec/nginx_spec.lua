@@ -319,9 +319,13 @@ describe("duplex in nginx (lua-nginx-module)", function()
   it("runs the chat again once a lost Redis is back, without restarting nginx", function()
     local a, b = one_per_worker(ngx_server.base, "outage")
     redis:stop("KILL")
+    -- what a says meanwhile waits for Redis in its worker's queue: it comes
+    -- back to a once Redis is back (b's worker may hear the rooms again later)
+    assert(a.ws:send("said while Redis was away"))
     -- long enough for both connections of each worker to notice and redial
     proc.sleep(1)
     redis:start()
+    expect_line(a.ws, "^" .. a.nick .. ": said while Redis was away$")
     wait_subscribers(redis, 2)
     -- a line said as the commands connection is dialed again waits for it
     local deadline = core.now() + 15

@@ -19,6 +19,7 @@ local MAX_QUEUED = 1000
 local MAX_AGE = 10    -- seconds a line waits for Redis before it is dropped
 
 local prefix          -- of the channels: prefix .. "room:" .. room
+local listening = false -- this worker's subscription is up
 local queue = { first = 1, last = 0 } -- lines for Redis: { channel, line, since }
 local queued = semaphore.new()
 
@@ -83,7 +84,10 @@ local function connect(cfg)
   local delay = 0.1
   while not ngx.worker.exiting() do
     local db, err = redis.connect { url = cfg.redis, connect = dialer(host, tonumber(port) or 6379),
-      on_status = function(status, detail) log(ngx.NOTICE, "redis ", status, ": ", detail) end }
+      on_status = function(status, detail)
+        log(ngx.NOTICE, "redis ", status, ": ", detail)
+        if detail:find("^subscriber") then listening = status == "up" end
+      end }
     if db then return db end
     log(ngx.WARN, "redis: ", err, ", again in ", delay, " s")
     ngx.sleep(delay)
@@ -102,7 +106,9 @@ local function run(premature, cfg)
   end)
   while not ngx.worker.exiting() do
     queued:wait(1) -- the 1 s: to see the worker exit
-    local ok = flush(db)
+    -- after an outage, not before this worker hears the rooms again: its
+    -- own members would miss what they said meanwhile
+    local ok = listening and flush(db)
     if not ok then ngx.sleep(0.2) end
   end
   db:close()
