@@ -166,12 +166,15 @@ install: all
 	install -m 755 $(CORE) $(DESTDIR)$(LUA_CMOD)/duplex/core.so
 	install -m 755 bin/duplex $(DESTDIR)$(BINDIR)/duplex
 
-# The OpenResty/LuaJIT variant: the sans-I/O core and the modules that
-# duplex.nginx needs, which are the ones that parse as Lua 5.1.
-LJ_LUA    := $(addprefix lua/duplex/,core.lua handshake.lua nginx.lua options.lua runtime.lua transport.lua url.lua websocket.lua)
+# The OpenResty/LuaJIT variant: the sans-I/O core, the modules that
+# duplex.nginx needs and the Redis client over its cosockets, which are the
+# ones that run on Lua 5.1.
+LJ_LUA    := $(addprefix lua/duplex/,core.lua handshake.lua nginx.lua options.lua resp.lua runtime.lua transport.lua url.lua websocket.lua)
+LJ_REDIS  := lua/duplex/redis/client.lua
 install-luajit: luajit
-	install -d $(DESTDIR)$(LJ_LMOD)/duplex $(DESTDIR)$(LJ_CMOD)/duplex
+	install -d $(DESTDIR)$(LJ_LMOD)/duplex/redis $(DESTDIR)$(LJ_CMOD)/duplex
 	install -m 644 $(LJ_LUA) $(DESTDIR)$(LJ_LMOD)/duplex/
+	install -m 644 $(LJ_REDIS) $(DESTDIR)$(LJ_LMOD)/duplex/redis/
 	install -m 755 $(LJ_CORE) $(DESTDIR)$(LJ_CMOD)/duplex/core.so
 
 # lua/duplex/core.so: where builds before 0.2.0 put the core.

@@ -1,6 +1,7 @@
 -- duplex for OpenResty (nginx + lua-nginx-module, LuaJIT 2.1): the sans-I/O
--- core built against LuaJIT's headers and the modules duplex.nginx needs
--- (the event loop, sockets and the rest need Lua 5.4). From a checkout:
+-- core built against LuaJIT's headers, the modules duplex.nginx needs and
+-- duplex.redis.client over cosockets (the event loop, sockets and the rest
+-- need Lua 5.4). From a checkout:
 --   luarocks --lua-version=5.1 make --tree /opt/duplex rockspec/duplex-openresty-scm-1.rockspec \
 --     LUA_INCDIR=/usr/include/luajit-2.1
 -- (OpenResty's own: LUA_INCDIR=/usr/local/openresty/luajit/include/luajit-2.1), then in nginx.conf:
@@ -19,7 +20,8 @@ description = {
   detailed = [[
 The OpenResty build of duplex: duplex.nginx serves WebSocket connections
 over lua-nginx-module cosockets with duplex's C engine (framing, UTF-8,
-permessage-deflate, heartbeats, limits).
+permessage-deflate, heartbeats, limits), and duplex.redis.client talks to
+Redis (commands, pipelines, pub/sub, reconnection) over cosockets too.
 ]],
   license = "MIT",
   labels = {"websocket", "network", "openresty", "nginx"},

@@ -135,3 +135,39 @@ describe("duplex.core under LuaJIT", function()
     assert_all_passed(lua54())
   end)
 end)
+
+-- spec/luajit/redis_test.lua: duplex.redis's client and duplex.resp on
+-- LuaJIT with no loop of duplex's (a stand-in Redis, a toy host through
+-- duplex.runtime.set_host); and on Lua 5.4, where that host replaces the loop.
+describe("duplex.redis's client under LuaJIT, through the host seam", function()
+  local REDIS_SCRIPT = "spec/luajit/redis_test.lua"
+  local REDIS_CHECKS = {
+    "the modules load",
+    "resp encodes commands and parses replies however they are cut",
+    "the client over a stream from one coroutine needs no host",
+    "runtime.set_host checks the host and dispatches to it",
+    "through the host: coroutines pipelining, pub/sub, timeouts, reconnecting",
+  }
+
+  local function assert_redis_run(argv, env)
+    local code, out, err = proc.run(argv, { cwd = ROOT, env = env, timeout = 60 })
+    local want = {}
+    for i, name in ipairs(REDIS_CHECKS) do want[i] = "ok " .. name end
+    want[#want + 1] = ("done %d/%d"):format(#REDIS_CHECKS, #REDIS_CHECKS)
+    local got = {}
+    for line in out:gmatch("([^\n]*)\n") do got[#got + 1] = line end
+    assert.same(want, got, out .. err)
+    assert.equal(0, code, out .. err)
+  end
+
+  it("passes every check under LuaJIT", function()
+    assert(file_exists(LJ_CORE), LJ_CORE .. " is missing: run `make luajit`")
+    assert_redis_run({ "luajit", REDIS_SCRIPT },
+      { LD_PRELOAD = false, DUPLEX_CORE_CPATH = ROOT .. "/build/luajit/?.so" })
+  end)
+
+  it("passes the same checks under Lua 5.4", function()
+    assert_redis_run({ "lua5.4", REDIS_SCRIPT },
+      { DUPLEX_CORE_CPATH = os.getenv("DUPLEX_CPATH") or ROOT .. "/build/?.so" })
+  end)
+end)

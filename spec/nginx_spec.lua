@@ -1,13 +1,15 @@
 -- duplex inside nginx with lua-nginx-module (LuaJIT): the real nginx runs
--- examples/nginx/nginx.conf (only the checkout path and the port
--- substituted), with duplex.core built for LuaJIT (make luajit). Our client,
--- python3-websockets, node's ws and headless Chromium connect to it.
+-- examples/nginx/nginx.conf (only the checkout path, the port and the
+-- chat's Redis substituted), with duplex.core built for LuaJIT (make
+-- luajit), and a real redis-server. Our client, python3-websockets, node's
+-- ws and headless Chromium connect to it.
 local duplex = require "duplex"
 local core = require "duplex.core"
 local runtime = require "duplex.runtime"
 local proc = require "support.proc"
 local peers = require "support.peers"
 local services = require "support.services"
+local resp = require "duplex.resp"
 
 local root = peers.root
 local LUA_MODULE = "/usr/lib/nginx/modules/ngx_http_lua_module.so"
@@ -18,13 +20,14 @@ local function exists(path)
   return f ~= nil
 end
 
-local function start_nginx()
+local function start_nginx(redis_url)
   assert(exists(LUA_MODULE), "lua-nginx-module is not installed: run `scripts/deps check` "
     .. "(it installs libnginx-mod-http-lua)")
   assert(exists(root .. "/build/luajit/duplex/core.so"), "no LuaJIT build of duplex.core: run `make luajit`")
   local port = services.free_port()
   local conf = services.render(root .. "/examples/nginx/nginx.conf", {
     { "/opt/duplex", root }, { "127.0.0.1:8090", "127.0.0.1:" .. port },
+    { "redis://127.0.0.1:6379", redis_url },
   })
   -- nginx started as root runs its workers as nobody, who may not be
   -- allowed into the checkout (CI's may live under /root).
@@ -36,6 +39,34 @@ local function start_nginx()
   n.port = port
   n.base = "127.0.0.1:" .. port
   return n
+end
+
+-- One command on a connection of its own: the reply.
+local function redis_call(port, ...)
+  local args = table.pack(...)
+  return runtime.blocking(function()
+    local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = 2 })
+    sock:write(resp.command(table.unpack(args, 1, args.n)))
+    local p = resp.parser()
+    while true do
+      local v, err = p:next()
+      assert(err == nil, err)
+      if v ~= nil then sock:close(); return v end
+      p:feed(assert(sock:read(nil, 2)))
+    end
+  end)
+end
+
+-- Until n connections of Redis's are subscribed to a pattern (the chat's
+-- workers, one each), so that no line is said before they listen.
+local function wait_subscribers(redis, n)
+  local count
+  local ok = pcall(services.wait_for, n .. " pattern subscribers", 15, function()
+    local list = redis_call(redis.port, "CLIENT", "LIST")
+    count = select(2, list:gsub("psub=1 ", ""))
+    return count == n
+  end)
+  assert(ok, "Redis has " .. tostring(count) .. " pattern subscribers, not " .. n)
 end
 
 -- curl's status code and body for a request to nginx.
@@ -62,17 +93,49 @@ local function expect_line(ws, pattern)
   error("no line matching " .. pattern .. " in: " .. table.concat(seen, " | "), 2)
 end
 
-describe("duplex in nginx (lua-nginx-module)", function()
-  local ngx_server
+-- A chat member: its connection, and the worker that serves it (the hello
+-- line names it).
+local function member(base, nick, room)
+  local ws = assert(duplex.connect("ws://" .. base .. "/ws?room=" .. room .. "&nick=" .. nick))
+  local hello = expect_line(ws, "^%* you are " .. nick .. " in #" .. room)
+  return ws, tonumber(hello:match("nginx worker (%d+)%)$"))
+end
 
-  setup(function() ngx_server = start_nginx() end)
+-- One member on each of nginx's two workers: connections until both have
+-- one (which worker accepts is the kernel's choice), the others closed.
+local function one_per_worker(base, room)
+  local by_worker, extra = {}, {}
+  for i = 1, 40 do
+    local ws, worker = member(base, "m" .. i, room)
+    if by_worker[worker] then extra[#extra + 1] = ws else by_worker[worker] = { ws = ws, nick = "m" .. i } end
+    if by_worker[0] and by_worker[1] then break end
+  end
+  for _, ws in ipairs(extra) do ws:close() end
+  assert(by_worker[0] and by_worker[1], "40 connections, and all on one worker")
+  return by_worker[0], by_worker[1]
+end
+
+-- Nothing in nginx's log that tells of a bug the clients did not notice.
+local function assert_clean_log(log)
+  assert.falsy(log:find("handler failed", 1, true), log)
+  assert.falsy(log:find("[alert]", 1, true), log)
+  assert.falsy(log:find("thread aborted", 1, true), log)
+  assert.falsy(log:find("error in a light thread", 1, true), log)
+end
+
+describe("duplex in nginx (lua-nginx-module)", function()
+  local ngx_server, redis
+
+  setup(function()
+    redis = services.redis()
+    ngx_server = start_nginx(redis.url)
+    wait_subscribers(redis, 2)
+  end)
   teardown(function()
     if ngx_server then
       local log = ngx_server:log()
       ngx_server:stop()
-      -- a Lua error in a handler is a bug even when the client did not notice
-      assert.falsy(log:find("handler failed", 1, true), log)
-      assert.falsy(log:find("[alert]", 1, true), log)
+      assert_clean_log(log)
     end
     proc.killall()
   end)
@@ -183,12 +246,100 @@ describe("duplex in nginx (lua-nginx-module)", function()
     ben:abort("vanished")
     expect_line(ann, "^%* ben left #ngx$")
     -- a push from outside any WebSocket request (another nginx request,
-    -- delivered through the shared dictionary and ann's own request)
+    -- delivered through Redis and ann's own request)
     local status, body = curl { "-d", "maintenance at noon", "http://" .. ngx_server.base .. "/push?room=ngx" }
     assert.equal(200, status, body)
     expect_line(ann, "^%* server: maintenance at noon$")
     assert.equal(400, (curl { "http://" .. ngx_server.base .. "/push?room=ngx" }))
     assert.is_true(ann:close())
+  end)
+
+  it("runs the chat across workers: members of one room on different workers talk", function()
+    local a, b = one_per_worker(ngx_server.base, "workers")
+    assert(a.ws:send("hello from worker 0"))
+    expect_line(b.ws, "^" .. a.nick .. ": hello from worker 0$")
+    assert(b.ws:send("hello from worker 1"))
+    expect_line(a.ws, "^" .. b.nick .. ": hello from worker 1$")
+    -- a room is its members' only: another room's line does not come
+    local c = member(ngx_server.base, "cat", "elsewhere")
+    assert(c:send("not for #workers"))
+    assert(a.ws:send("after cat"))
+    expect_line(b.ws, "^" .. a.nick .. ": after cat$")
+    b.ws:close()
+    expect_line(a.ws, "^%* " .. b.nick .. " left #workers$")
+    a.ws:close()
+    c:close()
+  end)
+
+  it("runs the chat across two nginx sharing one Redis, /push reaching every worker of both", function()
+    local other = start_nginx(redis.url)
+    local ok, err = pcall(function()
+      wait_subscribers(redis, 4)
+      local a, b = one_per_worker(ngx_server.base, "machines")
+      local c = member(other.base, "carol", "machines")
+      expect_line(a.ws, "^%* carol joined #machines$")
+      expect_line(b.ws, "^%* carol joined #machines$")
+      assert(c:send("hello from the other machine"))
+      expect_line(a.ws, "^carol: hello from the other machine$")
+      expect_line(b.ws, "^carol: hello from the other machine$")
+      assert(a.ws:send("and back"))
+      expect_line(c, "^" .. a.nick .. ": and back$")
+      for i, base in ipairs { ngx_server.base, other.base } do
+        local status, body = curl { "-d", "push " .. i, "http://" .. base .. "/push?room=machines" }
+        assert.equal(200, status, body)
+        for _, ws in ipairs { a.ws, b.ws, c } do expect_line(ws, "^%* server: push " .. i .. "$") end
+      end
+      for _, ws in ipairs { a.ws, b.ws, c } do ws:close() end
+    end)
+    local log = other:log()
+    other:stop()
+    assert(ok, err)
+    assert_clean_log(log)
+  end)
+
+  it("quits gracefully at once: each worker's timer closes its Redis connections as it exits", function()
+    local other = start_nginx(redis.url)
+    wait_subscribers(redis, 4)
+    local log
+    local ok, err = pcall(function()
+      local t0 = proc.now()
+      other.h:kill("QUIT")
+      services.wait_for("nginx to quit", 10, function() return not other.h:running() end)
+      log = other:log()
+      -- the subscriber's read is not left waiting for its PING (5 s)
+      assert.is_true(proc.now() - t0 < 4, "nginx took " .. (proc.now() - t0) .. " s to quit")
+      wait_subscribers(redis, 2)
+    end)
+    log = log or other:log()
+    other:stop()
+    assert(ok, tostring(err) .. "\n" .. log)
+    assert_clean_log(log)
+  end)
+
+  it("runs the chat again once a lost Redis is back, without restarting nginx", function()
+    local a, b = one_per_worker(ngx_server.base, "outage")
+    redis:stop("KILL")
+    -- what a says meanwhile waits for Redis in its worker's queue: it comes
+    -- back to a once Redis is back (b's worker may hear the rooms again later)
+    assert(a.ws:send("said while Redis was away"))
+    -- long enough for both connections of each worker to notice and redial
+    proc.sleep(1)
+    redis:start()
+    expect_line(a.ws, "^" .. a.nick .. ": said while Redis was away$")
+    wait_subscribers(redis, 2)
+    -- a line said as the commands connection is dialed again waits for it
+    local deadline = core.now() + 15
+    local got
+    for i = 1, math.huge do
+      assert(a.ws:send("back " .. i))
+      got = b.ws:receive(0.5)
+      if got and got:find("^" .. a.nick .. ": back %d+$") then break end
+      assert(core.now() < deadline, "no line across workers after Redis came back")
+    end
+    assert(b.ws:send("welcome back"))
+    expect_line(a.ws, "^" .. b.nick .. ": welcome back$")
+    a.ws:close()
+    b.ws:close()
   end)
 
   it("serves headless Chromium: the chat page, and echo with permessage-deflate", function()

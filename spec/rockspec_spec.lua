@@ -190,6 +190,13 @@ describe("luarocks make", function()
       "                end }",
       "            }",
       "        }",
+      -- the Redis client and what it requires, from the tree
+      "        location = /redis {",
+      "            content_by_lua_block {",
+      '                local redis = require("duplex.redis.client")',
+      '                ngx.say(type(redis.connect), " ", require("duplex.resp").command("PING"):len())',
+      "            }",
+      "        }",
       "    }",
       "}",
     }, "\n") .. "\n"
@@ -202,6 +209,10 @@ describe("luarocks make", function()
       assert(ws:send(("openresty "):rep(100)))
       assert.equal(("openresty "):rep(100), (ws:receive(5)))
       ws:close()
+      local code, out = proc.run({ "curl", "-s", "-m", "10", "http://127.0.0.1:" .. port .. "/redis" },
+        { timeout = 20, env = services.env })
+      assert.equal(0, code, out)
+      assert.equal("function 14\n", out)
     end)
     local log = n:log()
     n:stop()

@@ -8,7 +8,11 @@
 ---   message and wakes a light thread of the connection's own request,
 ---   which sends it (server push from anywhere in the worker);
 --- * a read that times out keeps nothing back (receiveany), so a heartbeat
----   wait never cuts a frame in two.
+---   wait never cuts a frame in two;
+--- * code that waits on its own (duplex.redis's client) spawns, parks and
+---   wakes through duplex.runtime's host, here light threads and
+---   semaphores (M.host), in the one timer or request that owns its
+---   cosockets.
 ---
 --- location /ws { content_by_lua_block {
 ---   require("duplex.nginx").serve { handler = function(ws, req)
@@ -19,6 +23,7 @@ local core = require "duplex.core"
 local handshake = require "duplex.handshake"
 local transport = require "duplex.transport"
 local options = require "duplex.options"
+local runtime = require "duplex.runtime"
 
 local ngx = ngx
 local M = {}
@@ -47,18 +52,38 @@ function M.stream(sock)
   return setmetatable({ sock = sock }, Stream)
 end
 
+-- A client cosocket's reader waits in slices of this many seconds: a
+-- cosocket will not close under another light thread's read ("socket busy
+-- reading"), so a close asked meanwhile is the reader's to do when its
+-- slice ends.
+local SLICE = 1
+
 function Stream:read(max, timeout)
   local sock = self.sock
-  sock:settimeouts(NO_LIMIT, NO_LIMIT, ms(timeout))
-  local data, err = sock:receiveany(max)
-  if data then return data end
-  return nil, err -- "timeout", "closed" or the system error
+  if not sock.close then -- the raw request socket: nobody else closes it
+    sock:settimeouts(NO_LIMIT, NO_LIMIT, ms(timeout))
+    local data, err = sock:receiveany(max)
+    if data then return data end
+    return nil, err -- "timeout", "closed" or the system error
+  end
+  local deadline = timeout and core.now() + timeout
+  while not self.closing do
+    local wait = deadline and math.max(0, deadline - core.now())
+    sock:settimeouts(NO_LIMIT, NO_LIMIT, ms(wait and math.min(wait, SLICE) or SLICE))
+    local data, err = sock:receiveany(max)
+    if data then return data end
+    -- a timed-out read keeps nothing back, so the next slice loses nothing
+    if err ~= "timeout" or (deadline and core.now() >= deadline) then return nil, err end
+  end
+  sock:close()
+  return nil, "closed"
 end
 
 function Stream:write(data, timeout)
   local sock = self.sock
   sock:settimeouts(NO_LIMIT, ms(timeout), NO_LIMIT)
   local n, err = sock:send(data)
+  if self.closing then sock:close() end
   if n then return true end
   -- A cosocket does not say how much went out: after a timeout here the
   -- connection cannot go on, and the connection object treats it so.
@@ -77,8 +102,11 @@ end
 
 function Stream:close()
   -- The raw request socket closes when the request ends; a client
-  -- cosocket closes now.
-  if self.sock.close then self.sock:close() end
+  -- cosocket closes now, or as soon as the light thread reading or
+  -- writing it is done.
+  if not self.sock.close then return end
+  local ok, err = self.sock:close()
+  if not ok and err and err:find("busy", 1, true) then self.closing = true end
 end
 
 function Stream:peer()
@@ -201,6 +229,70 @@ local function start_outbox(ws)
   boxes[ws] = box
   return ngx.thread.spawn(deliver, ws, box)
 end
+
+-- ---- the host seam (duplex.runtime.set_host) on nginx's primitives ----
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+-- The longest wait an ngx.semaphore takes (its milliseconds are a C int).
+local LONGEST_WAIT = 2147483
+
+local parking = setmetatable({}, { __mode = "k" }) -- coroutine -> { sema, parked, values }
+
+-- As core.spawn's, the coroutine starts after spawn returns (ngx.sleep(0)
+-- yields to the next turn of nginx's loop), so that the caller can note it
+-- before it runs; an error in it is logged as duplex's loop logs one.
+local function start(fn, ...)
+  ngx.sleep(0)
+  local ok, err = xpcall(fn, debug.traceback, ...)
+  if not ok then runtime.log("error", "error in a light thread: " .. tostring(err)) end
+end
+
+local function spawn(fn, ...)
+  local co, err = ngx.thread.spawn(start, fn, ...)
+  if not co then error("ngx.thread.spawn failed: " .. tostring(err), 2) end
+  return co
+end
+
+local function park(timeout)
+  local co = coroutine.running()
+  local spot = parking[co]
+  if not spot then
+    spot = { sema = require("ngx.semaphore").new() }
+    parking[co] = spot
+  end
+  spot.parked, spot.values = true, nil
+  local ok
+  repeat
+    ok = spot.sema:wait(timeout and math.min(timeout, LONGEST_WAIT) or LONGEST_WAIT)
+  until ok or timeout or spot.values
+  spot.parked = false
+  local values = spot.values
+  if not values then return nil, "timeout" end
+  spot.values = nil
+  -- woken as the wait timed out: the post is still counted, and would end
+  -- the next park at once
+  if not ok then spot.sema:wait(0) end
+  return unpack(values, 1, values.n)
+end
+
+local function wake(co, ...)
+  local spot = parking[co]
+  if not (spot and spot.parked and not spot.values) then return false end
+  spot.values = pack(...)
+  spot.sema:post(1)
+  return true
+end
+
+--- What duplex.runtime.set_host takes, on nginx's own primitives: light
+--- threads (ngx.thread.spawn) for spawn, a semaphore per coroutine for park
+--- and wake, the core's monotonic clock for now. Set by this module when
+--- duplex.core has no loop (its LuaJIT build, inside nginx), so that
+--- duplex.redis runs in a timer or a request: its cosockets, like every
+--- cosocket, belong to that one context.
+M.host = { spawn = spawn, park = park, wake = wake, now = core.now }
+
+if not core.spawn then runtime.set_host(M.host) end
 
 --- The whole content phase of a WebSocket location: accept, run
 --- opts.handler(ws, req) (returning from it closes with 1000; an error in

@@ -11,9 +11,15 @@
 --- numbers, errors as { err = "..." }, null as false, arrays as lists.
 local resp = {}
 
+-- Also for Lua 5.1 (LuaJIT, inside nginx): no integer operators here.
+local pack = table.pack or function(...) return { n = select("#", ...), ... } end
+local tointeger = math.tointeger or function(x)
+  if type(x) == "number" and x % 1 == 0 and x >= -2 ^ 53 and x <= 2 ^ 53 then return x end
+end
+
 --- The bytes of one command.
 function resp.command(...)
-  local args = table.pack(...)
+  local args = pack(...)
   local out = { "*" .. args.n .. "\r\n" }
   for i = 1, args.n do
     local a = tostring(args[i])
@@ -22,7 +28,7 @@ function resp.command(...)
   return table.concat(out)
 end
 
-resp.defaults = { max_bulk = 64 << 20, max_elements = 1 << 20, max_depth = 16 }
+resp.defaults = { max_bulk = 64 * 1048576, max_elements = 1048576, max_depth = 16 }
 
 local Parser = {}
 Parser.__index = Parser
@@ -103,7 +109,7 @@ function Parser:_step()
     if not n then error("redis: bad integer " .. string.format("%q", line), 0) end
     return self:_done(n)
   elseif t == "$" then
-    local n = math.tointeger(tonumber(line))
+    local n = tointeger(tonumber(line))
     if not n or n < -1 then error("redis: bad bulk length " .. string.format("%q", line), 0) end
     if n == -1 then return self:_done(false) end
     if n > self.max_bulk then error("redis: bulk string of " .. n .. " bytes, over max_reply", 0) end
@@ -118,7 +124,7 @@ function Parser:_step()
     self.buf, self.pos = "", 1
     return nil, true
   elseif t == "*" then
-    local n = math.tointeger(tonumber(line))
+    local n = tointeger(tonumber(line))
     if not n or n < -1 then error("redis: bad array length " .. string.format("%q", line), 0) end
     if n == -1 then return self:_done(false) end
     if n > self.max_elements then error("redis: array of " .. n .. " elements, over the limit", 0) end

@@ -7,7 +7,8 @@
 --- reads for everyone and hands the reading on to the next when its own
 --- reply is in. So an idle client costs no coroutine, and one coroutine on
 --- another host (cqueues, over opts.stream) needs nothing of duplex's loop;
---- several coroutines at once, reconnecting and pub/sub do.
+--- several coroutines at once, reconnecting and pub/sub need the host's
+--- spawn, park and wake (duplex.runtime.set_host: nginx's, inside nginx).
 ---
 --- RESP2 (duplex.resp): strings, integers, arrays as lists, null as false,
 --- an error reply as { err = "ERR ..." } inside arrays and pipelines.
@@ -17,7 +18,13 @@ local url = require "duplex.url"
 local options = require "duplex.options"
 local runtime = require "duplex.runtime"
 
-local now, command, blocking, running = core.now, resp.command, runtime.blocking, coroutine.running
+local now, command, blocking = runtime.now, resp.command, runtime.blocking
+-- LuaJIT's main chunk is no coroutine (nil), which would pass for "nobody"
+local MAIN = {}
+local function running() return coroutine.running() or MAIN end
+-- Lua 5.1 (LuaJIT, inside nginx) has them as globals, or not at all
+local pack = table.pack or function(...) return { n = select("#", ...), ... } end
+local unpack = table.unpack or rawget(_G, "unpack")
 
 local client = {}
 
@@ -26,7 +33,7 @@ client.defaults = {
   connect_timeout = 5, -- seconds for TCP, TLS, AUTH, SELECT and the first PING
   timeout = 5,         -- seconds for a command's reply; a later one drops the connection
   ping_interval = 5,   -- seconds of silence on the subscriber connection before a PING
-  max_reply = 64 << 20,
+  max_reply = 64 * 1048576,
   backoff_min = 0.1,
   backoff_max = 5,
 }
@@ -36,7 +43,7 @@ local READ_SIZE = 65536
 local function left(deadline) return math.max(0, deadline - now()) end
 
 local function wake(co)
-  if co and co ~= running() then core.wake(co) end
+  if co and co ~= running() then runtime.wake(co) end
 end
 
 -- Connection ---------------------------------------------------------------
@@ -96,7 +103,7 @@ function Conn:await(slot, deadline)
   while not slot.done do
     if self.reader == me then return slot end
     if self.reader then
-      local _, err = core.park(left(deadline)) -- woken by the reply, or to read
+      local _, err = runtime.park(left(deadline)) -- woken by the reply, or to read
       if err == "timeout" and not slot.done then self:fail("timeout") end
     else
       self:_lead(slot, deadline)
@@ -242,7 +249,7 @@ function Link:connection(deadline)
   while self.dialing do
     local waiting = self.dialing
     waiting[#waiting + 1] = running()
-    if select(2, core.park(left(deadline))) == "timeout" then break end
+    if select(2, runtime.park(left(deadline))) == "timeout" then break end
   end
   return self.conn
 end
@@ -266,7 +273,7 @@ function Link:_up(conn)
   self.conn = conn
   self.client:_status(self.role, "up")
   if self.serve and not self.co then
-    self.co = core.spawn(self._run, self, conn)
+    self.co = runtime.spawn(self._run, self, conn)
     conn.reader = self.co -- the reading is its from now, before it even starts
   end
 end
@@ -281,7 +288,7 @@ end
 --- Dial again in the background, unless that is under way or impossible.
 function Link:retry()
   local c = self.client
-  if not self.co and not c.closed and c.cfg.can_redial then self.co = core.spawn(self._run, self) end
+  if not self.co and not c.closed and c.cfg.can_redial then self.co = runtime.spawn(self._run, self) end
 end
 
 -- The link's coroutine: serve the connection while it lasts (the
@@ -306,7 +313,7 @@ function Link:_redial()
   local c = self.client
   local delay = c.cfg.backoff_min
   while not c.closed do
-    core.park(delay * (0.5 + math.random() / 2)) -- close() ends the wait
+    runtime.park(delay * (0.5 + math.random() / 2)) -- close() ends the wait
     if c.closed then break end
     local conn, err = self:open()
     if conn then return conn end
@@ -317,7 +324,7 @@ end
 
 function Link:close()
   if self.conn then self.conn:fail("client closed") end
-  if self.co then core.wake(self.co) end
+  if self.co then runtime.wake(self.co) end
 end
 
 -- Pub/sub ----------------------------------------------------------------
@@ -557,7 +564,7 @@ end
 -- The bytes of one command. Arguments are strings or numbers: a nil or a
 -- table is a mistake, not something to send as "nil".
 local function encode(who, level, ...)
-  local args = table.pack(...)
+  local args = pack(...)
   if args.n == 0 then error(who .. ": a command expected", level + 1) end
   for i = 1, args.n do
     local t = type(args[i])
@@ -623,7 +630,7 @@ function Client:pipeline(what)
   elseif type(what) == "table" then
     for i, c in ipairs(what) do
       if type(c) ~= "table" then error("pipeline: command " .. i .. " is not a table", 2) end
-      encoded[i] = encode("pipeline: command " .. i, 2, table.unpack(c, 1, c.n or #c))
+      encoded[i] = encode("pipeline: command " .. i, 2, unpack(c, 1, c.n or #c))
     end
   else
     error("pipeline: a function or a list of commands expected", 2)
@@ -714,6 +721,10 @@ function client.connect(opts)
   if type(opts) == "string" then opts = { url = opts } end
   if type(opts) ~= "table" then error("redis.connect: a URL or a table of options expected", 2) end
   options.check("redis.connect", opts, options.redis, 2)
+  if not (core.connect or opts.stream or opts.connect) then
+    error("redis.connect: this host has no sockets of duplex's own (LuaJIT's core): "
+      .. "opts.connect expected (duplex.nginx.stream over a cosocket, inside nginx)", 2)
+  end
   local cfg, err = configure(opts)
   if not cfg then return nil, err end
   return blocking(start, cfg)
