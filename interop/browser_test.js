@@ -6,8 +6,10 @@
 //   node browser_test.js chat URL
 //       Opens URL (the chat example's page) in two tabs, joins the same room
 //       as "ann" and "ben", each says something, and checks that each tab's
-//       #log shows the other's line; then drops ann's connection and checks
-//       that her page reconnects and recovers what ben said meanwhile.
+//       #log shows the other's line. With --recover (a server with history
+//       and presence, examples/chat) it then checks the member list and the
+//       marking of own lines, drops ann's connection and checks that her
+//       page reconnects and recovers what ben said meanwhile.
 //   node browser_test.js echo URL [--oversize N]
 //       Uses the page's own WebSocket API against an echo server: text,
 //       binary (ArrayBuffer), 1 MiB, then closes with 4000 and a reason.
@@ -41,12 +43,13 @@ function parseArgs(argv) {
     if (a === '--chromium') opts.chromium = argv[++i];
     else if (a === '--timeout') opts.timeout = Number(argv[++i]);
     else if (a === '--oversize') opts.oversize = Number(argv[++i]);
+    else if (a === '--recover') opts.recover = true;
     else if (a.startsWith('--')) throw new Error(`unknown option ${a}`);
     else rest.push(a);
   }
   [opts.mode, opts.url] = rest;
   if (!['chat', 'echo'].includes(opts.mode) || !opts.url || rest.length !== 2) {
-    throw new Error('usage: node browser_test.js chat|echo URL [--oversize N] [--chromium PATH] [--timeout S]');
+    throw new Error('usage: node browser_test.js chat|echo URL [--recover] [--oversize N] [--chromium PATH] [--timeout S]');
   }
   return opts;
 }
@@ -99,6 +102,12 @@ async function chat(opts) {
   const [ann, ben] = people;
   await logHas(ann.page, `ben: ${ben.says}`);
   await logHas(ben.page, `ann: ${ann.says}`);
+  if (!opts.recover) {
+    summary.logs = {};
+    for (const p of people) summary.logs[p.nick] = await p.page.$$eval('#log div', (ds) => ds.map((d) => d.textContent));
+    summary.state = await ann.page.getAttribute('body', 'data-state');
+    return finish(true);
+  }
   // Own lines are marked; the member list names both.
   summary.own_marked = await ann.page.$$eval('#log div.me', (ds) => ds.map((d) => d.textContent));
   await ann.page.waitForFunction(() => document.getElementById('members').textContent === 'in #browsers: ann, ben',

@@ -27,7 +27,7 @@ describe("headless Chromium", function()
   it("chats: two tabs join one room, each sees the other's message, and a dropped tab recovers", function()
     local h, url = start({"lua5.4", "examples/chat/server.lua", "--port", "0"},
       "^chat server: open (http://127%.0%.0%.1:%d+/) in a browser$")
-    local res = browser("chat", url)
+    local res = browser("chat", url, { "--recover" })
     assert.equal(200, res.status)
     assert.equal("open", res.state)
     assert.is_nil(res.page_errors)

@@ -120,9 +120,9 @@ function chat.start_worker(cfg)
   assert(ngx.timer.at(0, run, cfg))
 end
 
-local function join(ws, room)
+local function join(ws, room, nick)
   rooms[room] = rooms[room] or {}
-  rooms[room][ws] = true
+  rooms[room][ws] = nick
 end
 
 local function leave(ws, room)
@@ -139,7 +139,7 @@ local function handler(ws, request)
   local room = request.query.room or "lobby"
   if not valid_name(nick) then nick = "guest" end
   if not valid_name(room) then room = "lobby" end
-  join(ws, room)
+  join(ws, room, nick)
   ws:send("* you are " .. nick .. " in #" .. room .. " (from " .. ws.remote_address
     .. ", nginx worker " .. ngx.worker.id() .. ")")
   publish(room, "* " .. nick .. " joined #" .. room)
@@ -148,12 +148,20 @@ local function handler(ws, request)
     if cmd == "nick" and valid_name(arg1) then
       publish(room, "* " .. nick .. " is now " .. arg1)
       nick = arg1
+      join(ws, room, nick)
     elseif cmd == "join" and valid_name(arg1) then
       publish(room, "* " .. nick .. " left #" .. room)
       leave(ws, room)
       room = arg1
-      join(ws, room)
+      join(ws, room, nick)
       publish(room, "* " .. nick .. " joined #" .. room)
+    elseif cmd == "who" then
+      -- Presence across workers and machines is examples/chat's (the
+      -- Redis broker's); here each worker knows its own members.
+      local names = {}
+      for _, n in pairs(rooms[room] or {}) do names[#names + 1] = n end
+      table.sort(names)
+      ws:send("* in #" .. room .. " on this nginx worker: " .. table.concat(names, ", "))
     elseif cmd then
       ws:send("* unknown command or bad name: " .. message)
     elseif #message > 0 then
