@@ -46,6 +46,7 @@ local FILES = {
   ["lua/duplex/resp.lua"] = false, -- the Redis protocol
   ["lua/duplex/cli.lua"] = false, -- the duplex command (README: Command line)
   ["lua/duplex/redis/client.lua"] = false, -- redis.connect
+  ["lua/duplex/redis/cluster.lua"] = false, -- redis.cluster
 }
 
 -- README's owners of members: a class, or "module:" and a module.
@@ -75,6 +76,7 @@ local OWNERS = {
   codec = "duplex.core.Codec",
   r = "duplex.core.Reader",
   db = "duplex.RedisClient",
+  rc = "duplex.RedisCluster",
 }
 
 -- Owners that mean something else under a heading (a plain substring of it).
@@ -91,6 +93,7 @@ local OPTION_TABLES = {
   { heading = "duplex.connect(", header = "option", class = "duplex.ConnectOptions", all = true },
   { heading = "Topics and broadcast", header = "option", class = "duplex.HubOptions", all = true },
   { heading = "Across processes", header = "option", class = "duplex.RedisOptions", all = true },
+  { heading = "Redis Cluster", header = "option", class = "duplex.RedisClusterOptions", all = true },
   { heading = "Worker processes", header = "option", class = "duplex.RunOptions", all = true },
   { heading = "Game loops", header = "option", class = "duplex.PollOptions" },
   { heading = "Game loops", header = "reconnect option", class = "duplex.ReconnectOptions", all = true },
@@ -122,6 +125,7 @@ local OPTION_SETS = {
   { set = "accept", class = "duplex.AcceptOptions" },
   { set = "cqueues_listen", class = "duplex.CqueuesListenOptions" },
   { set = "nginx", class = "duplex.NginxOptions" },
+  { set = "cluster", class = "duplex.RedisClusterOptions" },
 }
 
 -- The C module's userdata: metatable name -> class in the stub.
