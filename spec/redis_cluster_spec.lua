@@ -207,6 +207,7 @@ describe("duplex.redis.cluster on a real cluster", function()
     run(function()
       local log, on_status = recorder()
       local rc = cluster { url = rc_nodes.urls[1], on_status = on_status, backoff_max = 0.3 }
+      local stale = cluster { url = rc_nodes.urls[1] } -- no subscription: its map stays as it is now
       local nodes = rc:nodes()
       local from, to = nodes[1], nodes[2]
       local key, slot = key_at(rc, from.port, "mig:")
@@ -231,31 +232,34 @@ describe("duplex.redis.cluster on a real cluster", function()
       -- those told ASK are sent to the target
       local r = assert(rc:pipeline { { "GET", tag .. "a" }, { "GET", tag .. "b" }, { "ECHO", "e" } })
       assert.same({ "stays", "moves", "e" }, r)
-      local function owner_in_map()
-        for _, n in ipairs(rc:nodes()) do
+      local function owner_in_map(of)
+        for _, n in ipairs((of or rc):nodes()) do
           for _, rg in ipairs(n.slots) do
             if rg[1] <= slot and slot <= rg[2] then return n.addr end
           end
         end
       end
       assert.equal(from.addr, owner_in_map()) -- ASK changes no map
+      assert.equal("stays", stale:call("GET", tag .. "a"))
 
       assert.equal("OK", call(from.port, "MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", tag .. "a"))
       for _, n in ipairs(nodes) do
         assert.equal("OK", call(n.port, "CLUSTER", "SETSLOT", slot, "NODE", to.id))
       end
-      -- the source now answers MOVED; the caller never sees it
-      assert.matches("^MOVED " .. slot, call(from.port, "GET", tag .. "a").err)
-      assert.equal("stays", rc:call("GET", tag .. "a"))
-      assert.same({ "stays", "moves" }, rc:pipeline { { "GET", tag .. "a" }, { "GET", tag .. "b" } })
-      assert.equal("x", call(to.port, "GET", tag .. "new")) -- it was made at the target
-      wait_for("the map reloaded", 5, function() return owner_in_map() == to.addr end)
-      -- Redis unsubscribed the shard channel at the source: made again at
-      -- the target, and said so
+      -- Redis unsubscribed the shard channel at the source (before any
+      -- command of ours met a MOVED): made again at the target, and said so
       wait_for("the shard channel at the target", 5, function()
         return services.shardnumsub(to.port, tag .. "ch") == 1
       end)
       assert.is_true(has(log, "^up shard channels at " .. to.addr:gsub("%p", "%%%0")))
+      -- the source now answers MOVED; a caller whose map is behind never
+      -- sees it, and its map is reloaded
+      assert.matches("^MOVED " .. slot, call(from.port, "GET", tag .. "a").err)
+      assert.equal("stays", stale:call("GET", tag .. "a"))
+      assert.same({ "stays", "moves" }, stale:pipeline { { "GET", tag .. "a" }, { "GET", tag .. "b" } })
+      assert.equal("x", call(to.port, "GET", tag .. "new")) -- it was made at the target
+      wait_for("the map reloaded", 5, function() return owner_in_map(stale) == to.addr end)
+      assert.equal(to.addr, owner_in_map(rc))
       assert.equal(1, rc:spublish(tag .. "ch", "after"))
       wait_for("the message", 5, function() return got[#got] == "after" end)
     end)
@@ -450,6 +454,24 @@ describe("duplex.redis.cluster against hostile nodes", function()
       end)
       assert.is_true(fake.seen.CLUSTER > before, "the map was not reloaded")
       fake.close()
+    end)
+  end)
+
+  it("follows a MOVED at once and reloads the map after", function()
+    run(function()
+      local a, b
+      a = fake_node(function(sock, cmd)
+        sock:write("-MOVED " .. redis.slot(cmd[2]) .. " 127.0.0.1:" .. b.port .. "\r\n")
+      end)
+      b = fake_node(writes("+from b\r\n"))
+      a.shards = shards { { 0, 16383, a.port } } -- a map that is behind, each time
+      local rc = cluster(quick(a, { max_redirects = 3 }))
+      local maps = a.seen.CLUSTER
+      assert.equal("from b", rc:call("GET", "x"))
+      assert.same({ 1, 1 }, { a.seen.GET, b.seen.GET })
+      wait_for("the map reloaded", 2, function() return a.seen.CLUSTER > maps end)
+      a.close()
+      b.close()
     end)
   end)
 

@@ -415,11 +415,13 @@ function Cluster:_load(deadline)
 end
 
 -- A new map; the clients of nodes that are no master any more and keep no
--- subscription are closed (a failed master's would redial forever).
+-- subscription are closed (a failed master's would redial forever), once
+-- no call waits on them (a MOVED may have sent one where this map, from a
+-- node that is behind, does not go).
 function Cluster:_install(map)
   self.map = map
   for addr, cl in pairs(self.clients) do
-    local used = map.masters[addr]
+    local used = map.masters[addr] or self.using[cl]
     for kind in pairs(KINDS) do used = used or #self:_homed(kind, addr) > 0 end
     if not used then
       self.clients[addr], self.sub_down[addr] = nil, nil
@@ -488,7 +490,9 @@ function Cluster:_run(entries, slot)
       if cl then
         local bytes = {}
         for j, i in ipairs(todo) do bytes[j] = ask and ASKING .. entries[i] or entries[i] end
+        self.using[cl] = (self.using[cl] or 0) + 1
         replies, cerr = cl:_pipeline(table.concat(bytes), ask and 2 * #todo or #todo)
+        self.using[cl] = self.using[cl] > 1 and self.using[cl] - 1 or nil
       end
       if not replies then err = addr .. ": " .. tostring(cerr) end
     end
@@ -866,7 +870,7 @@ end
 Cluster.__close = Cluster.close
 
 local function start(cfg)
-  local self = setmetatable({ cfg = cfg, map = new_map(), clients = {}, dialing = {}, sub_down = {},
+  local self = setmetatable({ cfg = cfg, map = new_map(), clients = {}, dialing = {}, sub_down = {}, using = {},
     subs = {}, home = {}, dispatch = {} }, Cluster)
   for kind in pairs(KINDS) do
     local set = {}
