@@ -141,6 +141,18 @@ describe("duplex.redis.cluster on a real cluster", function()
     end)
   end)
 
+  it("works outside the loop too, and closes as a <close> variable", function()
+    local kept
+    do
+      local rc <close> = assert(redis.cluster { nodes = rc_nodes.urls })
+      kept = rc
+      assert.equal("OK", rc:call("SET", "outside", "yes"))
+      assert.same({ "yes", 1 }, rc:pipeline { { "GET", "outside" }, { "DEL", "outside" } })
+      assert.equal("PONG", rc:call("PING"))
+    end
+    assert.same({ nil, "client closed", "connection" }, { kept:call("PING") })
+  end)
+
   it("keeps hash-tagged keys together: a pipeline, an EVAL of two keys", function()
     run(function()
       local rc = cluster { url = rc_nodes.urls[1] }
@@ -414,6 +426,9 @@ describe("duplex.redis.cluster against hostile nodes", function()
       fails("a bad slot range 0%-99999", nil, redis.cluster(quick(fake)))
       fake.shards = function() return "$5\r\nhello\r\n" end
       fails("CLUSTER SHARDS answered no list", nil, redis.cluster(quick(fake)))
+      fake.shards = function() return "$999999999999\r\n" end
+      fails("bad reply: bulk string of 999999999999 bytes, over max_reply", nil,
+        redis.cluster(quick(fake, { max_reply = 1 << 20 })))
       fake.close()
     end)
   end)
@@ -434,6 +449,35 @@ describe("duplex.redis.cluster against hostile nodes", function()
         slots = { { 0, 16383 } }, replicas = {} } }, rc:nodes())
       assert.equal("GET", rc:call("GET", "x"))
       fake.close()
+    end)
+  end)
+
+  it("gives every node the seed URL's user and password", function()
+    run(function()
+      local auth = {}
+      local function node(tag)
+        return fake_node(function(sock, cmd)
+          if cmd[1] == "AUTH" then
+            auth[#auth + 1] = tag .. " " .. table.concat(cmd, " ", 2)
+            sock:write("+OK\r\n")
+          else
+            sock:write("+" .. tag .. "\r\n")
+          end
+        end)
+      end
+      local a, b = node("a"), node("b")
+      a.shards = shards { { 0, 8191, a.port }, { 8192, 16383, b.port } }
+      local rc = cluster { url = "redis://alice:s%3Acret@127.0.0.1:" .. a.port }
+      local low, high
+      for i = 1, 1000 do
+        local s = redis.slot("k" .. i)
+        if s < 8192 then low = low or "k" .. i else high = high or "k" .. i end
+      end
+      assert.same({ "a", "b" }, { rc:call("GET", low), rc:call("GET", high) })
+      table.sort(auth)
+      assert.same({ "a alice s:cret", "b alice s:cret" }, auth)
+      a.close()
+      b.close()
     end)
   end)
 
