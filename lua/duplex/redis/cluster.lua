@@ -384,8 +384,8 @@ function Cluster:_ask_map(addr, deadline)
   return from_shards(v, asked, self.cfg.tls)
 end
 
--- The map from the first node that gives one: the masters known, then the
--- seeds. An empty map is no answer (a node that lost its configuration):
+-- The map from the first node that gives one: the masters known, their
+-- replicas, then the seeds. An empty map is no answer (a node that lost its configuration):
 -- the one there was is kept.
 function Cluster:_load(deadline)
   local candidates, seen, problems = {}, {}, {}
@@ -399,6 +399,9 @@ function Cluster:_load(deadline)
     known[i], known[j] = known[j], known[i]
   end
   for _, a in ipairs(known) do add(a) end
+  for _, m in ipairs(self.map.list) do
+    for _, r in ipairs(m.replicas) do add(r) end
+  end
   for _, a in ipairs(self.cfg.seeds) do add(a) end
   for _, addr in ipairs(candidates) do
     if self.closed then return nil, "client closed" end
@@ -481,7 +484,11 @@ function Cluster:_run(entries, slot)
   local redirects, delay, ask, why = 0, cfg.backoff_min, nil, nil
   while true do
     if self.closed then return nil, "client closed", "connection" end
-    local addr = ask or self:_target(slot)
+    -- an ASK holds for the one try after it: should that fail, the owner
+    -- says again where to go
+    local asking = ask
+    ask = nil
+    local addr = asking or self:_target(slot)
     local replies, err
     if not addr then
       err = slot and ("slot " .. slot .. " not served by any node") or "no master in the slot map"
@@ -489,20 +496,16 @@ function Cluster:_run(entries, slot)
       local cl, cerr = self:_node(addr, deadline)
       if cl then
         local bytes = {}
-        for j, i in ipairs(todo) do bytes[j] = ask and ASKING .. entries[i] or entries[i] end
+        for j, i in ipairs(todo) do bytes[j] = asking and ASKING .. entries[i] or entries[i] end
         self.using[cl] = (self.using[cl] or 0) + 1
-        replies, cerr = cl:_pipeline(table.concat(bytes), ask and 2 * #todo or #todo)
+        replies, cerr = cl:_pipeline(table.concat(bytes), asking and 2 * #todo or #todo)
         self.using[cl] = self.using[cl] > 1 and self.using[cl] - 1 or nil
       end
       if not replies then err = addr .. ": " .. tostring(cerr) end
     end
-    -- "not connected" says less than what broke the connection (a bad
-    -- reply, a timeout): that is what the caller hears
-    if err and not err:find(": not connected$") then why = err end
     local wait = err ~= nil
     if replies then
-      local step, again, moved, retry = ask and 2 or 1, {}, nil, nil
-      ask = nil
+      local step, again, moved, retry = asking and 2 or 1, {}, nil, nil
       for j, i in ipairs(todo) do
         local v = replies[j * step]
         local what, s, target = redirect(v, addr)
@@ -534,6 +537,9 @@ function Cluster:_run(entries, slot)
         wait = true
       end
     end
+    -- "not connected" says less than what broke the connection (a bad
+    -- reply, a timeout): that is what the caller hears
+    if err and not err:find(": not connected$") then why = err end
     if wait then
       if err and now() >= deadline then return nil, why or err, "connection" end
       self:_refresh(deadline)
