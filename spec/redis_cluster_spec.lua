@@ -282,11 +282,17 @@ describe("duplex.redis.cluster on a real cluster", function()
       local log, on_status = recorder()
       local rc = cluster { nodes = rc_nodes.urls, on_status = on_status, backoff_max = 0.3, timeout = 1,
         connect_timeout = 1, ping_interval = 0.5 }
-      local victim = rc:nodes()[3]
+      local got = {}
+      -- the victim: the master where the channels and patterns are
+      assert.is_true(rc:subscribe("news", function(_, m) got[#got + 1] = "news " .. m end))
+      local victim
+      for _, n in ipairs(rc:nodes()) do
+        if services.numsub(n.port, "news") == 1 then victim = n end
+      end
+      assert(victim, "no master has the subscription")
       local replica = rc_nodes:replica_of(victim.port)
       assert(replica, "no replica of " .. victim.addr)
       local chan = key_at(rc, victim.port, "fo:")
-      local got = {}
       assert.is_true(rc:ssubscribe(chan, function(_, m) got[#got + 1] = m end))
 
       local failures, done, worst = {}, 0, 0
@@ -323,6 +329,14 @@ describe("duplex.redis.cluster on a real cluster", function()
       assert.is_true(has(log, "^up shard channels at 127%.0%.0%.1:" .. replica .. ": " .. chan))
       assert.equal(1, rc:spublish(chan, "after failover"))
       wait_for("the message", 5, function() return got[#got] == "after failover" end)
+      -- the channel moved to a master alive
+      wait_for("the channel subscribed again", 10, function()
+        local n = 0
+        for _, port in ipairs(rc_nodes:masters()) do n = n + services.numsub(port, "news") end
+        return n == 1
+      end)
+      rc:publish("news", "still here")
+      wait_for("the channel's message", 5, function() return got[#got] == "news still here" end)
     end, 60)
   end)
 end)
@@ -516,6 +530,24 @@ describe("duplex.redis.cluster against hostile nodes", function()
       wait_for("the map reloaded", 2, function() return a.seen.CLUSTER > maps end)
       a.close()
       b.close()
+    end)
+  end)
+
+  it("waits out TRYAGAIN, CLUSTERDOWN, LOADING, MASTERDOWN and a lost connection", function()
+    run(function()
+      local answers = { "-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+        "-CLUSTERDOWN The cluster is down\r\n", "-LOADING Redis is loading the dataset in memory\r\n",
+        "-MASTERDOWN Link with MASTER is down\r\n", "close", "+at last\r\n" }
+      local fake = fake_node(function(sock, _, f)
+        local a = answers[f.seen.GET]
+        if a == "close" then return "close" end
+        sock:write(a)
+      end)
+      fake.shards = shards { { 0, 16383, fake.port } }
+      local rc = cluster(quick(fake, { retry_timeout = 5 }))
+      timed(3, function() assert.equal("at last", rc:call("GET", "x")) end)
+      assert.equal(6, fake.seen.GET)
+      fake.close()
     end)
   end)
 
