@@ -200,6 +200,12 @@ describe("duplex.redis.cluster on a real cluster", function()
       rc:publish("news", "hi")
       rc:publish("room:1", "yo")
       wait_for("5 messages", 5, function() return #got == 5 end)
+      -- a handler that raises is reported by its node's client, with the node
+      assert.is_true(rc:subscribe("boom", function() error("kaboom") end))
+      rc:publish("boom", "x")
+      wait_for("the error reported", 5, function()
+        return has(log, "^error 127%.0%.0%.1:%d+ subscriber: message handler failed: .*kaboom")
+      end)
       local want = { "c news hi", "p room:1 yo room:*", "s " .. chans[1] .. " m1", "s " .. chans[2] .. " m2",
         "s " .. chans[3] .. " m3" }
       table.sort(got)

@@ -4,6 +4,7 @@
 --
 --   local services = require "support.services"
 --   local r = services.redis()           -- r.port, r.url; r:stop(); r:start() on the same port
+--   local c = services.redis_cluster { masters = 3, replicas = 1 } -- c.ports, c.urls, c:masters(), c:kill(port)
 --   local conf = services.render("deploy/nginx.conf", { {"listen 80;", "listen 127.0.0.1:" .. port .. ";"} })
 --   local n = services.nginx(conf, port) -- waits until port accepts connections; n:stop()
 --   local h = services.haproxy(cfg, port)
