@@ -218,6 +218,14 @@ describe("duplex.redis.cluster on a real cluster", function()
       assert.is_true(rc:unsubscribe())
       assert.is_true(rc:punsubscribe("room:*"))
       assert.error_matches(function() rc:ssubscribe("x") end, "names, then a function")
+      -- raised at the caller's line
+      for _, case in ipairs { { function() rc:ssubscribe(1, print) end, "channel names are strings" },
+        { function() rc:subscribe("x") end, "names, then a function" },
+        { function() rc:punsubscribe(false) end, "channel names are strings" } } do
+        local ok, err = pcall(case[1])
+        assert.is_false(ok)
+        assert.matches("redis_cluster_spec.lua:%d+: %a+: " .. case[2], err)
+      end
     end)
   end)
 

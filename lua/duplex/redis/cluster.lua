@@ -261,7 +261,9 @@ local function configure(opts)
     -- the first seed says whether the cluster speaks TLS, and who we are
     if i == 1 then cfg.tls = u.tls end
     if u.tls ~= cfg.tls then return nil, "the seed nodes mix redis:// and rediss://" end
-    if cfg.node.password == nil and u.password then cfg.node.user, cfg.node.password = u.user, u.password end
+    if cfg.node.password == nil and u.password then
+      cfg.node.user, cfg.node.password = cfg.node.user or u.user, u.password
+    end
     cfg.seeds[i] = addr_of(u.host, u.port)
   end
   cfg.scheme = cfg.tls and "rediss" or "redis"
@@ -738,6 +740,9 @@ function Cluster:_unsubscribe(kind, names)
   return result, err, why
 end
 
+-- Checked here, before they are grouped per node, with the words the
+-- client would use. The methods below tail-call subscribe and unsubscribe,
+-- so the caller of rc:subscribe is level 2 there, 3 here.
 local function names_of(who, n, ...)
   local names = {}
   for i = 1, n do
@@ -751,7 +756,7 @@ end
 local function subscribe(self, kind, ...)
   local n = select("#", ...)
   local fn = select(n, ...)
-  if n < 2 or type(fn) ~= "function" then error(kind .. ": names, then a function expected", 3) end
+  if n < 2 or type(fn) ~= "function" then error(kind .. ": names, then a function expected", 2) end
   return blocking(self._subscribe, self, kind, names_of(kind, n - 1, ...), fn)
 end
 
