@@ -243,9 +243,16 @@ function services.redis_cluster(opts)
   opts = opts or {}
   local masters, replicas = opts.masters or 3, opts.replicas or 1
   local c = setmetatable({ ports = {}, nodes = {}, urls = {}, masters_wanted = masters }, Cluster)
-  local addrs = {}
+  local addrs, taken = {}, {}
+  -- each port free a moment ago, and not one already given to another node
+  local function fresh_port()
+    local p
+    repeat p = services.free_port() until not taken[p]
+    taken[p] = true
+    return p
+  end
   for i = 1, masters * (1 + replicas) do
-    local port, bus = services.free_port(), services.free_port()
+    local port, bus = fresh_port(), fresh_port()
     -- the bus port given, not port + 10000, which may be taken or past 65535
     c.nodes[port] = service("redis-server", function(self)
       return { "redis-server", "--port", tostring(port), "--cluster-port", tostring(bus), "--bind", "127.0.0.1",
