@@ -355,6 +355,35 @@ describe("duplex.redis.cluster on a real cluster", function()
   end)
 end)
 
+describe("duplex.redis.cluster over TLS", function()
+  teardown(proc.killall)
+
+  it("speaks TLS to every node, at the TLS ports the map names", function()
+    local certs = require("support.certs").generate()
+    local ok, err = pcall(function()
+      local nodes = services.redis_cluster { masters = 3, replicas = 0, tls = certs }
+      local rok, rerr = pcall(run, function()
+        local rc = cluster { url = nodes.tls_urls[2], tls = { ca = certs.ca } }
+        local tls_ports = {}
+        for _, p in ipairs(nodes.tls_ports) do tls_ports[p] = true end
+        assert.equal(3, #rc:nodes())
+        for _, n in ipairs(rc:nodes()) do assert.is_true(tls_ports[n.port], n.addr .. " is no TLS port") end
+        for i = 1, 30 do assert.equal("OK", rc:call("SET", "tls:" .. i, i)) end
+        for i = 1, 30 do assert.equal(tostring(i), rc:call("GET", "tls:" .. i)) end
+        local got
+        assert.is_true(rc:ssubscribe("tls:chan", function(_, m) got = m end))
+        assert.equal(1, rc:spublish("tls:chan", "hush"))
+        wait_for("the message", 5, function() return got == "hush" end)
+        fails("TLS handshake failed", nil, redis.cluster { url = nodes.tls_urls[1], tls = { ca = certs.other_ca } })
+      end)
+      nodes:stop()
+      assert(rok, rerr)
+    end)
+    certs.cleanup()
+    assert(ok, err)
+  end)
+end)
+
 -- RESP for what a fake node answers: strings as bulk strings, integers,
 -- lists as arrays.
 local function encode(v)

@@ -239,10 +239,13 @@ end
 --- with opts.replicas (1) replicas each, made by redis-cli --cluster create,
 --- returned once it is ok. c.ports: every node's port; c.urls: their URLs;
 --- c:masters(), c:replica_of(port), c:owner(slot), c:kill(port), c:stop().
+--- With opts.tls (from support.certs) the nodes also listen with TLS and
+--- speak it among themselves (the bus): c.tls_ports, c.tls_urls.
 function services.redis_cluster(opts)
   opts = opts or {}
   local masters, replicas = opts.masters or 3, opts.replicas or 1
-  local c = setmetatable({ ports = {}, nodes = {}, urls = {}, masters_wanted = masters }, Cluster)
+  local c = setmetatable({ ports = {}, nodes = {}, urls = {}, tls_ports = {}, tls_urls = {},
+    masters_wanted = masters }, Cluster)
   local addrs, taken = {}, {}
   -- each port free a moment ago, and not one already given to another node
   local function fresh_port()
@@ -253,15 +256,30 @@ function services.redis_cluster(opts)
   end
   for i = 1, masters * (1 + replicas) do
     local port, bus = fresh_port(), fresh_port()
+    local tls_port = opts.tls and fresh_port()
     -- the bus port given, not port + 10000, which may be taken or past 65535
     c.nodes[port] = service("redis-server", function(self)
-      return { "redis-server", "--port", tostring(port), "--cluster-port", tostring(bus), "--bind", "127.0.0.1",
-        "--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
+      local argv = { "redis-server", "--port", tostring(port), "--cluster-port", tostring(bus),
+        "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
         "--cluster-config-file", self.dir .. "/nodes.conf", "--save", "", "--appendonly", "no", "--dir", self.dir }
+      if tls_port then
+        -- each node is a TLS client of the others on the bus: a certificate for both ends
+        for _, a in ipairs { "--tls-port", tostring(tls_port), "--tls-cluster", "yes", "--tls-replication", "yes",
+          "--tls-cert-file", opts.tls.node_cert, "--tls-key-file", opts.tls.node_key,
+          "--tls-ca-cert-file", opts.tls.ca, "--tls-auth-clients", "no" } do
+          argv[#argv + 1] = a
+        end
+      end
+      return argv
     end, port)
     c.ports[i], c.urls[i], addrs[i] = port, "redis://127.0.0.1:" .. port, "127.0.0.1:" .. port
+    if tls_port then
+      c.tls_ports[i], c.tls_urls[i] = tls_port, "rediss://127.0.0.1:" .. tls_port
+      addrs[i] = "127.0.0.1:" .. tls_port -- with tls-cluster, the nodes name each other by their TLS ports
+    end
   end
   local argv = { "redis-cli", "--cluster", "create" }
+  if opts.tls then argv = { "redis-cli", "--tls", "--cacert", opts.tls.ca, "--cluster", "create" } end
   for _, a in ipairs(addrs) do argv[#argv + 1] = a end
   for _, a in ipairs { "--cluster-replicas", tostring(replicas), "--cluster-yes" } do argv[#argv + 1] = a end
   local code, out, err = proc.run(argv, { env = services.env, timeout = 30 })
