@@ -50,6 +50,7 @@ local FILES = {
   ["lua/duplex/pubsub/history.lua"] = false, -- history rules and recovery, for the brokers
   ["lua/duplex/pubsub/memory.lua"] = false, -- pubsub.memory_broker
   ["lua/duplex/pubsub/roster.lua"] = false, -- presence counting, for the brokers
+  ["lua/duplex/redis/cluster.lua"] = false, -- redis.cluster
 }
 
 -- README's owners of members: a class, or "module:" and a module.
@@ -79,6 +80,7 @@ local OWNERS = {
   codec = "duplex.core.Codec",
   r = "duplex.core.Reader",
   db = "duplex.RedisClient",
+  rc = "duplex.RedisCluster",
 }
 
 -- Owners that mean something else under a heading (a plain substring of it).
@@ -95,6 +97,7 @@ local OPTION_TABLES = {
   { heading = "duplex.connect(", header = "option", class = "duplex.ConnectOptions", all = true },
   { heading = "Topics and broadcast", header = "option", class = "duplex.HubOptions", all = true },
   { heading = "Across processes", header = "option", class = "duplex.RedisOptions", all = true },
+  { heading = "Redis Cluster", header = "option", class = "duplex.RedisClusterOptions", all = true },
   { heading = "Worker processes", header = "option", class = "duplex.RunOptions", all = true },
   { heading = "Game loops", header = "option", class = "duplex.PollOptions" },
   { heading = "Game loops", header = "reconnect option", class = "duplex.ReconnectOptions", all = true },
@@ -134,6 +137,7 @@ local OPTION_SETS = {
   { set = "cqueues_listen", class = "duplex.CqueuesListenOptions" },
   { set = "nginx", class = "duplex.NginxOptions" },
   { set = "broker", class = "duplex.RedisOptions" },
+  { set = "cluster", class = "duplex.RedisClusterOptions" },
 }
 
 -- The C module's userdata: metatable name -> class in the stub.

@@ -182,6 +182,14 @@ options.broker = {
   max_pending = integer(1, INT_MAX),
   node_id = str,
 }
+-- duplex.redis.cluster: the client's options for every node (a cluster has
+-- database 0 only, and more than one stream), its seeds, and its patience.
+options.cluster = union(options.redis, {
+  nodes = strings,
+  retry_timeout = positive,
+  max_redirects = integer(0, 1000),
+})
+options.cluster.db, options.cluster.stream, options.cluster.connect = nil, nil, nil
 
 --- Raise an error (at level) naming the first option of opts that set does
 --- not know or whose value it refuses; who is the function's name.

@@ -8,6 +8,12 @@ local redis = {}
 --- A general Redis client: commands, pipelines, pub/sub (duplex/redis/client.lua).
 ---@type fun(url_or_opts: string|table): duplex.RedisClient|nil, string|nil
 redis.connect = require("duplex.redis.client").connect
+--- A Redis Cluster client: slots, redirects, failover (duplex/redis/cluster.lua).
+---@type fun(opts: duplex.RedisClusterOptions|string): duplex.RedisCluster|nil, string|nil
+redis.cluster = require("duplex.redis.cluster").connect
+--- The cluster slot of a key: CRC16 of its {hash tag} or of all of it, mod 16384.
+---@type fun(key: string): integer
+redis.slot = require("duplex.redis.cluster").slot
 
 --- A broker for duplex.pubsub: rooms across nodes, with history, recovery
 --- and presence (duplex/redis/broker.lua). Starts connecting in the

@@ -8,6 +8,8 @@
 --   c.other_ca                   -- a CA that signed none of them
 --   c.partial_cert, c.partial_key -- for "b*.example.test" (a partial wildcard)
 --   c.wild_cert, c.wild_key       -- for "*.example.test"
+--   c.node_cert, c.node_key       -- c.cert's names, for servers and clients both (the
+--                                 -- Redis Cluster bus, where each node is both)
 --   c.cleanup()
 local certs = {}
 
@@ -32,12 +34,12 @@ local function make_ca(dir, name)
   return dir .. "/" .. name .. ".pem", dir .. "/" .. name .. ".key"
 end
 
-local function make_leaf(dir, name, cn, san, ca, ca_key)
+local function make_leaf(dir, name, cn, san, ca, ca_key, usage)
   local cnf = dir .. "/" .. name .. ".cnf"
   write(cnf, table.concat({
     "[req]", "distinguished_name = dn", "prompt = no", "[dn]", "CN = " .. cn,
     "[ext]", "basicConstraints = critical,CA:FALSE", "keyUsage = critical,digitalSignature",
-    "extendedKeyUsage = serverAuth", "subjectAltName = " .. san, ""}, "\n"))
+    "extendedKeyUsage = " .. (usage or "serverAuth"), "subjectAltName = " .. san, ""}, "\n"))
   local key, csr, pem = dir .. "/" .. name .. ".key", dir .. "/" .. name .. ".csr", dir .. "/" .. name .. ".pem"
   sh(("openssl req -new -config %s -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout %s -out %s")
     :format(quote(cnf), quote(key), quote(csr)))
@@ -58,6 +60,8 @@ function certs.generate()
   c.wrong_cert, c.wrong_key = make_leaf(dir, "wrong", "wrong.example", "DNS:wrong.example", c.ca, ca_key)
   c.partial_cert, c.partial_key = make_leaf(dir, "partial", "partial wildcard", "DNS:b*.example.test", c.ca, ca_key)
   c.wild_cert, c.wild_key = make_leaf(dir, "wild", "wildcard", "DNS:*.example.test", c.ca, ca_key)
+  c.node_cert, c.node_key = make_leaf(dir, "node", "localhost", "DNS:localhost, IP:127.0.0.1, IP:::1", c.ca, ca_key,
+    "serverAuth, clientAuth")
   function c.cleanup() os.execute("rm -rf " .. quote(dir)) end
   return c
 end

@@ -4,6 +4,7 @@
 --
 --   local services = require "support.services"
 --   local r = services.redis()           -- r.port, r.url; r:stop(); r:start() on the same port
+--   local c = services.redis_cluster { masters = 3, replicas = 1 } -- c.ports, c.urls, c:masters(), c:kill(port)
 --   local conf = services.render("deploy/nginx.conf", { {"listen 80;", "listen 127.0.0.1:" .. port .. ";"} })
 --   local n = services.nginx(conf, port) -- waits until port accepts connections; n:stop()
 --   local h = services.haproxy(cfg, port)
@@ -143,20 +144,150 @@ end
 --- nginx with this configuration text, as the current user, every file
 --- (pid, logs, temp paths) in its own directory. The config must listen on
 --- port; its http block gets the log and temp path lines added here.
--- Subscribers of a Redis channel, as Redis counts them (PUBSUB NUMSUB).
-function services.numsub(port, channel)
+--- One command to the redis-server on 127.0.0.1:port, on a connection of
+--- its own: the reply (an error reply as { err = }), or nil, err when the
+--- server cannot be reached.
+function services.redis_call(port, ...)
   local resp = require "duplex.resp"
+  local bytes = resp.command(...)
   return runtime.blocking(function()
-    local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = 2 })
-    sock:write(resp.command("PUBSUB", "NUMSUB", channel))
+    local sock, cerr = core.connect { host = "127.0.0.1", port = port, timeout = 2 }
+    if not sock then return nil, cerr end
+    sock:write(bytes)
     local p = resp.parser()
     while true do
       local v, err = p:next()
       assert(err == nil, err)
-      if v then sock:close(); return v[2] end
-      p:feed(assert(sock:read(nil, 2)))
+      if v ~= nil then sock:close(); return v end
+      local data, rerr = sock:read(nil, 5)
+      if not data then sock:close(); return nil, rerr end
+      p:feed(data)
     end
   end)
+end
+
+-- Subscribers of a Redis channel, as Redis counts them (PUBSUB NUMSUB).
+function services.numsub(port, channel)
+  return assert(services.redis_call(port, "PUBSUB", "NUMSUB", channel))[2]
+end
+
+-- Shard-channel subscribers at one node (PUBSUB SHARDNUMSUB).
+function services.shardnumsub(port, channel)
+  return assert(services.redis_call(port, "PUBSUB", "SHARDNUMSUB", channel))[2]
+end
+
+local Cluster = {}
+Cluster.__index = Cluster
+
+--- The ports of the nodes that are masters now (ROLE), the dead left out.
+function Cluster:masters()
+  local out = {}
+  for _, port in ipairs(self.ports) do
+    local role = self.nodes[port].h and services.redis_call(port, "ROLE")
+    if type(role) == "table" and role[1] == "master" then out[#out + 1] = port end
+  end
+  return out
+end
+
+--- The port of a live replica of the master on port, or nil.
+function Cluster:replica_of(port)
+  for _, p in ipairs(self.ports) do
+    local role = self.nodes[p].h and services.redis_call(p, "ROLE")
+    if type(role) == "table" and role[1] == "slave" and role[3] == port then return p end
+  end
+end
+
+--- The port of the master serving slot, as that node's CLUSTER SLOTS says.
+function Cluster:owner(slot, asked)
+  local ranges = assert(services.redis_call(asked or self:masters()[1], "CLUSTER", "SLOTS"))
+  for _, r in ipairs(ranges) do
+    if slot >= r[1] and slot <= r[2] then return r[3][2] end
+  end
+end
+
+--- SIGKILL the node on port (it stays dead).
+function Cluster:kill(port)
+  self.nodes[port]:stop("KILL")
+end
+
+--- Stop every node and remove their files.
+function Cluster:stop()
+  for _, port in ipairs(self.ports) do self.nodes[port]:cleanup() end
+end
+
+-- Until every live node says cluster_state:ok and sees the same slot
+-- owners, and every replica's link to its master is up.
+function Cluster:wait_ok(timeout)
+  services.wait_for("the cluster to be ok", timeout or 30, function()
+    local masters = 0
+    for _, port in ipairs(self.ports) do
+      if self.nodes[port].h then
+        local info = services.redis_call(port, "CLUSTER", "INFO")
+        if type(info) ~= "string" or not info:find("cluster_state:ok", 1, true) then return false end
+        local role = services.redis_call(port, "ROLE")
+        if type(role) ~= "table" then return false end
+        if role[1] == "master" then masters = masters + 1 end
+        if role[1] == "slave" and role[4] ~= "connected" then return false end
+      end
+    end
+    return masters == self.masters_wanted
+  end)
+  return self
+end
+
+--- A Redis Cluster of real servers on 127.0.0.1: opts.masters (3) masters
+--- with opts.replicas (1) replicas each, made by redis-cli --cluster create,
+--- returned once it is ok. c.ports: every node's port; c.urls: their URLs;
+--- c:masters(), c:replica_of(port), c:owner(slot), c:kill(port), c:stop().
+--- With opts.tls (from support.certs) the nodes also listen with TLS and
+--- speak it among themselves (the bus): c.tls_ports, c.tls_urls.
+function services.redis_cluster(opts)
+  opts = opts or {}
+  local masters, replicas = opts.masters or 3, opts.replicas or 1
+  local c = setmetatable({ ports = {}, nodes = {}, urls = {}, tls_ports = {}, tls_urls = {},
+    masters_wanted = masters }, Cluster)
+  local addrs, taken = {}, {}
+  -- each port free a moment ago, and not one already given to another node
+  local function fresh_port()
+    local p
+    repeat p = services.free_port() until not taken[p]
+    taken[p] = true
+    return p
+  end
+  for i = 1, masters * (1 + replicas) do
+    local port, bus = fresh_port(), fresh_port()
+    local tls_port = opts.tls and fresh_port()
+    -- the bus port given, not port + 10000, which may be taken or past 65535
+    c.nodes[port] = service("redis-server", function(self)
+      local argv = { "redis-server", "--port", tostring(port), "--cluster-port", tostring(bus),
+        "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
+        "--cluster-config-file", self.dir .. "/nodes.conf", "--save", "", "--appendonly", "no", "--dir", self.dir }
+      if tls_port then
+        -- each node is a TLS client of the others on the bus: a certificate for both ends
+        for _, a in ipairs { "--tls-port", tostring(tls_port), "--tls-cluster", "yes", "--tls-replication", "yes",
+          "--tls-cert-file", opts.tls.node_cert, "--tls-key-file", opts.tls.node_key,
+          "--tls-ca-cert-file", opts.tls.ca, "--tls-auth-clients", "no" } do
+          argv[#argv + 1] = a
+        end
+      end
+      return argv
+    end, port)
+    c.ports[i], c.urls[i], addrs[i] = port, "redis://127.0.0.1:" .. port, "127.0.0.1:" .. port
+    if tls_port then
+      c.tls_ports[i], c.tls_urls[i] = tls_port, "rediss://127.0.0.1:" .. tls_port
+      addrs[i] = "127.0.0.1:" .. tls_port -- with tls-cluster, the nodes name each other by their TLS ports
+    end
+  end
+  local argv = { "redis-cli", "--cluster", "create" }
+  if opts.tls then argv = { "redis-cli", "--tls", "--cacert", opts.tls.ca, "--cluster", "create" } end
+  for _, a in ipairs(addrs) do argv[#argv + 1] = a end
+  for _, a in ipairs { "--cluster-replicas", tostring(replicas), "--cluster-yes" } do argv[#argv + 1] = a end
+  local code, out, err = proc.run(argv, { env = services.env, timeout = 30 })
+  if code ~= 0 then
+    c:stop()
+    error("redis-cli --cluster create failed:\n" .. out .. err, 2)
+  end
+  return c:wait_ok(30)
 end
 
 --- conf written into a new private prefix directory, with nginx's temp

@@ -335,10 +335,11 @@ local KINDS = {
   ssubscribe = { cmd = "SSUBSCRIBE", undo = "SUNSUBSCRIBE", message = "smessage" },
 }
 
-local BY_MESSAGE, CONFIRMATION = {}, {}
+local BY_MESSAGE, CONFIRMATION, UNDONE = {}, {}, {}
 for kind, k in pairs(KINDS) do
   BY_MESSAGE[k.message] = kind
   CONFIRMATION[kind], CONFIRMATION[k.undo:lower()] = true, true
+  UNDONE[k.undo:lower()] = kind
 end
 
 local function keys(set)
@@ -376,7 +377,7 @@ function Subscriber:_ready(conn, deadline)
   for kind, set in pairs(self.handlers) do
     local names = keys(set)
     if #names > 0 then
-      local ok, err, why = self:_outcome(kind, names, send_each(conn, KINDS[kind].cmd, names, deadline))
+      local ok, err, why = self:_outcome(kind, names, send_each(conn, KINDS[kind].cmd, names, deadline), true)
       if not ok and why == "connection" then return nil, err end
       if not ok then self.client:_report("error", "subscriber: " .. err) end
     end
@@ -385,14 +386,16 @@ function Subscriber:_ready(conn, deadline)
 end
 
 -- true when every name is confirmed (or was sent by the reader itself,
--- which cannot wait); a name Redis refuses is forgotten.
-function Subscriber:_outcome(kind, names, slots)
+-- which cannot wait); a name Redis refuses is forgotten, and when nobody
+-- asked for it now (a resubscription), told to the owner's hook.
+function Subscriber:_outcome(kind, names, slots, unasked)
   local refused
   for i, s in ipairs(slots) do
     if s.err then return nil, s.err, "connection" end
     if is_error(s.value) then
       self.handlers[kind][names[i]] = nil
       refused = refused or s.value.err
+      if unasked then self:_dropped(kind, names[i], s.value.err) end
     end
   end
   if refused then return nil, refused, "redis" end
@@ -415,13 +418,28 @@ function Subscriber:remove(kind, names, deadline)
   return self:_outcome(kind, names, send_each(conn, KINDS[kind].undo, names, deadline))
 end
 
+-- Whoever owns the client (duplex.redis.cluster) may want to know that a
+-- subscription ended without being asked to, to make it elsewhere: its
+-- client._on_dropped(kind, name, why). Without that hook, nothing changes.
+function Subscriber:_dropped(kind, name, why)
+  local hook = self.client._on_dropped
+  if not hook then return end
+  self.handlers[kind][name] = nil -- Redis no longer sends it here: not to be made here again
+  local ok, err = pcall(hook, kind, name, why)
+  if not ok then self.client:_report("error", "subscriber: _on_dropped failed: " .. tostring(err)) end
+end
+
 -- A message goes to its handler; a confirmation nobody waits for (Redis
--- Cluster unsubscribes a shard channel whose slot moves) is let go; the
--- rest are replies to their slots.
+-- Cluster unsubscribes a shard channel whose slot moves) is let go, told
+-- to the hook; the rest are replies to their slots.
 function Subscriber:_push(v, conn)
   if type(v) ~= "table" then return false end
   local kind = BY_MESSAGE[v[1]]
-  if not kind then return CONFIRMATION[v[1]] == true and conn:waiting() == 0 end
+  if not kind then
+    if CONFIRMATION[v[1]] ~= true or conn:waiting() > 0 then return false end
+    if UNDONE[v[1]] and type(v[2]) == "string" then self:_dropped(UNDONE[v[1]], v[2], "unsubscribed by the server") end
+    return true
+  end
   local pattern, channel, payload
   if kind == "psubscribe" then pattern, channel, payload = v[2], v[3], v[4] else channel, payload = v[2], v[3] end
   if type(channel) ~= "string" or type(payload) ~= "string" then return nil, "malformed " .. v[1] .. " push" end
@@ -714,6 +732,9 @@ local function start(cfg)
   if not conn then return nil, err end
   return self
 end
+
+-- For duplex.redis.cluster, which speaks through these clients.
+client._encode, client._parse_url = encode, parse_url
 
 --- Connect to Redis: a URL or a table of options (README, "duplex.redis").
 ---@return duplex.RedisClient|nil, string|nil
