@@ -175,6 +175,7 @@ options.broker = {
   backoff_max = positive,
   on_status = func,
   client = tbl,
+  nodes = strings,
   sharded = boolean,
   prefix = str,
   history = tbl,

@@ -22,6 +22,7 @@ local core = require "duplex.core"
 local options = require "duplex.options"
 local runtime = require "duplex.runtime"
 local client = require "duplex.redis.client"
+local cluster = require "duplex.redis.cluster"
 local history = require "duplex.pubsub.history"
 local roster = require "duplex.pubsub.roster"
 
@@ -153,6 +154,7 @@ end
 
 ---@class duplex.RedisOptions
 ---@field url? string                 redis://[user:pass@]host:port or rediss://, default redis://127.0.0.1:6379
+---@field nodes? string[]             a Redis Cluster's seed URLs, instead of url: sharded by default
 ---@field client? duplex.RedisClient|duplex.RedisCluster a client to use instead (not closed by broker:close)
 ---@field sharded? boolean            SPUBLISH/SSUBSCRIBE: default true with a cluster client
 ---@field prefix? string              prepended to channel names and keys, default "duplex:"
@@ -192,11 +194,24 @@ function broker.new(opts)
   }, Broker)
   if self.prefix:find("[{}%s]") then error("redis.broker: prefix must not contain braces or spaces", 2) end
   if self.node:find("%s") or self.node == "" then error("redis.broker: node_id must be a word", 2) end
+  if opts.client and opts.nodes then error("redis.broker: client or nodes, not both", 2) end
   if opts.client then
     self.db, self.shared = opts.client, true
     self.up.publisher = "up" -- its outages are the client's to report: calls fail meanwhile
     self.sharded = opts.sharded
     if self.sharded == nil then self.sharded = opts.client.slot ~= nil end
+  elseif opts.nodes then
+    -- A cluster mends itself within retry_timeout: publications wait for
+    -- that rather than being dropped on the first "down".
+    local cfg = { nodes = opts.nodes, name = self.prefix .. self.node,
+      on_status = function(status, detail) self:_cluster_status(status, detail) end }
+    for _, k in ipairs(CLIENT_OPTIONS) do if k ~= "url" then cfg[k] = opts[k] end end
+    for _, seed in ipairs(opts.nodes) do
+      local u, err = client._parse_url(seed)
+      if not u then return nil, err end
+    end
+    self.cfg, self.dial, self.up.publisher = cfg, cluster.connect, "up"
+    self.sharded = opts.sharded ~= false
   else
     local cfg = { on_status = function(status, detail) self:_client_status(status, detail) end }
     for _, k in ipairs(CLIENT_OPTIONS) do cfg[k] = opts[k] end
@@ -206,7 +221,7 @@ function broker.new(opts)
     -- an error, just down until it answers.
     local probe, perr = client._configure(cfg)
     if not probe then return nil, perr end
-    self.cfg, self.sharded = cfg, opts.sharded or false
+    self.cfg, self.dial, self.sharded = cfg, client.connect, opts.sharded or false
   end
   self.worker = core.spawn(self._work, self)
   return self
@@ -250,6 +265,20 @@ function Broker:_client_status(status, detail)
   end
 end
 
+-- A cluster's reports name the node ("host:port commands", "host:port
+-- subscriber: ...", "shard channels at host:port: ..."): passed on as they
+-- are, each node's link being up or down on its own; shard channels back
+-- at a node mean a catch-up, as the subscriber coming back does.
+function Broker:_cluster_status(status, detail)
+  if self.closed then return end
+  local which = (detail:find("subscriber", 1, true) or detail:find("channels", 1, true)) and "subscriber"
+    or "publisher"
+  if status == "down" then self.stats.reconnects = self.stats.reconnects + 1 end
+  local ok, err = pcall(self.report, status, which .. ": " .. detail)
+  if not ok then runtime.log("error", "redis.broker on_status failed: " .. tostring(err)) end
+  if status == "up" and which == "subscriber" then self:_kick("catch_up") end
+end
+
 -- Work ---------------------------------------------------------------------
 -- One coroutine does what the broker's callers may not wait for, in the
 -- order they asked: connecting, (un)subscribing, publishing (pipelined),
@@ -264,7 +293,7 @@ function Broker:_connect()
   local delay = self.cfg.backoff_min or client.defaults.backoff_min
   local max = self.cfg.backoff_max or client.defaults.backoff_max
   while not self.closed do
-    local db, err = client.connect(self.cfg)
+    local db, err = self.dial(self.cfg)
     if db and self.closed then db:close(); return end
     if db then return db end
     self:_status("down", "publisher", err)
@@ -343,7 +372,12 @@ function Broker:_run(batch)
           self.seq[job[2]] = nil
         end
       elseif job[1] == "catch_up" then
-        for topic, st in pairs(self.seq) do self:_catch_up(topic, st) end
+        -- (the heartbeat's, with our own client: only what is waiting on a
+        -- read that failed; its status tells when the link comes back)
+        local waiting_only = job[2]
+        for topic, st in pairs(self.seq) do
+          if not waiting_only or st.catching then self:_catch_up(topic, st) end
+        end
       elseif job[1] == "presence" then
         local _, err, kind = run_script(self.db, PRESENCE, job[2], job[3])
         if err and kind == "redis" then self:_status("error", "publisher", "presence: " .. err) end
@@ -631,15 +665,16 @@ function Broker:_refresh(topic, members)
 end
 
 -- Every presence_ttl / 3: this node's members refreshed room by room, and
--- every history topic's stream checked for what pub/sub did not bring (a
--- link that came back unnoticed, a publication that arrived nowhere).
+-- the history topics whose catch-up could not read the stream tried again;
+-- with a client of the caller's, whose outages we do not hear of, every
+-- history topic's stream is checked for what pub/sub did not bring.
 function Broker:_heartbeat()
   for topic, room in pairs(self.roster.rooms) do
     local args = { self.presence_ttl }
     for id in pairs(room) do args[#args + 1] = member_key(self, id); args[#args + 1] = "" end
     self.queue[#self.queue + 1] = { "presence", presence_keys(self, topic), args }
   end
-  self.queue[#self.queue + 1] = { "catch_up" }
+  self.queue[#self.queue + 1] = { "catch_up", not self.shared }
 end
 
 --- topic's members on every node: a list of { id =, info =, node = }.
