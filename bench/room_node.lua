@@ -33,11 +33,7 @@ end
 
 local broker_opts = { node_id = opts.node_id, on_status = status,
   history = opts.history and { match = "^room:", size = 100000, ttl = 600 } or nil }
-if opts.cluster then
-  broker_opts.client = assert(redis.cluster { nodes = { opts.redis }, on_status = status })
-else
-  broker_opts.url = opts.redis
-end
+if opts.cluster then broker_opts.nodes = { opts.redis } else broker_opts.url = opts.redis end
 local broker = assert(redis.broker(broker_opts))
 local hub = pubsub.new { broker = broker, max_backlog = 64 << 20,
   format = opts.history and function(_, m, pos) return pos.offset .. " " .. m end or nil }

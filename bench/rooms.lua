@@ -19,7 +19,7 @@
 --            the stream, and the time from the end of the cut until all its
 --            subscribers had everything
 --
---   lua5.4 bench/rooms.lua [--subs 3000] [--rounds 2] [--burst 50] [--rate 200] [--paced 400]
+--   lua5.4 bench/rooms.lua [--subs 3000] [--rounds 2] [--burst 20] [--rate 20] [--paced 200]
 --                          [--only single,cluster+h]
 local root = arg[0]:match("^(.*)/bench/[^/]*$") or "."
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. root .. "/spec/?.lua;" .. package.path
@@ -32,7 +32,7 @@ local runtime = require "duplex.runtime"
 local proc = require "support.proc"
 local services = require "support.services"
 
-local opts = { subs = 3000, rounds = 2, burst = 50, rate = 200, paced = 400 }
+local opts = { subs = 3000, rounds = 2, burst = 20, rate = 20, paced = 200 }
 local i = 1
 while i <= #arg do
   local a, v = arg[i], arg[i + 1]
@@ -177,7 +177,7 @@ local function cut_node(url, cluster_nodes, name, seconds)
 end
 
 local function round(setup, env)
-  local url = setup.cluster and env.cluster.url or env.single.url
+  local url = setup.cluster and env.cluster.urls[1] or env.single.url
   if setup.history then -- every setup starts from an empty room
     for _, u in ipairs(setup.cluster and env.cluster.urls or { url }) do
       local db = assert(redis.connect(u))

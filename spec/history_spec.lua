@@ -15,15 +15,7 @@ local services = require "support.services"
 
 local run = runtime.blocking
 
-local function wait_until(what, timeout, pred)
-  run(function()
-    local deadline = core.now() + timeout
-    while not pred() do
-      if core.now() > deadline then error("timed out waiting for " .. what, 0) end
-      core.sleep(0.01)
-    end
-  end)
-end
+local wait_until = require("support.loop").wait_until
 
 -- What clients are sent: "epoch:offset message", so that they know where
 -- they are.

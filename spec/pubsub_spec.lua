@@ -12,16 +12,7 @@ local certs = require "support.certs"
 
 local run = runtime.blocking
 
---- Runs the loop until pred() is true; fails after timeout seconds.
-local function wait_until(what, timeout, pred)
-  run(function()
-    local deadline = core.now() + timeout
-    while not pred() do
-      if core.now() > deadline then error("timed out waiting for " .. what, 0) end
-      core.sleep(0.01)
-    end
-  end)
-end
+local wait_until = require("support.loop").wait_until
 
 local servers = {}
 

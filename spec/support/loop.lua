@@ -31,4 +31,15 @@ function loop.wait_for(pred, timeout)
   end)
 end
 
+-- The same, failing the spec with what it waited for when time runs out.
+function loop.wait_until(what, timeout, pred)
+  runtime.blocking(function()
+    local deadline = core.now() + timeout
+    while not pred() do
+      if core.now() > deadline then error("timed out waiting for " .. what, 0) end
+      core.sleep(0.01)
+    end
+  end)
+end
+
 return loop
