@@ -176,6 +176,7 @@ options.broker = {
   on_status = func,
   client = tbl,
   nodes = strings,
+  retry_timeout = positive,
   sharded = boolean,
   prefix = str,
   history = tbl,

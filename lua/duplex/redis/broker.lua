@@ -155,6 +155,7 @@ end
 ---@class duplex.RedisOptions
 ---@field url? string                 redis://[user:pass@]host:port or rediss://, default redis://127.0.0.1:6379
 ---@field nodes? string[]             a Redis Cluster's seed URLs, instead of url: sharded by default
+---@field retry_timeout? number       with nodes: how long a call waits for the cluster to mend, default 10 s
 ---@field client? duplex.RedisClient|duplex.RedisCluster a client to use instead (not closed by broker:close)
 ---@field sharded? boolean            SPUBLISH/SSUBSCRIBE: default true with a cluster client
 ---@field prefix? string              prepended to channel names and keys, default "duplex:"
@@ -206,6 +207,7 @@ function broker.new(opts)
     local cfg = { nodes = opts.nodes, name = self.prefix .. self.node,
       on_status = function(status, detail) self:_cluster_status(status, detail) end }
     for _, k in ipairs(CLIENT_OPTIONS) do if k ~= "url" then cfg[k] = opts[k] end end
+    cfg.retry_timeout = opts.retry_timeout
     for _, seed in ipairs(opts.nodes) do
       local u, err = client._parse_url(seed)
       if not u then return nil, err end
