@@ -72,7 +72,11 @@ local function serve_http(self, sock, req, route)
   respond(sock, handshake.refusal(req))
 end
 
-local function upgrade(self, sock, req, hs, route)
+-- The 101 and the connection object. Apart from upgrade below, so that
+-- what only the handshake needs (the answer, the response's bytes) dies
+-- with this frame instead of staying on the stack of every idle
+-- connection's coroutine.
+local function open(self, sock, req, hs, route)
   local answer = handshake.accept(route, req)
   if not answer.response then return respond(sock, answer.status, answer.headers, answer.body) end
   local engine, info = answer.engine, answer.info
@@ -81,9 +85,15 @@ local function upgrade(self, sock, req, hs, route)
   local rest = hs:rest()
   if #rest > 0 then engine:feed(rest) end
   info.remote_address, info.remote_port, info.server = req.remote_address, req.peer_port, self
-  local ws = WebSocket.new(sock, engine, route, info)
+  return WebSocket.new(sock, engine, route, info)
+end
+
+local function upgrade(self, sock, req, route, ws)
+  if not ws then return end
+  -- the connection owns its socket from here: one entry for it, not two
+  self.sockets[sock] = nil
   self.connections[ws] = true
-  ws:serve(route, req, function(msg) self.log("error", msg) end)
+  ws:serve(route, req, self._log_error)
   self.connections[ws] = nil
 end
 
@@ -96,7 +106,9 @@ local function serve(self, sock)
   local route = self.routes[req.path] or self.routes["*"]
   if not req.websocket then return serve_http(self, sock, req, route) end
   if not route then return respond(sock, 404, nil, "not found") end
-  return upgrade(self, sock, req, hs, route)
+  -- a tail call: serve's frame (the parser among its locals) is gone
+  -- while the connection lives
+  return upgrade(self, sock, req, route, open(self, sock, req, hs, route))
 end
 
 local function handle(self, sock)
@@ -152,6 +164,7 @@ function server.listen(opts)
     sockets = {},
     connections = {},
   }, Server)
+  self._log_error = function(msg) self.log("error", msg) end
   for k, v in pairs(defaults) do
     if opts[k] == nil then self[k] = v else self[k] = opts[k] end
   end

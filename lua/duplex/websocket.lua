@@ -51,11 +51,16 @@ local defaults = {
 }
 WebSocket._defaults = defaults
 
-local function opt(opts, k)
-  local v = opts[k]
-  if v == nil then return defaults[k] end
-  return v
-end
+-- A connection's table holds only what is its own: a setting equal to the
+-- default, and every field whose value is the usual one, is read through
+-- the class from here (ten thousand idle connections each keep a hash part
+-- of 16 entries instead of 32).
+local shared = {
+  role = "server", streaming = false, deflate = false,
+  _slot = false, _next = false, _prev = false, -- the runtime's timer wheel
+}
+setmetatable(shared, { __index = defaults })
+setmetatable(WebSocket, { __index = shared })
 
 --- Wrap an engine attached to a socket. Used by duplex.server and
 --- duplex.client once the handshake is done; class is WebSocket (our loop)
@@ -71,23 +76,20 @@ function WebSocket.new(sock, engine, opts, info, class)
   local self = setmetatable({
     sock = sock,
     engine = engine,
-    role = engine:role(),
     state = "open",
-    streaming = opts.streaming or false,
-    ping_interval = opt(opts, "ping_interval"),
-    ping_timeout = opt(opts, "ping_timeout"),
-    close_timeout = opt(opts, "close_timeout"),
-    high_water = opt(opts, "high_water"),
-    low_water = opt(opts, "low_water"),
-    max_buffered = opt(opts, "max_buffered"),
-    send_timeout = opt(opts, "send_timeout"),
-    compress_threshold = opt(opts, "compress_threshold"),
-    deflate = info.deflate or false,
     data = {},
     _last_seen = now(),
-    _slot = false, _next = false, _prev = false, -- the runtime's timer wheel
   }, class)
-  for k, v in pairs(info) do self[k] = v end
+  local role = engine:role()
+  if role ~= shared.role then self.role = role end
+  if opts.streaming then self.streaming = true end
+  for k, v in pairs(defaults) do
+    local o = opts[k]
+    if o ~= nil and o ~= v then self[k] = o end
+  end
+  for k, v in pairs(info) do
+    if v ~= shared[k] then self[k] = v end
+  end
   if self.low_water > self.high_water then self.low_water = self.high_water end
   if class.watched then self:_arm(self._last_seen) end
   return self
@@ -259,11 +261,13 @@ end
 --- `for message, kind in ws:messages() do ... end`
 ---@return fun(): string|nil, string|nil, boolean|nil
 function WebSocket:messages()
-  return function()
-    local m, kind, fin = self:receive()
-    if m == nil then return nil end
-    return m, kind, fin
-  end
+  return self._next_message, self
+end
+
+-- The iterator without a closure per connection: the generic for hands it
+-- the connection, and receive's nil at the end stops the loop.
+function WebSocket._next_message(self)
+  return self:receive()
 end
 
 local function wait_for_room(self)
