@@ -184,6 +184,13 @@ local function breakdown(a, b)
   local depth = 0
   while debug.getinfo(co, depth, "f") do depth = depth + 1 end
   print(string.format("  coroutine: %d frames deep (its stack and CallInfos are not in the sum)", depth))
+  -- DUPLEX_STACK_PROBE: a C module returning a thread's stack size and
+  -- CallInfo count (Lua's internals, so not part of duplex)
+  local probe = os.getenv("DUPLEX_STACK_PROBE")
+  if probe then
+    local size, nci = package.loadlib(probe, "luaopen_lstk")()(co)
+    print(string.format("  coroutine stack: %d slots (%d B), %d spare CallInfos", size, size * 16, nci))
+  end
   for level = 0, depth - 1 do
     local info = debug.getinfo(co, level, "Sln")
     print(string.format("    %d %s %s:%s", level, tostring(info.name), info.short_src, tostring(info.currentline)))

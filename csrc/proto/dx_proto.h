@@ -219,6 +219,9 @@ int dx_proto_send_raw_ref(dx_proto *p, const void *frame, size_t n, uint64_t ref
 
 /* Give back the memory of every empty buffer (for idle connections). */
 void dx_proto_shrink(dx_proto *p);
+/* Whether any buffer holds memory (what a shrink could give back, or what
+ * is still in use). */
+int dx_proto_holding(const dx_proto *p);
 
 /* Bytes waiting in out (take them with dx_out_spans, then dx_out_consume). */
 static inline size_t dx_proto_pending(const dx_proto *p) { return dx_out_size(&p->out); }

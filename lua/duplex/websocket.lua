@@ -198,8 +198,19 @@ function WebSocket:_event(kind, data, a, b, c)
   end
 end
 
+-- How long the next read may wait: until the caller's deadline, and on a
+-- connection no loop timer watches, until its heartbeat is due (the reader
+-- keeps it then, between reads).
+local function read_wait(self, deadline)
+  local wait = deadline and math.max(0, deadline - now())
+  if not self.watched then
+    local due = self:_due(now())
+    if due and (not wait or due < wait) then wait = due end
+  end
+  return wait
+end
+
 local function receive(self, timeout)
-  local engine, sock = self.engine, self.sock
   local deadline = timeout and now() + timeout
   self._reading = true
   while true do
@@ -207,24 +218,16 @@ local function receive(self, timeout)
       self._reading = false
       return self:_closed_result()
     end
-    local wait = deadline and math.max(0, deadline - now())
-    local beat = false
-    if not self.watched then
-      -- No loop timer watches this connection: the heartbeat and the
-      -- close deadline are kept by whoever reads it, between reads.
-      local due = self:_due(now())
-      if due and (not wait or due < wait) then wait, beat = due, true end
-    end
     -- The next event, parsed from what was read before or from a new read.
-    local kind, data, a, b, c = sock:receive(engine, wait)
+    -- An idle connection's coroutine waits in this call, and its stack is
+    -- as deep as the registers in use here: few locals above it.
+    local kind, data, a, b, c = self.sock:receive(self.engine, read_wait(self, deadline))
     if kind then
-      self._last_seen = now() -- any traffic proves the peer alive
-      if self._shrunk then
-        self._shrunk = false
-        -- the timer waits for a ping due much later: it must give the
-        -- buffers back a second after this burst ends
-        if self.watched then self:_arm(self._last_seen) end
-      end
+      local t = now()
+      self._last_seen = t -- any traffic proves the peer alive
+      -- After a quiet spell the timer waits for a ping due much later: it
+      -- must give the buffers back a second after this burst ends.
+      if self.watched and runtime.due_after(self, t + 1.25) then self:_arm(t) end
       if kind == "text" or kind == "binary" then -- the common case, first
         self._reading = false
         return data, kind
@@ -234,8 +237,8 @@ local function receive(self, timeout)
         self._reading = false
         return r1, r2, r3, r4
       end
-    elseif data == "timeout" and beat then
-      self:_sweep(now())
+    elseif data == "timeout" and not (deadline and now() >= deadline) then
+      self:_sweep(now()) -- the heartbeat's turn (read_wait)
     elseif data == "timeout" then
       self._reading = false
       return nil, "timeout"
@@ -511,10 +514,7 @@ function WebSocket:_sweep(t)
   if self.state ~= "open" then return end
   -- Buffers keep their memory while traffic flows; a connection quiet for
   -- a second gives it back.
-  if not self._shrunk and t - self._last_seen > 1 and self.engine:pending() == 0 then
-    self.engine:shrink()
-    self._shrunk = true
-  end
+  if t - self._last_seen > 1 and self.engine:pending() == 0 then self.engine:shrink() end
   if self.ping_interval <= 0 then return end
   local sent = self._ping_sent
   if sent then
@@ -552,7 +552,7 @@ end
 
 function WebSocket:_arm(t)
   local due = self.state ~= "closed" and self:_due(t)
-  if self.state == "open" and not self._shrunk then
+  if self.state == "open" and self.engine:holding() then
     local quiet = math.max(self._last_seen + 1.001 - t, 0)
     if quiet == 0 then quiet = 1 end -- a queue kept it from shrinking: try again later
     if not due or quiet < due then due = quiet end
