@@ -17,6 +17,7 @@
 #define SERVER_MT "duplex.handshake_server"
 #define CLIENT_MT "duplex.handshake_client"
 #define TMPBUF_MT "duplex.handshake_buf"
+#define REQUEST_MT "duplex.request"
 
 #define MAX_HEADER_SIZE_LIMIT (16u << 20)
 #define MAX_HEADERS_LIMIT 10000
@@ -331,12 +332,76 @@ static void push_query(lua_State *L, dx_str query) {
   }
 }
 
+/* ---- the request's lazy fields ----
+ * query, protocols and extensions are tables that most connections never
+ * read, each made from a field the request keeps anyway (raw_query, or a
+ * header's value): made on first read and stored in the request then, so
+ * an idle connection does not hold three empty tables. */
+
+static dx_str raw_field(lua_State *L, int req, const char *header, const char *field) {
+  dx_str s = {NULL, 0};
+  if (header) {
+    if (lua_getfield(L, req, "headers") != LUA_TTABLE) return s; /* left on the stack */
+    lua_getfield(L, -1, header);
+  } else {
+    lua_pushstring(L, field);
+    lua_rawget(L, req);
+  }
+  if (lua_type(L, -1) == LUA_TSTRING) s.p = lua_tolstring(L, -1, &s.n);
+  return s;
+}
+
+/* The comma-separated list of a header value, OWS trimmed, empty items
+ * skipped (what dx_http_list does over the header lines). */
+static void push_list(lua_State *L, dx_str v) {
+  lua_newtable(L);
+  const char *p = v.p, *end = v.p + v.n;
+  lua_Integer i = 0;
+  while (p && p < end) {
+    const char *c = memchr(p, ',', (size_t)(end - p)), *e = c ? c : end;
+    while (p < e && dx_http_is_ows(*p)) p++;
+    const char *q = e;
+    while (q > p && dx_http_is_ows(q[-1])) q--;
+    if (q > p) {
+      lua_pushlstring(L, p, (size_t)(q - p));
+      lua_rawseti(L, -2, ++i);
+    }
+    p = c ? c + 1 : end;
+  }
+}
+
+static int request_index(lua_State *L) {
+  if (lua_type(L, 2) != LUA_TSTRING) return 0;
+  const char *k = lua_tostring(L, 2);
+  int top = lua_gettop(L);
+  if (strcmp(k, "query") == 0) {
+    push_query(L, raw_field(L, 1, NULL, "raw_query"));
+  } else if (strcmp(k, "protocols") == 0) {
+    push_list(L, raw_field(L, 1, "sec-websocket-protocol", NULL));
+  } else if (strcmp(k, "extensions") == 0) {
+    dx_str v = raw_field(L, 1, "sec-websocket-extensions", NULL);
+    lua_newtable(L);
+    if (v.p) push_extension_list(L, lua_gettop(L), v.p, v.n);
+  } else {
+    return 0;
+  }
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, 1);
+  lua_replace(L, top + 1);
+  lua_settop(L, top + 1);
+  return 1;
+}
+
 static void push_request(lua_State *L, const dx_http_msg *m) {
   dx_ws_request r;
   dx_str path, query;
   dx_ws_check_request(m, &r);
   dx_http_split_target(m->target, &path, &query);
-  lua_createtable(L, 0, 19);
+  /* room for these and the three the server adds (peer_address,
+   * peer_port, remote_address): 16 entries, not 32 */
+  lua_createtable(L, 0, 12);
+  luaL_setmetatable(L, REQUEST_MT);
   push_str(L, m->method);
   lua_setfield(L, -2, "method");
   push_str(L, m->target);
@@ -345,8 +410,6 @@ static void push_request(lua_State *L, const dx_http_msg *m) {
   lua_setfield(L, -2, "path");
   push_str(L, query);
   lua_setfield(L, -2, "raw_query");
-  push_query(L, query);
-  lua_setfield(L, -2, "query");
   push_version(L, m);
   lua_setfield(L, -2, "version");
   push_headers(L, m);
@@ -357,18 +420,6 @@ static void push_request(lua_State *L, const dx_http_msg *m) {
   lua_setfield(L, -2, "origin");
   push_str(L, r.key);
   lua_setfield(L, -2, "key");
-
-  dx_http_list l;
-  dx_str item;
-  lua_newtable(L);
-  dx_http_list_init(&l, m, "sec-websocket-protocol");
-  for (lua_Integer i = 1; dx_http_list_next(&l, &item); i++) {
-    push_str(L, item);
-    lua_rawseti(L, -2, i);
-  }
-  lua_setfield(L, -2, "protocols");
-  push_extensions(L, m);
-  lua_setfield(L, -2, "extensions");
 
   lua_pushboolean(L, r.websocket);
   lua_setfield(L, -2, "websocket");
@@ -674,6 +725,10 @@ void dx_open_handshake(lua_State *L) {
                                    {NULL, NULL}};
   new_class(L, SERVER_MT, server_methods, l_server_close, l_server_tostring);
   new_class(L, CLIENT_MT, client_methods, l_client_close, l_client_tostring);
+  luaL_newmetatable(L, REQUEST_MT);
+  lua_pushcfunction(L, request_index);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
   luaL_newmetatable(L, TMPBUF_MT);
   lua_pushcfunction(L, tmpbuf_gc);
   lua_setfield(L, -2, "__gc");
