@@ -88,15 +88,6 @@ local function open(self, sock, req, hs, route)
   return WebSocket.new(sock, engine, route, info)
 end
 
-local function upgrade(self, sock, req, route, ws)
-  if not ws then return end
-  -- the connection owns its socket from here: one entry for it, not two
-  self.sockets[sock] = nil
-  self.connections[ws] = true
-  ws:serve(route, req, self._log_error)
-  self.connections[ws] = nil
-end
-
 local function serve(self, sock)
   local req, hs = read_request(self, sock)
   if not req then return end
@@ -106,9 +97,14 @@ local function serve(self, sock)
   local route = self.routes[req.path] or self.routes["*"]
   if not req.websocket then return serve_http(self, sock, req, route) end
   if not route then return respond(sock, 404, nil, "not found") end
+  local ws = open(self, sock, req, hs, route)
+  if not ws then return end
+  -- the connection owns its socket from here: one entry for it, not two
+  -- (handle removes it)
+  self.sockets[sock], self.connections[sock] = nil, ws
   -- a tail call: serve's frame (the parser among its locals) is gone
   -- while the connection lives
-  return upgrade(self, sock, req, route, open(self, sock, req, hs, route))
+  return ws:serve(route, req, self._log_error)
 end
 
 local function handle(self, sock)
@@ -116,7 +112,7 @@ local function handle(self, sock)
   self.sockets[sock] = true
   local ok, err = xpcall(serve, debug.traceback, self, sock)
   if not ok then self.log("error", tostring(err)) end
-  self.sockets[sock] = nil
+  self.sockets[sock], self.connections[sock] = nil, nil
   sock:close()
   self.count = self.count - 1
   if self.count == 0 then
@@ -202,7 +198,7 @@ end
 ---@return duplex.WebSocket[]
 function Server:clients()
   local list = {}
-  for ws in pairs(self.connections) do list[#list + 1] = ws end
+  for _, ws in pairs(self.connections) do list[#list + 1] = ws end
   return list
 end
 
@@ -218,7 +214,7 @@ end
 
 local function shutdown(self, timeout)
   self:stop_accepting()
-  for ws in pairs(self.connections) do ws:start_close(1001, "server shutting down") end
+  for _, ws in pairs(self.connections) do ws:start_close(1001, "server shutting down") end
   local deadline = now() + (timeout or 10)
   while self.count > 0 and now() < deadline do
     self._drained = coroutine.running()
@@ -226,7 +222,7 @@ local function shutdown(self, timeout)
     self._drained = nil
   end
   -- Their readers should learn why the connection ended, not just "closed".
-  for ws in pairs(self.connections) do ws:abort("server shutdown: no close reply in time") end
+  for _, ws in pairs(self.connections) do ws:abort("server shutdown: no close reply in time") end
   for sock in pairs(self.sockets) do sock:close(true) end
   -- The accept loop ends once it runs and sees its listener closed: let it,
   -- so that nothing of this server is left in the loop.
