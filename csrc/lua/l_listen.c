@@ -89,8 +89,7 @@ static int accept_k(lua_State *L, int status, lua_KContext ctx) {
   int err;
   lsock *s = dx_sock_push(L, l->loop, fd, &err);
   if (!s) return dx_lua_fail_errno(L, err);
-  dx_sock_nodelay(fd, 1);
-  return 1;
+  return 1; /* TCP_NODELAY comes from the listener (dx_sock_listen) */
 }
 
 static int listener_accept(lua_State *L) {
@@ -114,7 +113,6 @@ static int listener_drain(lua_State *L) {
     if (fd < 0) break;
     int err;
     if (!dx_sock_push(L, l->loop, fd, &err)) continue;
-    dx_sock_nodelay(fd, 1);
     lua_rawseti(L, -2, n);
   }
   return 1;
