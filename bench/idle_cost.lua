@@ -219,9 +219,10 @@ local function report(before_rss, before_heap)
   print(string.format("  Lua heap   %7.0f B/conn", d_heap))
   print(string.format("  the rest   %7.0f B/conn (C malloc outside Lua, allocator overhead)", d_rss - d_heap))
   local ws = server:clients()[1]
-  print(string.format("one connection: ws %d fields, ws.request %d, request.headers %d",
-    count_fields(ws), ws.request and count_fields(rawget(ws, "request") or {}) or 0,
-    ws.request and ws.request.headers and count_fields(ws.request.headers) or 0))
+  -- rawget: reading request.headers would make the table it is waiting as
+  local req = rawget(ws, "request") or {}
+  print(string.format("one connection: ws %d fields, ws.request %d, request.headers %s",
+    count_fields(ws), count_fields(req), rawget(req, "headers") and count_fields(req.headers) or "not made"))
   local names = {}
   for k in pairs(ws) do names[#names + 1] = tostring(k) end
   table.sort(names)

@@ -334,10 +334,11 @@ static void push_query(lua_State *L, dx_str query) {
 }
 
 /* ---- the request's lazy fields ----
- * query, protocols and extensions are tables that most connections never
- * read, each made from a field the request keeps anyway (raw_query, or a
- * header's value): made on first read and stored in the request then, so
- * an idle connection does not hold three empty tables. */
+ * headers, query, protocols and extensions are tables that most
+ * connections never read, each made from what the request keeps anyway
+ * (its header bytes, raw_query, or a header's value): made on first read
+ * and stored in the request then, so an idle connection does not hold
+ * four tables. */
 
 static dx_str raw_field(lua_State *L, int req, const char *header, const char *field) {
   dx_str s = {NULL, 0};
@@ -371,11 +372,68 @@ static void push_list(lua_State *L, dx_str v) {
   }
 }
 
+/* The headers wait as one string of lower-cased names and values, each
+ * ended by a NUL (neither may hold one: the parser checked them), and
+ * become the table the first time request.headers is read: a string of
+ * the header bytes is about half the size of a table holding them. */
+static const char HEADERS_KEY = 0;
+
+static void push_packed_headers(lua_State *L, const dx_http_msg *m) {
+  size_t total = 0;
+  for (size_t i = 0; i < m->nheaders; i++) total += m->headers[i].name.n + m->headers[i].value.n + 2;
+  luaL_Buffer b;
+  char *s = luaL_buffinitsize(L, &b, total);
+  for (size_t i = 0; i < m->nheaders; i++) {
+    const dx_http_header *h = &m->headers[i];
+    for (size_t j = 0; j < h->name.n; j++) {
+      char c = h->name.p[j];
+      *s++ = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+    }
+    *s++ = '\0';
+    if (h->value.n) memcpy(s, h->value.p, h->value.n);
+    s += h->value.n;
+    *s++ = '\0';
+  }
+  luaL_pushresultsize(&b, total);
+}
+
+/* The table of a packed string: a repeated header's values joined with
+ * ", ", as push_headers does. */
+static void unpack_headers(lua_State *L, const char *p, size_t n) {
+  const char *end = p + n;
+  lua_newtable(L);
+  int t = lua_gettop(L);
+  while (p < end) {
+    size_t nl = strlen(p);
+    const char *v = p + nl + 1;
+    size_t vl = strlen(v);
+    lua_pushlstring(L, p, nl);
+    lua_pushvalue(L, -1);
+    if (lua_rawget(L, t) == LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, v, vl);
+    } else {
+      lua_pushliteral(L, ", ");
+      lua_pushlstring(L, v, vl);
+      lua_concat(L, 3);
+    }
+    lua_rawset(L, t);
+    p = v + vl + 1;
+  }
+}
+
 static int request_index(lua_State *L) {
   if (lua_type(L, 2) != LUA_TSTRING) return 0;
   const char *k = lua_tostring(L, 2);
   int top = lua_gettop(L);
-  if (strcmp(k, "query") == 0) {
+  if (strcmp(k, "headers") == 0) {
+    if (lua_rawgetp(L, 1, &HEADERS_KEY) != LUA_TSTRING) return 0;
+    size_t n;
+    const char *packed = lua_tolstring(L, -1, &n);
+    unpack_headers(L, packed, n);
+    lua_pushnil(L);
+    lua_rawsetp(L, 1, &HEADERS_KEY);
+  } else if (strcmp(k, "query") == 0) {
     push_query(L, raw_field(L, 1, NULL, "raw_query"));
   } else if (strcmp(k, "protocols") == 0) {
     push_list(L, raw_field(L, 1, "sec-websocket-protocol", NULL));
@@ -413,8 +471,8 @@ static void push_request(lua_State *L, const dx_http_msg *m) {
   lua_setfield(L, -2, "raw_query");
   push_version(L, m);
   lua_setfield(L, -2, "version");
-  push_headers(L, m);
-  lua_setfield(L, -2, "headers");
+  push_packed_headers(L, m);
+  lua_rawsetp(L, -2, &HEADERS_KEY);
   push_str(L, r.host);
   lua_setfield(L, -2, "host");
   push_str(L, r.origin);

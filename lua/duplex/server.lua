@@ -93,7 +93,10 @@ local function serve(self, sock)
   if not req then return end
   local ip, port = sock:peer()
   req.peer_address, req.peer_port = ip, port
-  req.remote_address = addr.client_address(ip, req.headers["x-forwarded-for"], self.trusted_proxies)
+  -- X-Forwarded-For counts only from a trusted proxy: asked for otherwise,
+  -- request.headers would be made for every connection (it waits as bytes)
+  req.remote_address = self.trusted_proxies(ip)
+    and addr.client_address(ip, req.headers["x-forwarded-for"], self.trusted_proxies) or ip
   local route = self.routes[req.path] or self.routes["*"]
   if not req.websocket then return serve_http(self, sock, req, route) end
   if not route then return respond(sock, 404, nil, "not found") end
