@@ -210,10 +210,11 @@ static void detach_engine(lsock *s) {
   s->engine = NULL;
 }
 
-/* Push a socket for a connected fd (which it owns from now on), or return
- * NULL with nothing pushed and fd closed. */
-lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int *err) {
-  lsock *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
+/* Push a socket for a connected fd (which it owns from now on), with nuv
+ * uservalues: an accepted socket has no host to keep. Or return NULL with
+ * nothing pushed and fd closed. */
+lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int nuv, int *err) {
+  lsock *s = lua_newuserdatauv(L, sizeof *s, nuv);
   memset(s, 0, sizeof *s);
   dx_io_init(&s->io, sock_event);
   dx_dirty_init(&s->dirty, sock_dirty_flush);
