@@ -422,10 +422,61 @@ static void unpack_headers(lua_State *L, const char *p, size_t n) {
   }
 }
 
+/* Push the first value of header name (lower case) of the request at
+ * index 1, from its packed bytes or, once made, its headers table. */
+static int push_first_header(lua_State *L, const char *name) {
+  if (lua_rawgetp(L, 1, &HEADERS_KEY) == LUA_TSTRING) {
+    size_t n;
+    const char *p = lua_tolstring(L, -1, &n), *end = p + n;
+    while (p < end) {
+      const char *v = p + strlen(p) + 1;
+      size_t vl = strlen(v);
+      if (strcmp(p, name) == 0) {
+        lua_pushlstring(L, v, vl);
+        return 1;
+      }
+      p = v + vl + 1;
+    }
+    lua_pushnil(L);
+    return 1;
+  }
+  if (lua_getfield(L, 1, "headers") != LUA_TTABLE) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_getfield(L, -1, name);
+  return 1;
+}
+
+/* Fields read off others each time rather than stored: storing one would
+ * grow the request's hash part past its 8 entries. */
+static int request_derived(lua_State *L, const char *k) {
+  if (strcmp(k, "host") == 0) return push_first_header(L, "host");
+  if (strcmp(k, "origin") == 0) return push_first_header(L, "origin");
+  if (strcmp(k, "key") == 0) return push_first_header(L, "sec-websocket-key");
+  if (strcmp(k, "remote_address") == 0) { /* set when a trusted proxy names another */
+    lua_pushliteral(L, "peer_address");
+    lua_rawget(L, 1);
+    return 1;
+  }
+  if (strcmp(k, "path") == 0) {
+    lua_pushliteral(L, "target");
+    if (lua_rawget(L, 1) != LUA_TSTRING) return 1;
+    dx_str target, path, query;
+    target.p = lua_tolstring(L, -1, &target.n);
+    dx_http_split_target(target, &path, &query);
+    push_str(L, path);
+    return 1;
+  }
+  return 0;
+}
+
 static int request_index(lua_State *L) {
   if (lua_type(L, 2) != LUA_TSTRING) return 0;
   const char *k = lua_tostring(L, 2);
   int top = lua_gettop(L);
+  int derived = request_derived(L, k);
+  if (derived) return derived;
   if (strcmp(k, "headers") == 0) {
     if (lua_rawgetp(L, 1, &HEADERS_KEY) != LUA_TSTRING) return 0;
     size_t n;
@@ -457,28 +508,22 @@ static void push_request(lua_State *L, const dx_http_msg *m) {
   dx_str path, query;
   dx_ws_check_request(m, &r);
   dx_http_split_target(m->target, &path, &query);
-  /* room for these and the three the server adds (peer_address,
-   * peer_port, remote_address): 16 entries, not 32 */
-  lua_createtable(L, 0, 12);
+  /* room for these six and the two the server adds (peer_address,
+   * peer_port): an 8-entry hash part. What can be read off them (path,
+   * host, origin, key, remote_address: request_index) is not stored. */
+  (void)path;
+  lua_createtable(L, 0, 8);
   luaL_setmetatable(L, REQUEST_MT);
   push_str(L, m->method);
   lua_setfield(L, -2, "method");
   push_str(L, m->target);
   lua_setfield(L, -2, "target");
-  push_str(L, path);
-  lua_setfield(L, -2, "path");
   push_str(L, query);
   lua_setfield(L, -2, "raw_query");
   push_version(L, m);
   lua_setfield(L, -2, "version");
   push_packed_headers(L, m);
   lua_rawsetp(L, -2, &HEADERS_KEY);
-  push_str(L, r.host);
-  lua_setfield(L, -2, "host");
-  push_str(L, r.origin);
-  lua_setfield(L, -2, "origin");
-  push_str(L, r.key);
-  lua_setfield(L, -2, "key");
 
   lua_pushboolean(L, r.websocket);
   lua_setfield(L, -2, "websocket");

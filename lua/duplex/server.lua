@@ -94,9 +94,11 @@ local function serve(self, sock)
   local ip, port = sock:peer()
   req.peer_address, req.peer_port = ip, port
   -- X-Forwarded-For counts only from a trusted proxy: asked for otherwise,
-  -- request.headers would be made for every connection (it waits as bytes)
-  req.remote_address = self.trusted_proxies(ip)
-    and addr.client_address(ip, req.headers["x-forwarded-for"], self.trusted_proxies) or ip
+  -- request.headers would be made for every connection (it waits as
+  -- bytes). Without one, request.remote_address reads peer_address.
+  if self.trusted_proxies(ip) then
+    req.remote_address = addr.client_address(ip, req.headers["x-forwarded-for"], self.trusted_proxies)
+  end
   local route = self.routes[req.path] or self.routes["*"]
   if not req.websocket then return serve_http(self, sock, req, route) end
   if not route then return respond(sock, 404, nil, "not found") end
