@@ -113,6 +113,9 @@ int dx_sock_listen(const dx_addr *a, int backlog, int reuseport, int ipv6only) {
   if (rc == 0 && reuseport) rc = set_int_opt(fd, SOL_SOCKET, SO_REUSEPORT, 1);
   if (rc == 0 && a->family == AF_INET6 && ipv6only >= 0)
     rc = set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, ipv6only);
+  /* Accepted sockets inherit it (Linux copies the listener's options into
+   * each one): no setsockopt per connection. */
+  if (rc == 0) rc = set_int_opt(fd, IPPROTO_TCP, TCP_NODELAY, 1);
   if (rc == 0 && bind(fd, (const struct sockaddr *)&a->sa, a->len) < 0) rc = -errno;
   if (rc == 0 && listen(fd, backlog) < 0) rc = -errno;
   if (rc < 0) {

@@ -225,7 +225,7 @@ static int connect_k(lua_State *L, int status, lua_KContext ctx) {
       continue;
     }
     int err;
-    s = dx_sock_push(L, loop, fd, &err);
+    s = dx_sock_push(L, loop, fd, UV_COUNT, &err);
     if (!s) return dx_lua_fail_errno(L, err);
     lua_replace(L, 4);
     if (pending) return dx_lua_wait_io(L, t, &s->io, EPOLLOUT, 0, connect_k);

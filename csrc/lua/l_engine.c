@@ -293,6 +293,14 @@ static int l_shrink(lua_State *L) {
   return 0;
 }
 
+/* e:holding(): whether its buffers hold memory, so that the heartbeat of
+ * an idle connection asks for a shrink only when there is something to
+ * give back. */
+static int l_holding(lua_State *L) {
+  lua_pushboolean(L, dx_proto_holding(&check(L, 1)->p));
+  return 1;
+}
+
 static int l_pending(lua_State *L) {
   engine *e = check(L, 1);
   drop_released(L, 1, e);
@@ -444,6 +452,7 @@ void dx_open_engine(lua_State *L) {
       {"close", l_close},     {"send_raw", l_send_raw}, {"data_to_send", l_data_to_send},
       {"pending", l_pending}, {"state", l_state},       {"role", l_role},
       {"stats", l_stats},     {"release", l_release},   {"shrink", l_shrink},
+      {"holding", l_holding},
       {NULL, NULL}};
   static const luaL_Reg meta[] = {
       {"__gc", l_release}, {"__close", l_release}, {"__tostring", l_tostring}, {NULL, NULL}};

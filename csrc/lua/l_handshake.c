@@ -17,6 +17,7 @@
 #define SERVER_MT "duplex.handshake_server"
 #define CLIENT_MT "duplex.handshake_client"
 #define TMPBUF_MT "duplex.handshake_buf"
+#define REQUEST_MT "duplex.request"
 
 #define MAX_HEADER_SIZE_LIMIT (16u << 20)
 #define MAX_HEADERS_LIMIT 10000
@@ -123,12 +124,13 @@ static int header_cmp(const void *a, const void *b) {
 static dx_http_header *check_headers_arg(lua_State *L, int idx, size_t *n) {
   idx = lua_absindex(L, idx);
   *n = 0;
-  lua_newtable(L);
-  int anchor = lua_gettop(L);
-  if (lua_isnoneornil(L, idx)) {
-    lua_newuserdatauv(L, 0, 0);
+  if (lua_isnoneornil(L, idx)) { /* the two slots, empty: every 101 passes here */
+    lua_pushnil(L);
+    lua_pushnil(L);
     return NULL;
   }
+  lua_newtable(L);
+  int anchor = lua_gettop(L);
   if (!lua_istable(L, idx)) luaL_error(L, "headers must be a table");
   size_t count = lua_rawlen(L, idx);
   int array = count > 0;
@@ -331,44 +333,197 @@ static void push_query(lua_State *L, dx_str query) {
   }
 }
 
+/* ---- the request's lazy fields ----
+ * headers, query, protocols and extensions are tables that most
+ * connections never read, each made from what the request keeps anyway
+ * (its header bytes, raw_query, or a header's value): made on first read
+ * and stored in the request then, so an idle connection does not hold
+ * four tables. */
+
+static dx_str raw_field(lua_State *L, int req, const char *header, const char *field) {
+  dx_str s = {NULL, 0};
+  if (header) {
+    if (lua_getfield(L, req, "headers") != LUA_TTABLE) return s; /* left on the stack */
+    lua_getfield(L, -1, header);
+  } else {
+    lua_pushstring(L, field);
+    lua_rawget(L, req);
+  }
+  if (lua_type(L, -1) == LUA_TSTRING) s.p = lua_tolstring(L, -1, &s.n);
+  return s;
+}
+
+/* The comma-separated list of a header value, OWS trimmed, empty items
+ * skipped (what dx_http_list does over the header lines). */
+static void push_list(lua_State *L, dx_str v) {
+  lua_newtable(L);
+  const char *p = v.p, *end = v.p + v.n;
+  lua_Integer i = 0;
+  while (p && p < end) {
+    const char *c = memchr(p, ',', (size_t)(end - p)), *e = c ? c : end;
+    while (p < e && dx_http_is_ows(*p)) p++;
+    const char *q = e;
+    while (q > p && dx_http_is_ows(q[-1])) q--;
+    if (q > p) {
+      lua_pushlstring(L, p, (size_t)(q - p));
+      lua_rawseti(L, -2, ++i);
+    }
+    p = c ? c + 1 : end;
+  }
+}
+
+/* The headers wait as one string of lower-cased names and values, each
+ * ended by a NUL (neither may hold one: the parser checked them), and
+ * become the table the first time request.headers is read: a string of
+ * the header bytes is about half the size of a table holding them. */
+static const char HEADERS_KEY = 0;
+
+static void push_packed_headers(lua_State *L, const dx_http_msg *m) {
+  size_t total = 0;
+  for (size_t i = 0; i < m->nheaders; i++) total += m->headers[i].name.n + m->headers[i].value.n + 2;
+  luaL_Buffer b;
+  char *s = luaL_buffinitsize(L, &b, total);
+  for (size_t i = 0; i < m->nheaders; i++) {
+    const dx_http_header *h = &m->headers[i];
+    for (size_t j = 0; j < h->name.n; j++) {
+      char c = h->name.p[j];
+      *s++ = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+    }
+    *s++ = '\0';
+    if (h->value.n) memcpy(s, h->value.p, h->value.n);
+    s += h->value.n;
+    *s++ = '\0';
+  }
+  luaL_pushresultsize(&b, total);
+}
+
+/* The table of a packed string: a repeated header's values joined with
+ * ", ", as push_headers does. */
+static void unpack_headers(lua_State *L, const char *p, size_t n) {
+  const char *end = p + n;
+  lua_newtable(L);
+  int t = lua_gettop(L);
+  while (p < end) {
+    size_t nl = strlen(p);
+    const char *v = p + nl + 1;
+    size_t vl = strlen(v);
+    lua_pushlstring(L, p, nl);
+    lua_pushvalue(L, -1);
+    if (lua_rawget(L, t) == LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, v, vl);
+    } else {
+      lua_pushliteral(L, ", ");
+      lua_pushlstring(L, v, vl);
+      lua_concat(L, 3);
+    }
+    lua_rawset(L, t);
+    p = v + vl + 1;
+  }
+}
+
+/* Push the first value of header name (lower case) of the request at
+ * index 1, from its packed bytes or, once made, its headers table. */
+static int push_first_header(lua_State *L, const char *name) {
+  if (lua_rawgetp(L, 1, &HEADERS_KEY) == LUA_TSTRING) {
+    size_t n;
+    const char *p = lua_tolstring(L, -1, &n), *end = p + n;
+    while (p < end) {
+      const char *v = p + strlen(p) + 1;
+      size_t vl = strlen(v);
+      if (strcmp(p, name) == 0) {
+        lua_pushlstring(L, v, vl);
+        return 1;
+      }
+      p = v + vl + 1;
+    }
+    lua_pushnil(L);
+    return 1;
+  }
+  if (lua_getfield(L, 1, "headers") != LUA_TTABLE) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_getfield(L, -1, name);
+  return 1;
+}
+
+/* Fields read off others each time rather than stored: storing one would
+ * grow the request's hash part past its 8 entries. */
+static int request_derived(lua_State *L, const char *k) {
+  if (strcmp(k, "host") == 0) return push_first_header(L, "host");
+  if (strcmp(k, "origin") == 0) return push_first_header(L, "origin");
+  if (strcmp(k, "key") == 0) return push_first_header(L, "sec-websocket-key");
+  if (strcmp(k, "remote_address") == 0) { /* set when a trusted proxy names another */
+    lua_pushliteral(L, "peer_address");
+    lua_rawget(L, 1);
+    return 1;
+  }
+  if (strcmp(k, "path") == 0) {
+    lua_pushliteral(L, "target");
+    if (lua_rawget(L, 1) != LUA_TSTRING) return 1;
+    dx_str target, path, query;
+    target.p = lua_tolstring(L, -1, &target.n);
+    dx_http_split_target(target, &path, &query);
+    push_str(L, path);
+    return 1;
+  }
+  return 0;
+}
+
+static int request_index(lua_State *L) {
+  if (lua_type(L, 2) != LUA_TSTRING) return 0;
+  const char *k = lua_tostring(L, 2);
+  int top = lua_gettop(L);
+  int derived = request_derived(L, k);
+  if (derived) return derived;
+  if (strcmp(k, "headers") == 0) {
+    if (lua_rawgetp(L, 1, &HEADERS_KEY) != LUA_TSTRING) return 0;
+    size_t n;
+    const char *packed = lua_tolstring(L, -1, &n);
+    unpack_headers(L, packed, n);
+    lua_pushnil(L);
+    lua_rawsetp(L, 1, &HEADERS_KEY);
+  } else if (strcmp(k, "query") == 0) {
+    push_query(L, raw_field(L, 1, NULL, "raw_query"));
+  } else if (strcmp(k, "protocols") == 0) {
+    push_list(L, raw_field(L, 1, "sec-websocket-protocol", NULL));
+  } else if (strcmp(k, "extensions") == 0) {
+    dx_str v = raw_field(L, 1, "sec-websocket-extensions", NULL);
+    lua_newtable(L);
+    if (v.p) push_extension_list(L, lua_gettop(L), v.p, v.n);
+  } else {
+    return 0;
+  }
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, 1);
+  lua_replace(L, top + 1);
+  lua_settop(L, top + 1);
+  return 1;
+}
+
 static void push_request(lua_State *L, const dx_http_msg *m) {
   dx_ws_request r;
   dx_str path, query;
   dx_ws_check_request(m, &r);
   dx_http_split_target(m->target, &path, &query);
-  lua_createtable(L, 0, 19);
+  /* room for these six and the two the server adds (peer_address,
+   * peer_port): an 8-entry hash part. What can be read off them (path,
+   * host, origin, key, remote_address: request_index) is not stored. */
+  (void)path;
+  lua_createtable(L, 0, 8);
+  luaL_setmetatable(L, REQUEST_MT);
   push_str(L, m->method);
   lua_setfield(L, -2, "method");
   push_str(L, m->target);
   lua_setfield(L, -2, "target");
-  push_str(L, path);
-  lua_setfield(L, -2, "path");
   push_str(L, query);
   lua_setfield(L, -2, "raw_query");
-  push_query(L, query);
-  lua_setfield(L, -2, "query");
   push_version(L, m);
   lua_setfield(L, -2, "version");
-  push_headers(L, m);
-  lua_setfield(L, -2, "headers");
-  push_str(L, r.host);
-  lua_setfield(L, -2, "host");
-  push_str(L, r.origin);
-  lua_setfield(L, -2, "origin");
-  push_str(L, r.key);
-  lua_setfield(L, -2, "key");
-
-  dx_http_list l;
-  dx_str item;
-  lua_newtable(L);
-  dx_http_list_init(&l, m, "sec-websocket-protocol");
-  for (lua_Integer i = 1; dx_http_list_next(&l, &item); i++) {
-    push_str(L, item);
-    lua_rawseti(L, -2, i);
-  }
-  lua_setfield(L, -2, "protocols");
-  push_extensions(L, m);
-  lua_setfield(L, -2, "extensions");
+  push_packed_headers(L, m);
+  lua_rawsetp(L, -2, &HEADERS_KEY);
 
   lua_pushboolean(L, r.websocket);
   lua_setfield(L, -2, "websocket");
@@ -674,6 +829,10 @@ void dx_open_handshake(lua_State *L) {
                                    {NULL, NULL}};
   new_class(L, SERVER_MT, server_methods, l_server_close, l_server_tostring);
   new_class(L, CLIENT_MT, client_methods, l_client_close, l_client_tostring);
+  luaL_newmetatable(L, REQUEST_MT);
+  lua_pushcfunction(L, request_index);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
   luaL_newmetatable(L, TMPBUF_MT);
   lua_pushcfunction(L, tmpbuf_gc);
   lua_setfield(L, -2, "__gc");

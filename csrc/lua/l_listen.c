@@ -87,10 +87,9 @@ static int accept_k(lua_State *L, int status, lua_KContext ctx) {
   if (fd < 0) return dx_lua_fail_errno(L, fd);
   l->burst++;
   int err;
-  lsock *s = dx_sock_push(L, l->loop, fd, &err);
+  lsock *s = dx_sock_push(L, l->loop, fd, UV_SERVER, &err);
   if (!s) return dx_lua_fail_errno(L, err);
-  dx_sock_nodelay(fd, 1);
-  return 1;
+  return 1; /* TCP_NODELAY comes from the listener (dx_sock_listen) */
 }
 
 static int listener_accept(lua_State *L) {
@@ -113,8 +112,7 @@ static int listener_drain(lua_State *L) {
     int fd = dx_sock_accept(l->io.fd);
     if (fd < 0) break;
     int err;
-    if (!dx_sock_push(L, l->loop, fd, &err)) continue;
-    dx_sock_nodelay(fd, 1);
+    if (!dx_sock_push(L, l->loop, fd, UV_SERVER, &err)) continue;
     lua_rawseti(L, -2, n);
   }
   return 1;

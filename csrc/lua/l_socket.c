@@ -82,11 +82,19 @@ static void set_blocked(lsock *s, int blocked) {
     s->loop->nblocked--;
 }
 
+/* The socket's own bytes (a 101, an HTTP answer) come once or rarely, and
+ * then the engine's frames follow: an emptied buffer gives its memory back
+ * rather than keep it for every idle connection. */
+static void consume_own(lsock *s, size_t n) {
+  dx_buf_consume(&s->out, n);
+  if (dx_buf_size(&s->out) == 0) dx_buf_free(&s->out);
+}
+
 static void consume2(lsock *s, size_t n) {
   size_t own = dx_buf_size(&s->out);
   if (own > 0) {
     size_t k = n < own ? n : own;
-    dx_buf_consume(&s->out, k);
+    consume_own(s, k);
     n -= k;
   }
   if (n > 0) dx_out_consume(&s->engine->out, n);
@@ -137,7 +145,7 @@ static int flush_tls(lsock *s) {
     if (src == 2) s->engine->out_pinned = 0;
     if (rc == DX_TLS_DONE) {
       s->tls_wsrc = 0;
-      if (src == 1) dx_buf_consume(&s->out, put);
+      if (src == 1) consume_own(s, put);
       else dx_out_consume(&s->engine->out, put);
     } else if (rc == DX_TLS_WANT_READ || rc == DX_TLS_WANT_WRITE) {
       s->tls_wsrc = src;
@@ -202,10 +210,11 @@ static void detach_engine(lsock *s) {
   s->engine = NULL;
 }
 
-/* Push a socket for a connected fd (which it owns from now on), or return
- * NULL with nothing pushed and fd closed. */
-lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int *err) {
-  lsock *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
+/* Push a socket for a connected fd (which it owns from now on), with nuv
+ * uservalues: an accepted socket has no host to keep. Or return NULL with
+ * nothing pushed and fd closed. */
+lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int nuv, int *err) {
+  lsock *s = lua_newuserdatauv(L, sizeof *s, nuv);
   memset(s, 0, sizeof *s);
   dx_io_init(&s->io, sock_event);
   dx_dirty_init(&s->dirty, sock_dirty_flush);

@@ -15,8 +15,9 @@
 #define DX_SOCK_MT "duplex.socket"
 #define DX_ERR_MAX 256
 
-/* uservalues of a socket */
-enum { UV_ENGINE = 1, UV_TLSCTX, UV_HOST, UV_COUNT = UV_HOST };
+/* uservalues of a socket: an accepted one has the first two (UV_SERVER),
+ * a connected one all three */
+enum { UV_ENGINE = 1, UV_TLSCTX, UV_HOST, UV_SERVER = UV_TLSCTX, UV_COUNT = UV_HOST };
 
 typedef struct lsock {
   dx_io io;
@@ -27,18 +28,19 @@ typedef struct lsock {
   SSL *ssl;
   uint32_t flush_want; /* readiness a blocked flush waits for */
   int werr;            /* sticky write error (errno) */
-  int closed, wr_shut;
-  int blocked;     /* the kernel (or TLS) would not take more output */
-  int tls_wsrc;    /* the buffer an SSL_write must be retried with: 1 own, 2 engine */
-  int handshaking; /* output waits until the TLS handshake is done */
-  int tls_failed;  /* fatal TLS error: no more TLS calls */
+  /* Flags as bytes: one socket per idle connection. */
+  uint8_t closed, wr_shut;
+  uint8_t blocked;     /* the kernel (or TLS) would not take more output */
+  uint8_t tls_wsrc;    /* the buffer an SSL_write must be retried with: 1 own, 2 engine */
+  uint8_t handshaking; /* output waits until the TLS handshake is done */
+  uint8_t tls_failed;  /* fatal TLS error: no more TLS calls */
   /* A short read emptied the kernel's receive buffer: the next read would
    * only say EAGAIN, so wait for the next EPOLLIN edge instead of asking
    * (one system call less per message in a request/response exchange). */
-  int rd_empty;
+  uint8_t rd_empty;
   /* The peer's FIN (or an error) was seen with some data: the data and the
    * end can be reported by one edge, so after it every read really reads. */
-  int rd_hup;
+  uint8_t rd_hup;
   /* receive's share of the current loop pass (see PASS_EVENTS) */
   uint64_t pass;
   unsigned pass_events;
@@ -47,9 +49,10 @@ typedef struct lsock {
 
 /* The socket at idx (raises a Lua error otherwise). */
 lsock *dx_sock_check(lua_State *L, int idx);
-/* Push a socket for a connected fd (which it owns from now on), or return
- * NULL with nothing pushed, fd closed and *err set. */
-lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int *err);
+/* Push a socket for a connected fd (which it owns from now on) with nuv
+ * uservalues (UV_SERVER or UV_COUNT), or return NULL with nothing pushed,
+ * fd closed and *err set. */
+lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int nuv, int *err);
 /* Close now. Orderly: write what the kernel takes at once and send TLS
  * close_notify, then FIN; output that does not fit is dropped (flush first
  * to be sure). Abortive: RST. Waiters get "closed". */

@@ -51,6 +51,11 @@ void dx_proto_shrink(dx_proto *p) {
   if (p->in_len == 0) dx_buf_shrink(&p->pend);
 }
 
+int dx_proto_holding(const dx_proto *p) {
+  return p->out.bytes.data || p->out.refs || p->zin.data || p->zout.data || p->msg.data || p->ctl.data ||
+         p->pend.data;
+}
+
 int dx_random(uint8_t *out, size_t n) { return RAND_bytes(out, (int)n) == 1 ? 0 : -1; }
 
 const char *dx_proto_strerror(int err) {

@@ -100,10 +100,12 @@ typedef struct dx_proto_stats {
 
 struct dx_proto {
   dx_config cfg;
-  int state;
-  int close_by_peer;  /* who started the closing handshake */
-  int close_sent;     /* a close frame is in out (or written) */
-  int overflowed;     /* failed because out passed max_pending */
+  /* Flags and small codes are bytes: every idle connection holds an
+   * engine, and ints here cost it some 40 bytes of padding. */
+  uint8_t state;
+  uint8_t close_by_peer; /* who started the closing handshake */
+  uint8_t close_sent;    /* a close frame is in out (or written) */
+  uint8_t overflowed;    /* failed because out passed max_pending */
   dx_out out;         /* bytes to write to the peer */
   /* Bytes at the head of out that the host has handed to a write it must
    * repeat as they are (a TLS write that wants to be retried): the engine
@@ -122,11 +124,11 @@ struct dx_proto {
   uint8_t hdr_len;
   dx_frame_header fh; /* the frame whose payload is arriving */
   uint64_t fh_left;   /* payload bytes of fh still to come */
-  int in_frame;       /* parsing a payload (fh valid) */
-  unsigned mask_off;  /* key offset for the next payload byte */
-  int msg_opcode;     /* TEXT/BINARY of the open message, 0 when none */
-  int msg_compressed; /* RSV1 set on the message's first frame */
-  int msg_first_out;  /* streaming: next FRAGMENT is the first */
+  uint8_t in_frame;       /* parsing a payload (fh valid) */
+  uint8_t mask_off;       /* key offset (0..3) for the next payload byte */
+  uint8_t msg_opcode;     /* TEXT/BINARY of the open message, 0 when none */
+  uint8_t msg_compressed; /* RSV1 set on the message's first frame */
+  uint8_t msg_first_out;  /* streaming: next FRAGMENT is the first */
   uint64_t msg_size;  /* payload bytes of the open message so far */
   uint32_t utf8;      /* UTF-8 validator state for the open text message */
   dx_buf msg;         /* reassembly of a message or of a control frame */
@@ -138,10 +140,10 @@ struct dx_proto {
    * control payload split across reads): clear that one on the next call.
    * Separate flags, since a control frame may arrive in the middle of a
    * fragmented message whose assembly must go on. */
-  int release_msg, release_ctl;
-  int failed;         /* a protocol error was reported; input is ignored */
-  int nomem;          /* keeping input failed: report it as an error */
-  int pending_close_event; /* close frame parsed, event not yet delivered */
+  uint8_t release_msg, release_ctl;
+  uint8_t failed;         /* a protocol error was reported; input is ignored */
+  uint8_t nomem;          /* keeping input failed: report it as an error */
+  uint8_t pending_close_event; /* close frame parsed, event not yet delivered */
   uint16_t peer_close_code;
 
   /* --- send side (private) --- */
@@ -151,9 +153,9 @@ struct dx_proto {
    * answering only the latest ping is allowed), so a ping flood that never
    * reads its pongs costs one pong, not a queue of them. */
   uint64_t pong_start, pong_end;
-  int send_opcode; /* opcode of an open fragmented outgoing message, or 0 */
-  uint32_t send_utf8; /* UTF-8 state of an open outgoing text message */
-  int send_compressed;
+  uint32_t send_utf8;      /* UTF-8 state of an open outgoing text message */
+  uint8_t send_opcode;     /* opcode of an open fragmented outgoing message, or 0 */
+  uint8_t send_compressed;
   dx_buf zout;     /* compressed payload of the frame being sent */
   dx_proto_stats stats;
 };
@@ -219,6 +221,9 @@ int dx_proto_send_raw_ref(dx_proto *p, const void *frame, size_t n, uint64_t ref
 
 /* Give back the memory of every empty buffer (for idle connections). */
 void dx_proto_shrink(dx_proto *p);
+/* Whether any buffer holds memory (what a shrink could give back, or what
+ * is still in use). */
+int dx_proto_holding(const dx_proto *p);
 
 /* Bytes waiting in out (take them with dx_out_spans, then dx_out_consume). */
 static inline size_t dx_proto_pending(const dx_proto *p) { return dx_out_size(&p->out); }

@@ -113,14 +113,28 @@ int dx_ws_key_valid(const char *key, size_t n) {
   return 1;
 }
 
+/* Every 101 hashes a key: a context allocated per call and, on OpenSSL 3,
+ * the implicit fetch behind EVP_sha1() were most of the cost. One context
+ * and one fetched digest per thread, kept (still reachable at exit). */
+static const EVP_MD *sha1_md(void) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+  static __thread EVP_MD *md;
+  if (!md) md = EVP_MD_fetch(NULL, "SHA1", NULL);
+  return md;
+#else
+  return EVP_sha1();
+#endif
+}
+
 int dx_ws_accept(const char *key, size_t n, char *out) {
+  static __thread EVP_MD_CTX *ctx;
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned mdlen = 0;
-  EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-  int ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha1(), NULL) && EVP_DigestUpdate(ctx, key, n) &&
+  if (!ctx) ctx = EVP_MD_CTX_new();
+  const EVP_MD *sha1 = sha1_md();
+  int ok = ctx && sha1 && EVP_DigestInit_ex(ctx, sha1, NULL) && EVP_DigestUpdate(ctx, key, n) &&
            EVP_DigestUpdate(ctx, WS_GUID, sizeof WS_GUID - 1) &&
            EVP_DigestFinal_ex(ctx, md, &mdlen);
-  EVP_MD_CTX_free(ctx);
   if (!ok || mdlen != 20) return -1;
   EVP_EncodeBlock((unsigned char *)out, md, 20);
   return 0;

@@ -40,6 +40,17 @@ local READ_SIZE = 65536 -- per read while handshaking: headers are limited far b
 
 handshake.max_message = core.defaults.max_message
 
+-- What core.engine gets for a route's connections (handshake.route makes
+-- it once; a route table made otherwise gets it here).
+local function engine_options(route)
+  return {
+    role = "server", max_message = route.max_message, max_frame = route.max_frame,
+    streaming = route.streaming, max_buffered = route.max_buffered or max_buffered,
+  }
+end
+
+local response_opts = {}
+
 --- Server side: the settings of one route (spec may be a handler function),
 --- each of duplex.options.route falling back to opts (the server's), then
 --- to the library's. level is the error level for a bad spec.
@@ -59,6 +70,7 @@ function handshake.route(opts, spec, level)
     route[k] = v
   end
   if route.max_message == nil then route.max_message = handshake.max_message end
+  route.engine_options = engine_options(route)
   if route.origins then
     local set = {}
     for _, o in ipairs(route.origins) do set[o:lower()] = true end
@@ -101,7 +113,8 @@ end
 ---@param data string|nil
 ---@return duplex.RequestRead
 function handshake.read_request(src, limits, deadline, data)
-  local hs = core.handshake_server { max_header_size = limits.max_header_size, max_headers = limits.max_headers }
+  -- the parser reads its two limits from limits itself: no table per request
+  local hs = core.handshake_server(limits)
   while true do
     if data then
       local req, status, msg = hs:feed(data)
@@ -148,13 +161,13 @@ function handshake.accept(route, req)
     ext, pmd_params = core.pmd_accept(req.extensions, route.deflate_policy)
     if not ext then pmd_params = nil end -- no acceptable offer: no compression
   end
-  local response = core.handshake_response {
-    key = req.key, protocol = protocol, extensions = ext, headers = route.headers,
-  }
-  local engine = core.engine {
-    role = "server", max_message = route.max_message, max_frame = route.max_frame,
-    streaming = route.streaming, max_buffered = route.max_buffered or max_buffered,
-  }
+  -- Options tables made once, not per handshake: the C calls read them and
+  -- keep nothing.
+  response_opts.key, response_opts.protocol, response_opts.extensions, response_opts.headers =
+    req.key, protocol, ext, route.headers
+  local response = core.handshake_response(response_opts)
+  response_opts.key, response_opts.headers = nil, nil
+  local engine = core.engine(route.engine_options or engine_options(route))
   if pmd_params then core.pmd_attach(engine, "server", pmd_params, route.deflate_policy) end
   return { response = response, engine = engine, info = {
     request = req, protocol = protocol, extensions = ext, deflate = pmd_params ~= nil,

@@ -158,4 +158,14 @@ function runtime.schedule(m, due)
   scheduled = scheduled + 1
 end
 
+--- Whether m is unscheduled or due after time t: what a member asks before
+--- moving its time earlier (scheduling reads the slot, never the clock).
+---@param m {_slot: integer|false}
+---@param t number
+---@return boolean
+function runtime.due_after(m, t)
+  local slot = m._slot
+  return not slot or slot > t / TICK
+end
+
 return runtime

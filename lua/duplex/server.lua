@@ -72,7 +72,11 @@ local function serve_http(self, sock, req, route)
   respond(sock, handshake.refusal(req))
 end
 
-local function upgrade(self, sock, req, hs, route)
+-- The 101 and the connection object. Apart from upgrade below, so that
+-- what only the handshake needs (the answer, the response's bytes) dies
+-- with this frame instead of staying on the stack of every idle
+-- connection's coroutine.
+local function open(self, sock, req, hs, route)
   local answer = handshake.accept(route, req)
   if not answer.response then return respond(sock, answer.status, answer.headers, answer.body) end
   local engine, info = answer.engine, answer.info
@@ -81,10 +85,7 @@ local function upgrade(self, sock, req, hs, route)
   local rest = hs:rest()
   if #rest > 0 then engine:feed(rest) end
   info.remote_address, info.remote_port, info.server = req.remote_address, req.peer_port, self
-  local ws = WebSocket.new(sock, engine, route, info)
-  self.connections[ws] = true
-  ws:serve(route, req, function(msg) self.log("error", msg) end)
-  self.connections[ws] = nil
+  return WebSocket.new(sock, engine, route, info)
 end
 
 local function serve(self, sock)
@@ -92,11 +93,23 @@ local function serve(self, sock)
   if not req then return end
   local ip, port = sock:peer()
   req.peer_address, req.peer_port = ip, port
-  req.remote_address = addr.client_address(ip, req.headers["x-forwarded-for"], self.trusted_proxies)
+  -- X-Forwarded-For counts only from a trusted proxy: asked for otherwise,
+  -- request.headers would be made for every connection (it waits as
+  -- bytes). Without one, request.remote_address reads peer_address.
+  if self.trusted_proxies(ip) then
+    req.remote_address = addr.client_address(ip, req.headers["x-forwarded-for"], self.trusted_proxies)
+  end
   local route = self.routes[req.path] or self.routes["*"]
   if not req.websocket then return serve_http(self, sock, req, route) end
   if not route then return respond(sock, 404, nil, "not found") end
-  return upgrade(self, sock, req, hs, route)
+  local ws = open(self, sock, req, hs, route)
+  if not ws then return end
+  -- the connection owns its socket from here: one entry for it, not two
+  -- (handle removes it)
+  self.sockets[sock], self.connections[sock] = nil, ws
+  -- a tail call: serve's frame (the parser among its locals) is gone
+  -- while the connection lives
+  return ws:serve(route, req, self._log_error)
 end
 
 local function handle(self, sock)
@@ -104,7 +117,7 @@ local function handle(self, sock)
   self.sockets[sock] = true
   local ok, err = xpcall(serve, debug.traceback, self, sock)
   if not ok then self.log("error", tostring(err)) end
-  self.sockets[sock] = nil
+  self.sockets[sock], self.connections[sock] = nil, nil
   sock:close()
   self.count = self.count - 1
   if self.count == 0 then
@@ -152,6 +165,7 @@ function server.listen(opts)
     sockets = {},
     connections = {},
   }, Server)
+  self._log_error = function(msg) self.log("error", msg) end
   for k, v in pairs(defaults) do
     if opts[k] == nil then self[k] = v else self[k] = opts[k] end
   end
@@ -189,7 +203,7 @@ end
 ---@return duplex.WebSocket[]
 function Server:clients()
   local list = {}
-  for ws in pairs(self.connections) do list[#list + 1] = ws end
+  for _, ws in pairs(self.connections) do list[#list + 1] = ws end
   return list
 end
 
@@ -205,7 +219,7 @@ end
 
 local function shutdown(self, timeout)
   self:stop_accepting()
-  for ws in pairs(self.connections) do ws:start_close(1001, "server shutting down") end
+  for _, ws in pairs(self.connections) do ws:start_close(1001, "server shutting down") end
   local deadline = now() + (timeout or 10)
   while self.count > 0 and now() < deadline do
     self._drained = coroutine.running()
@@ -213,7 +227,7 @@ local function shutdown(self, timeout)
     self._drained = nil
   end
   -- Their readers should learn why the connection ended, not just "closed".
-  for ws in pairs(self.connections) do ws:abort("server shutdown: no close reply in time") end
+  for _, ws in pairs(self.connections) do ws:abort("server shutdown: no close reply in time") end
   for sock in pairs(self.sockets) do sock:close(true) end
   -- The accept loop ends once it runs and sees its listener closed: let it,
   -- so that nothing of this server is left in the loop.

@@ -51,11 +51,16 @@ local defaults = {
 }
 WebSocket._defaults = defaults
 
-local function opt(opts, k)
-  local v = opts[k]
-  if v == nil then return defaults[k] end
-  return v
-end
+-- A connection's table holds only what is its own: a setting equal to the
+-- default, and every field whose value is the usual one, is read through
+-- the class from here (ten thousand idle connections each keep a hash part
+-- of 16 entries instead of 32).
+local shared = {
+  role = "server", streaming = false, deflate = false,
+  _slot = false, _next = false, _prev = false, -- the runtime's timer wheel
+}
+setmetatable(shared, { __index = defaults })
+setmetatable(WebSocket, { __index = shared })
 
 --- Wrap an engine attached to a socket. Used by duplex.server and
 --- duplex.client once the handshake is done; class is WebSocket (our loop)
@@ -71,23 +76,20 @@ function WebSocket.new(sock, engine, opts, info, class)
   local self = setmetatable({
     sock = sock,
     engine = engine,
-    role = engine:role(),
     state = "open",
-    streaming = opts.streaming or false,
-    ping_interval = opt(opts, "ping_interval"),
-    ping_timeout = opt(opts, "ping_timeout"),
-    close_timeout = opt(opts, "close_timeout"),
-    high_water = opt(opts, "high_water"),
-    low_water = opt(opts, "low_water"),
-    max_buffered = opt(opts, "max_buffered"),
-    send_timeout = opt(opts, "send_timeout"),
-    compress_threshold = opt(opts, "compress_threshold"),
-    deflate = info.deflate or false,
     data = {},
     _last_seen = now(),
-    _slot = false, _next = false, _prev = false, -- the runtime's timer wheel
   }, class)
-  for k, v in pairs(info) do self[k] = v end
+  local role = engine:role()
+  if role ~= shared.role then self.role = role end
+  if opts.streaming then self.streaming = true end
+  for k, v in pairs(defaults) do
+    local o = opts[k]
+    if o ~= nil and o ~= v then self[k] = o end
+  end
+  for k, v in pairs(info) do
+    if v ~= shared[k] then self[k] = v end
+  end
   if self.low_water > self.high_water then self.low_water = self.high_water end
   if class.watched then self:_arm(self._last_seen) end
   return self
@@ -196,8 +198,19 @@ function WebSocket:_event(kind, data, a, b, c)
   end
 end
 
+-- How long the next read may wait: until the caller's deadline, and on a
+-- connection no loop timer watches, until its heartbeat is due (the reader
+-- keeps it then, between reads).
+local function read_wait(self, deadline)
+  local wait = deadline and math.max(0, deadline - now())
+  if not self.watched then
+    local due = self:_due(now())
+    if due and (not wait or due < wait) then wait = due end
+  end
+  return wait
+end
+
 local function receive(self, timeout)
-  local engine, sock = self.engine, self.sock
   local deadline = timeout and now() + timeout
   self._reading = true
   while true do
@@ -205,24 +218,16 @@ local function receive(self, timeout)
       self._reading = false
       return self:_closed_result()
     end
-    local wait = deadline and math.max(0, deadline - now())
-    local beat = false
-    if not self.watched then
-      -- No loop timer watches this connection: the heartbeat and the
-      -- close deadline are kept by whoever reads it, between reads.
-      local due = self:_due(now())
-      if due and (not wait or due < wait) then wait, beat = due, true end
-    end
     -- The next event, parsed from what was read before or from a new read.
-    local kind, data, a, b, c = sock:receive(engine, wait)
+    -- An idle connection's coroutine waits in this call, and its stack is
+    -- as deep as the registers in use here: few locals above it.
+    local kind, data, a, b, c = self.sock:receive(self.engine, read_wait(self, deadline))
     if kind then
-      self._last_seen = now() -- any traffic proves the peer alive
-      if self._shrunk then
-        self._shrunk = false
-        -- the timer waits for a ping due much later: it must give the
-        -- buffers back a second after this burst ends
-        if self.watched then self:_arm(self._last_seen) end
-      end
+      local t = now()
+      self._last_seen = t -- any traffic proves the peer alive
+      -- After a quiet spell the timer waits for a ping due much later: it
+      -- must give the buffers back a second after this burst ends.
+      if self.watched and runtime.due_after(self, t + 1.25) then self:_arm(t) end
       if kind == "text" or kind == "binary" then -- the common case, first
         self._reading = false
         return data, kind
@@ -232,8 +237,8 @@ local function receive(self, timeout)
         self._reading = false
         return r1, r2, r3, r4
       end
-    elseif data == "timeout" and beat then
-      self:_sweep(now())
+    elseif data == "timeout" and not (deadline and now() >= deadline) then
+      self:_sweep(now()) -- the heartbeat's turn (read_wait)
     elseif data == "timeout" then
       self._reading = false
       return nil, "timeout"
@@ -259,11 +264,13 @@ end
 --- `for message, kind in ws:messages() do ... end`
 ---@return fun(): string|nil, string|nil, boolean|nil
 function WebSocket:messages()
-  return function()
-    local m, kind, fin = self:receive()
-    if m == nil then return nil end
-    return m, kind, fin
-  end
+  return self._next_message, self
+end
+
+-- The iterator without a closure per connection: the generic for hands it
+-- the connection, and receive's nil at the end stops the loop.
+function WebSocket._next_message(self)
+  return self:receive()
 end
 
 local function wait_for_room(self)
@@ -507,10 +514,7 @@ function WebSocket:_sweep(t)
   if self.state ~= "open" then return end
   -- Buffers keep their memory while traffic flows; a connection quiet for
   -- a second gives it back.
-  if not self._shrunk and t - self._last_seen > 1 and self.engine:pending() == 0 then
-    self.engine:shrink()
-    self._shrunk = true
-  end
+  if t - self._last_seen > 1 and self.engine:pending() == 0 then self.engine:shrink() end
   if self.ping_interval <= 0 then return end
   local sent = self._ping_sent
   if sent then
@@ -548,7 +552,7 @@ end
 
 function WebSocket:_arm(t)
   local due = self.state ~= "closed" and self:_due(t)
-  if self.state == "open" and not self._shrunk then
+  if self.state == "open" and self.engine:holding() then
     local quiet = math.max(self._last_seen + 1.001 - t, 0)
     if quiet == 0 then quiet = 1 end -- a queue kept it from shrinking: try again later
     if not due or quiet < due then due = quiet end

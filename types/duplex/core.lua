@@ -341,6 +341,10 @@ function Engine:release() end
 --- Free the memory of empty buffers (an idle connection).
 function Engine:shrink() end
 
+--- Whether the engine's buffers hold memory (in use, or for shrink to free).
+---@return boolean
+function Engine:holding() end
+
 ---@class duplex.core.Socket
 local Socket = {}
 
