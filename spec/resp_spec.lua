@@ -107,6 +107,8 @@ describe("redis broker against a Redis that pushes nonsense", function()
               p:feed(d)
             elseif v[1] == "PING" then
               s:write("+PONG\r\n")
+            elseif v[1] == "CLIENT" then -- SETNAME: the broker names its connections
+              s:write("+OK\r\n")
             elseif v[1] == "SUBSCRIBE" then
               s:write(resp.command("subscribe", v[2], 1))
               if push and v[2] == "duplex:room" then s:write(push) end
