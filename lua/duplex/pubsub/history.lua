@@ -7,6 +7,8 @@
 --- the topic's history is lost. A topic that never had a publication is at
 --- { epoch = "", offset = 0 }, and a client there may recover into
 --- whatever epoch comes next.
+local core = require "duplex.core"
+
 local history = {}
 
 history.defaults = {
@@ -114,6 +116,12 @@ function history.parse_position(s)
   local epoch, offset = s:match("^([%w]*):(%d+)$")
   if not epoch or #offset > 15 then return nil end
   return { epoch = epoch, offset = tonumber(offset) }
+end
+
+--- 16 random hex digits: a new epoch (or a node's name), unlike any other.
+---@return string
+function history.random_id()
+  return (core.random(8):gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
 
 return history

@@ -40,10 +40,6 @@ function Broker:has_history(topic) return self.history(topic) ~= nil end
 function Broker.subscribe() end
 function Broker.unsubscribe() end
 
-local function new_epoch()
-  return (core.random(8):gsub(".", function(c) return ("%02x"):format(c:byte()) end))
-end
-
 -- The topic's stream, unless its ttl ran out (then its history is gone,
 -- and the next publication starts a new epoch).
 function Broker:_stream(topic)
@@ -60,7 +56,7 @@ function Broker:publish(topic, message, kind)
   if not rule then return true end
   local s = self:_stream(topic)
   if not s then
-    s = { epoch = new_epoch(), offset = 0, first = 1, entries = {} }
+    s = { epoch = history.random_id(), offset = 0, first = 1, entries = {} }
     self.streams[topic] = s
   end
   s.offset = s.offset + 1

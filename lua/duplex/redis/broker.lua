@@ -121,8 +121,6 @@ local function tagged(self, topic, suffix)
   return self.prefix .. "{" .. tag .. "}" .. topic .. suffix
 end
 
-function broker._tagged(prefix, topic, suffix) return tagged({ prefix = prefix }, topic, suffix) end
-
 local function channel_of(self, topic)
   if self.sharded then return tagged(self, topic, "") end
   return self.prefix .. topic
@@ -148,9 +146,7 @@ local CLIENT_OPTIONS = { "url", "tls", "connect_timeout", "ping_interval", "max_
 
 local ROLE = { commands = "publisher", subscriber = "subscriber" }
 
-local function random_id()
-  return (core.random(8):gsub(".", function(c) return ("%02x"):format(c:byte()) end))
-end
+local random_id = history.random_id
 
 ---@class duplex.RedisOptions
 ---@field url? string                 redis://[user:pass@]host:port or rediss://, default redis://127.0.0.1:6379
@@ -260,11 +256,7 @@ end
 -- The client's "up commands" is our publisher, its subscriber ours.
 function Broker:_client_status(status, detail)
   local role, rest = detail:match("^(%a+):? ?(.*)$")
-  if ROLE[role] then
-    self:_status(status, ROLE[role], rest ~= "" and rest or nil)
-  else
-    self:_status(status, detail:find("subscri") and "subscriber" or "publisher", detail)
-  end
+  self:_status(status, ROLE[role] or "publisher", rest ~= "" and rest or nil)
 end
 
 -- A cluster's reports name the node ("host:port commands", "host:port
@@ -725,5 +717,4 @@ function Broker:close()
   core.wake(self.worker)
 end
 
-broker.Broker = Broker
 return broker

@@ -482,8 +482,8 @@ end
 function Cluster:_run(entries, slot)
   local cfg = self.cfg
   local deadline = now() + cfg.retry_timeout
-  local out, todo = {}, {}
-  for i = 1, #entries do todo[i] = i end
+  local out, unanswered = {}, {}
+  for i = 1, #entries do unanswered[i] = i end
   local redirects, delay, ask, why = 0, cfg.backoff_min, nil, nil
   while true do
     if self.closed then return nil, "client closed", "connection" end
@@ -499,9 +499,9 @@ function Cluster:_run(entries, slot)
       local cl, cerr = self:_node(addr, deadline)
       if cl then
         local bytes = {}
-        for j, i in ipairs(todo) do bytes[j] = asking and ASKING .. entries[i] or entries[i] end
+        for j, i in ipairs(unanswered) do bytes[j] = asking and ASKING .. entries[i] or entries[i] end
         self.using[cl] = (self.using[cl] or 0) + 1
-        replies, cerr = cl:_pipeline(table.concat(bytes), asking and 2 * #todo or #todo)
+        replies, cerr = cl:_pipeline(table.concat(bytes), asking and 2 * #unanswered or #unanswered)
         self.using[cl] = self.using[cl] > 1 and self.using[cl] - 1 or nil
       end
       if not replies then err = addr .. ": " .. tostring(cerr) end
@@ -509,7 +509,7 @@ function Cluster:_run(entries, slot)
     local wait = err ~= nil
     if replies then
       local step, again, moved, retry = asking and 2 or 1, {}, nil, nil
-      for j, i in ipairs(todo) do
+      for j, i in ipairs(unanswered) do
         local v = replies[j * step]
         local what, s, target = redirect(v, addr)
         out[i] = v -- an error reply stays, should the time run out
@@ -526,7 +526,7 @@ function Cluster:_run(entries, slot)
         end
       end
       if #again == 0 then return out end
-      todo = again
+      unanswered = again
       if err then
         wait, ask = true, nil
       elseif moved then -- to the new place at once, but not forever
