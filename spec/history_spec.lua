@@ -302,6 +302,29 @@ describe("history through Redis", function()
     silent(c)
   end)
 
+  it("reads a new epoch's first publications from the stream when pub/sub brought a later one", function()
+    local a = node("a")
+    local srv = history_server { a = a }
+    local c = connect(srv, "/room")
+    outcome(c)
+    wait_until("subscribed", 5, function() return services.numsub(r.port, "h:room") == 1 end)
+    a:publish("room", "m1")
+    assert.matches("^%w+:1 m1$", receive(c, 1)[1])
+    -- The history starts over (Redis came back empty, say) and its first
+    -- publication is stored without reaching this node: the next one
+    -- comes live with offset 2 of the new epoch.
+    run(function()
+      local db = assert(redis.connect(r.url))
+      assert(db:call("DEL", "h:{room}room:m", "h:{room}room:h"))
+      assert(db:call("HSET", "h:{room}room:m", "e", "feed0001", "o", 1))
+      assert(db:call("XADD", "h:{room}room:h", "1-0", "n", "x", "k", "T", "d", "fresh1"))
+      db:close()
+    end)
+    a:publish("room", "fresh2")
+    assert.same({ "feed0001:1 fresh1", "feed0001:2 fresh2" }, receive(c, 2))
+    silent(c)
+  end)
+
   it("tells a client that its history expired, and starts a new epoch", function()
     local a = node("a", { history = { ttl = 1 } })
     local srv = history_server { a = a }

@@ -500,8 +500,8 @@ function Broker:_sequence(topic, pub)
     table.insert(st.catching, pub)
     return
   end
-  if pub.epoch ~= st.epoch then
-    st.epoch, st.offset = pub.epoch, pub.offset - 1
+  if pub.epoch ~= st.epoch then -- a new epoch counts from 1: what came before it is read
+    st.epoch, st.offset = pub.epoch, 0
   end
   if pub.offset <= st.offset then return end
   if pub.offset > st.offset + 1 then
@@ -531,9 +531,10 @@ function Broker:_read(topic, after)
 end
 
 -- Read the stream after the last offset delivered, deliver what it holds,
--- then what came live meanwhile. Should Redis not answer, the waiting
--- publications stay waiting for the next catch-up (the link coming back,
--- or the heartbeat), rather than retrying in a tight loop.
+-- then what came live meanwhile. Should Redis not answer (the subscriber
+-- is back before the command connection), live publications go on
+-- without waiting for it; what waits is read again half a second later,
+-- not in a tight loop.
 function Broker:_catch_up(topic, st)
   st.catching = st.catching or {}
   local h = self:_read(topic, st.offset)
@@ -544,7 +545,19 @@ function Broker:_catch_up(topic, st)
     st.epoch, st.offset = h.epoch, 0
     h = self:_read(topic, 0)
   end
-  if not h then return end
+  if not h then
+    if #st.catching == 0 then
+      st.catching = nil
+    elseif not self.retrying then
+      self.retrying = true
+      core.spawn(function()
+        core.sleep(0.5)
+        self.retrying = false
+        self:_kick("catch_up")
+      end)
+    end
+    return
+  end
   if h.epoch == st.epoch then
     local first = h.publications[1]
     if first and first.offset > st.offset + 1 then self.stats.gaps = self.stats.gaps + 1 end
