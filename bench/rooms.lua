@@ -142,10 +142,36 @@ function Subs:have(seq, id)
   return true
 end
 
-local function wait(what, seconds, pred)
+-- Whether some subscriber of every node has had a message.
+function Subs:heard()
+  for _, list in pairs(self.by_node) do
+    local any = false
+    for _, s in ipairs(list) do
+      if s.last > 0 then any = true break end
+    end
+    if not any then return false end
+  end
+  return true
+end
+
+-- "n1 2999/3000, ...": who has seq, per node, for a timeout's message.
+function Subs:tally(seq)
+  local parts = {}
+  for id, list in pairs(self.by_node) do
+    local have = 0
+    for _, s in ipairs(list) do
+      if s.last >= seq then have = have + 1 end
+    end
+    parts[#parts + 1] = ("%s %d/%d"):format(id, have, #list)
+  end
+  table.sort(parts)
+  return table.concat(parts, ", ")
+end
+
+local function wait(what, seconds, pred, detail)
   local deadline = core.now() + seconds
   while not pred() do
-    if core.now() > deadline then error("timed out: " .. what) end
+    if core.now() > deadline then error("timed out: " .. what .. (detail and " (" .. detail() .. ")" or "")) end
     core.sleep(0.005)
   end
 end
@@ -197,11 +223,17 @@ local function round(setup, env)
       assert(pub:send(("%d %.9f"):format(seq, core.now())))
     end
     -- Until every node has subscribed in Redis, messages pass some by.
+    -- Probe slowly: 9,000 subscribers in this one process take a while
+    -- to read each probe, and probes sent faster than that never all land.
     wait("every node to hear the room", 30, function()
       publish()
-      core.sleep(0.05)
-      return subs:have(seq)
-    end)
+      core.sleep(0.25)
+      return subs:heard()
+    end, function() return subs:tally(seq) end)
+    local probe = seq + 1
+    publish()
+    wait("every subscriber to hear the room", 60, function() return subs:have(probe) end,
+      function() return subs:tally(probe) end)
     -- fan-out: a burst
     local t0, from = core.now(), subs.got
     local last = seq + opts.burst
