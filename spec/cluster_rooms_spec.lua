@@ -151,14 +151,16 @@ describe("rooms on a Redis Cluster", function()
     end)
     assert.equal("master", services.redis_call(replica, "ROLE")[1])
     -- every watcher has every message, in order, once (each publication
-    -- whose first try's reply was lost may have been stored twice)
+    -- whose first try's reply was lost may have been stored twice); the
+    -- promoted replica starts a new epoch whose offsets go on
     local function check(ws, from)
-      local want, epoch = from, nil
+      local want, last = from, nil
       while want <= sent do
         local m = assert(ws:receive(15), "message m" .. want .. " never came")
-        local e, text = m:match("^(%w+):%d+ m(%d+)$")
-        epoch = epoch or e
-        assert.equal(epoch, e)
+        local offset, text = m:match("^%w+:(%d+) m(%d+)$")
+        offset = tonumber(offset)
+        if last then assert.equal(last + 1, offset) end
+        last = offset
         local n = tonumber(text)
         if n ~= want - 1 then -- a repeat of the last one is tolerated
           assert.equal(want, n)
@@ -174,6 +176,65 @@ describe("rooms on a Redis Cluster", function()
     check(back, tonumber(text) + 1)
     assert.matches("^recovered true ", assert(back:receive(5)))
     assert.matches("up subscriber: shard channels at 127%.0%.0%.1:" .. replica, table.concat(reports.n2, "\n"))
+  end)
+
+  it("starts a new epoch when the promoted replica lacks the master's last writes, and skips nothing after", function()
+    -- a room on a master that still has a replica (a test above killed one)
+    local room, master, replica
+    for k = 1, 200 do
+      room = "roomlost" .. k
+      master = c:owner(redis.slot(room))
+      replica = c:replica_of(master)
+      if replica then break end
+    end
+    assert(replica, "no master with a replica left")
+    local watcher = client(room, "n2")
+    wait_until("n2 subscribed at the master", 10, function()
+      return services.shardnumsub(master, "cr:{" .. room .. "}" .. room) == 1
+    end)
+    for i = 1, 3 do nodes.n1.hub:publish(room, "m" .. i) end
+    local epoch
+    for i = 1, 3 do
+      local m = assert(watcher:receive(10))
+      epoch = m:match("^(%w+):" .. i .. " m" .. i .. "$")
+      assert(epoch, m)
+    end
+    assert.equal(1, services.redis_call(master, "WAIT", 1, 5000))
+    -- the replica falls behind: stopped, its link cut (else the bytes
+    -- would wait in its socket), m4 and m5 reach the watcher, not it
+    local pid = assert(services.redis_call(replica, "INFO", "server")):match("process_id:(%d+)")
+    assert(os.execute("kill -STOP " .. pid))
+    assert.equal(1, services.redis_call(master, "CLIENT", "KILL", "TYPE", "replica"))
+    nodes.n1.hub:publish(room, "m4")
+    nodes.n1.hub:publish(room, "m5")
+    assert.equal(epoch .. ":4 m4", assert(watcher:receive(10)))
+    assert.equal(epoch .. ":5 m5", assert(watcher:receive(10)))
+    c:kill(master)
+    assert(os.execute("kill -CONT " .. pid))
+    wait_until("the replica promoted", 20, function()
+      local role = services.redis_call(replica, "ROLE")
+      return type(role) == "table" and role[1] == "master"
+    end)
+    -- m6 gets offset 4 again, in a new epoch: delivered, not skipped
+    local got
+    run(function()
+      local deadline = core.now() + 20
+      while not got and core.now() < deadline do
+        nodes.n1.hub:publish(room, "m6")
+        got = watcher:receive(1)
+      end
+    end)
+    assert(got, "m6 never came")
+    local epoch2 = got:match("^(%w+):4 m6$")
+    assert(epoch2, got)
+    assert.not_equal(epoch, epoch2)
+    -- a client that saw m5 cannot recover; one at m2 can, on another node
+    local lost = client(room, "n3", epoch .. ":5")
+    assert.matches("^recovered false " .. epoch2 .. ":", assert(lost:receive(10)))
+    local back = client(room, "n3", epoch .. ":2")
+    assert.equal(epoch2 .. ":3 m3", assert(back:receive(10)))
+    assert.matches("^" .. epoch2 .. ":4 m6$", assert(back:receive(10)))
+    assert.matches("^recovered true ", assert(back:receive(10)))
   end)
 
   it("lists the members of every node, and forgets a closed node's within the TTL", function()

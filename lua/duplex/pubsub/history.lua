@@ -27,6 +27,8 @@ history.defaults = {
 
 ---@class duplex.History: duplex.Position
 ---@field publications {offset: integer, message: string, kind: "text"|"binary"}[]
+---@field previous string|nil the epoch this one continues (another server took the history over)
+---@field base integer|nil    the offset it took over at: positions up to it mean the same in both
 
 local function rule_of(opts, who, level)
   if type(opts) ~= "table" then error(who .. ": history must be a table of options", level + 1) end
@@ -81,6 +83,14 @@ function history.recovery(h, since)
   local result = { epoch = h.epoch or "", offset = h.offset, publications = {} }
   if not since then return result end
   local fresh = since.epoch == "" and since.offset == 0
+  if h.previous and since.epoch == h.previous and since.epoch ~= result.epoch then
+    if since.offset > h.base then
+      result.recovered = false
+      result.reason = "publications after offset " .. h.base .. " were lost when another Redis server took over"
+      return result
+    end
+    since = { epoch = result.epoch, offset = since.offset }
+  end
   if since.epoch ~= result.epoch and not fresh then
     result.recovered = false
     result.reason = result.epoch == "" and "the history expired" or "the history was reset (new epoch)"

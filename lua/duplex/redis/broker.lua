@@ -41,12 +41,26 @@ broker.defaults = {
 -- (the same hash tag), so that they run on a cluster too.
 
 -- ARGV: channel, node, kind, message, size, ttl, fresh epoch, publish command
+--
+-- The meta hash also names (r) the replication ID of the server that wrote
+-- it. Another ID means another server wrote the offsets so far: a replica
+-- promoted by a failover, or a restart from disk, either of which may have
+-- lost the last writes (replication and persistence are asynchronous), and
+-- then offsets would be handed out again and skipped as duplicates by
+-- nodes that saw the lost ones. So a new epoch begins there, continuing the
+-- offsets: it records the one it replaces (p) and the offset it took over
+-- (b), up to which positions of either epoch are the same publications.
 local PUBLISH = [[
-local epoch = redis.call('HGET', KEYS[1], 'e')
+local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+local m = redis.call('HMGET', KEYS[1], 'e', 'r')
+local epoch = m[1]
 if not epoch then
   epoch = ARGV[7]
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0, 'r', rid)
+elseif m[2] ~= rid then
+  redis.call('HSET', KEYS[1], 'p', epoch, 'b', redis.call('HGET', KEYS[1], 'o'), 'e', ARGV[7], 'r', rid)
+  epoch = ARGV[7]
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], offset .. '-0', 'n', ARGV[2], 'k', ARGV[3], 'd', ARGV[4])
@@ -56,12 +70,14 @@ redis.call(ARGV[8], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. epoch .. ' ' ..
 return offset
 ]]
 
--- ARGV: the offset after which to read, or "" for the position only
+-- ARGV: the offset after which to read, or "" for the position only.
+-- Returns epoch, offset, entries, previous epoch, offset it took over.
 local READ = [[
-local m = redis.call('HMGET', KEYS[1], 'e', 'o')
-if not m[1] then return {'', 0, {}} end
-if ARGV[1] == '' then return {m[1], tonumber(m[2]), {}} end
-return {m[1], tonumber(m[2]), redis.call('XRANGE', KEYS[2], (tonumber(ARGV[1]) + 1) .. '-0', '+')}
+local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'p', 'b')
+if not m[1] then return {'', 0, {}, '', 0} end
+local entries = {}
+if ARGV[1] ~= '' then entries = redis.call('XRANGE', KEYS[2], (tonumber(ARGV[1]) + 1) .. '-0', '+') end
+return {m[1], tonumber(m[2]), entries, m[3] or '', tonumber(m[4] or 0)}
 ]]
 
 -- KEYS: a room's presence set and its info hash. ARGV: ttl, then member,
@@ -487,8 +503,8 @@ end
 local function position_of(pub) return { epoch = pub.epoch, offset = pub.offset } end
 
 -- In order, once: a publication right after the last one goes out; one
--- from the past is a duplicate; one beyond a gap waits while the gap is
--- read from the stream; a new epoch starts over.
+-- from the past is a duplicate; one beyond a gap, or of a new epoch, waits
+-- while the stream is read (the read says where the new epoch starts).
 function Broker:_sequence(topic, pub)
   if not self.topics[topic] then return end
   local st = self.seq[topic]
@@ -500,8 +516,10 @@ function Broker:_sequence(topic, pub)
     table.insert(st.catching, pub)
     return
   end
-  if pub.epoch ~= st.epoch then -- a new epoch counts from 1: what came before it is read
-    st.epoch, st.offset = pub.epoch, 0
+  if pub.epoch ~= st.epoch then
+    if pub.epoch == st.previous then return end -- superseded already
+    st.catching = { pub }
+    return self:_kick("catch_up")
   end
   if pub.offset <= st.offset then return end
   if pub.offset > st.offset + 1 then
@@ -527,7 +545,8 @@ function Broker:_read(topic, after)
   local v, err = run_script(self.db, READ, { tagged(self, topic, ":m"), tagged(self, topic, ":h") },
     { after and tostring(after) or "" })
   if v == nil then return nil, err end
-  return { epoch = v[1] ~= "" and v[1] or nil, offset = v[2], publications = publications(v[3]) }
+  return { epoch = v[1] ~= "" and v[1] or nil, offset = v[2], publications = publications(v[3]),
+    previous = v[4] ~= "" and v[4] or nil, base = v[5] }
 end
 
 -- Read the stream after the last offset delivered, deliver what it holds,
@@ -539,11 +558,19 @@ function Broker:_catch_up(topic, st)
   st.catching = st.catching or {}
   local h = self:_read(topic, st.offset)
   if h and h.epoch and h.epoch ~= st.epoch then
-    -- The history this node knew is gone (expired, or Redis restarted
-    -- empty): what it missed is all of the new one.
-    self.stats.gaps = self.stats.gaps + 1
-    st.epoch, st.offset = h.epoch, 0
-    h = self:_read(topic, 0)
+    st.previous = st.epoch
+    if h.previous == st.epoch and st.offset <= h.base then
+      -- another server took over with everything this node delivered:
+      -- the same offsets go on in the new epoch
+      st.epoch = h.epoch
+    else
+      -- The history this node knew is gone (expired, Redis restarted
+      -- empty), or the server that took over lost publications this node
+      -- delivered: what it missed is all of the new epoch.
+      self.stats.gaps = self.stats.gaps + 1
+      st.epoch, st.offset = h.epoch, h.base
+      h = self:_read(topic, h.base)
+    end
   end
   if not h then
     if #st.catching == 0 then
@@ -572,12 +599,16 @@ function Broker:_catch_up(topic, st)
   local later = st.catching
   st.catching = nil
   for _, pub in ipairs(later) do
-    if pub.epoch == st.epoch and pub.offset > st.offset + 1 then
-      -- beyond what the stream still covers: delivered, the gap counted
-      self.stats.gaps = self.stats.gaps + 1
-      st.offset = pub.offset - 1
+    -- Read after these came, the stream's epoch is the newest: one of
+    -- another epoch was superseded (and would ask for this read again).
+    if pub.epoch == st.epoch then
+      if pub.offset > st.offset + 1 then
+        -- beyond what the stream still covers: delivered, the gap counted
+        self.stats.gaps = self.stats.gaps + 1
+        st.offset = pub.offset - 1
+      end
+      self:_sequence(topic, pub)
     end
-    self:_sequence(topic, pub)
   end
 end
 
