@@ -281,6 +281,28 @@ describe("history through Redis", function()
     assert.same(numbered(epoch, 22, 22), receive(cb, 1))
   end)
 
+  it("catches up a topic whose first publications it never heard", function()
+    local a = node("a")
+    local srv = history_server { a = a }
+    local c = connect(srv, "/room")
+    outcome(c)
+    wait_until("subscribed", 5, function() return services.numsub(r.port, "h:room") == 1 end)
+    -- The room's first two publications are stored while this node's
+    -- subscriber link is down (their pushes lost), then the link comes
+    -- back: nothing live says they exist.
+    run(function()
+      local db = assert(redis.connect(r.url))
+      local rid = assert(db:call("INFO", "replication")):match("master_replid:(%x+)")
+      assert(db:call("HSET", "h:{room}room:m", "e", "feed0002", "o", 2, "r", rid))
+      assert(db:call("XADD", "h:{room}room:h", "1-0", "n", "x", "k", "T", "d", "early1"))
+      assert(db:call("XADD", "h:{room}room:h", "2-0", "n", "x", "k", "T", "d", "early2"))
+      assert.equal(1, db:call("CLIENT", "KILL", "TYPE", "pubsub"))
+      db:close()
+    end)
+    assert.same({ "feed0002:1 early1", "feed0002:2 early2" }, receive(c, 2))
+    silent(c)
+  end)
+
   it("fills a gap in the live offsets from the stream", function()
     local a = node("a")
     local srv = history_server { a = a }

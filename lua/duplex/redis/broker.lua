@@ -374,7 +374,11 @@ function Broker:_run(batch)
       i = j + 1
     else
       if job[1] == "subscribe" then
-        if self.topics[job[2]] then self:_relay(job[2]) end
+        local topic = job[2]
+        if self.topics[topic] then
+          if self.history(topic) and not self.seq[topic] then self:_start_at(topic) end
+          self:_relay(topic)
+        end
       elseif job[1] == "unsubscribe" then
         if not self.topics[job[2]] then
           local unsubscribe = self.sharded and "sunsubscribe" or "unsubscribe"
@@ -385,6 +389,11 @@ function Broker:_run(batch)
         -- (the heartbeat's, with our own client: only what is waiting on a
         -- read that failed; its status tells when the link comes back)
         local waiting_only = job[2]
+        if not waiting_only then
+          for topic in pairs(self.topics) do
+            if self.history(topic) and not self.seq[topic] then self:_start_at(topic) end
+          end
+        end
         for topic, st in pairs(self.seq) do
           if not waiting_only or st.catching then self:_catch_up(topic, st) end
         end
@@ -541,6 +550,15 @@ local function publications(entries)
   return out
 end
 
+-- Where a history topic stands before this node relays it: what comes
+-- after is this node's to deliver, so that a publication missed before the
+-- first one it hears (its link down meanwhile) is caught up like any
+-- other. Read before subscribing: one published in between shows as a gap.
+function Broker:_start_at(topic)
+  local h = self:_read(topic)
+  if h then self.seq[topic] = { epoch = h.epoch or "", offset = h.offset } end
+end
+
 function Broker:_read(topic, after)
   local v, err = run_script(self.db, READ, { tagged(self, topic, ":m"), tagged(self, topic, ":h") },
     { after and tostring(after) or "" })
@@ -567,7 +585,7 @@ function Broker:_catch_up(topic, st)
       -- The history this node knew is gone (expired, Redis restarted
       -- empty), or the server that took over lost publications this node
       -- delivered: what it missed is all of the new epoch.
-      self.stats.gaps = self.stats.gaps + 1
+      if st.previous ~= "" then self.stats.gaps = self.stats.gaps + 1 end
       st.epoch, st.offset = h.epoch, h.base
       h = self:_read(topic, h.base)
     end
