@@ -44,6 +44,7 @@ local FILES = {
   ["lua/duplex/url.lua"] = false, -- URL parsing
   ["lua/duplex/addr.lua"] = false, -- trusted proxies
   ["lua/duplex/resp.lua"] = false, -- the Redis protocol
+  ["lua/duplex/compat.lua"] = false, -- what LuaJIT lacks, for the modules that run on both
   ["lua/duplex/cli.lua"] = false, -- the duplex command (README: Command line)
   ["lua/duplex/redis/client.lua"] = false, -- redis.connect
   ["lua/duplex/redis/broker.lua"] = false, -- redis.broker

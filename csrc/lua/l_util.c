@@ -86,6 +86,21 @@ static int l_sha1_hex(lua_State *L) {
   return 1;
 }
 
+/* crc16(s) -> CRC16-CCITT, the XMODEM variant (polynomial 0x1021,
+ * initial 0), which the Redis Cluster specification names for key slots.
+ * In C so that LuaJIT, without Lua 5.4's bit operators, computes it too. */
+static int l_crc16(lua_State *L) {
+  size_t n;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  unsigned int c = 0;
+  for (size_t i = 0; i < n; i++) {
+    c ^= (unsigned int)s[i] << 8;
+    for (int bit = 0; bit < 8; bit++) c = (c & 0x8000) ? ((c << 1) ^ 0x1021) & 0xFFFF : (c << 1) & 0xFFFF;
+  }
+  lua_pushinteger(L, (lua_Integer)c);
+  return 1;
+}
+
 /* random(n) -> n bytes from OpenSSL's CSPRNG */
 static int l_random(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
@@ -135,6 +150,7 @@ void dx_open_util(lua_State *L) {
       {"random", l_random},
       {"base64", l_base64},
       {"sha1_hex", l_sha1_hex},
+      {"crc16", l_crc16},
       {"tune_malloc", l_tune_malloc},
       {"now", l_now},
       {NULL, NULL},

@@ -9,6 +9,7 @@
 --- counts, not what one busy loop pass queued.
 local core = require "duplex.core"
 local history = require "duplex.pubsub.history"
+local compat = require "duplex.compat"
 
 local pubsub = {}
 
@@ -46,7 +47,7 @@ function pubsub.new(opts)
     topics = {},      -- topic -> { [ws] = true }
     counts = {},      -- topic -> number of subscribers
     of = setmetatable({}, { __mode = "k" }), -- ws -> { [topic] = true }
-    max_backlog = opts.max_backlog or (1 << 20),
+    max_backlog = opts.max_backlog or 1048576,
     overflow = overflow,
     on_drop = opts.on_drop,
     format = opts.format,
@@ -231,7 +232,7 @@ end
 
 local function check_position(since)
   return since == nil or (type(since) == "table" and type(since.epoch) == "string"
-    and math.type(since.offset) == "integer" and since.offset >= 0)
+    and compat.is_integer(since.offset) and since.offset >= 0)
 end
 
 --- Subscribe ws to a history topic and send it, in order and once, what it

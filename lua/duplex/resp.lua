@@ -13,9 +13,7 @@ local resp = {}
 
 -- Also for Lua 5.1 (LuaJIT, inside nginx): no integer operators here.
 local pack = table.pack or function(...) return { n = select("#", ...), ... } end
-local tointeger = math.tointeger or function(x)
-  if type(x) == "number" and x % 1 == 0 and x >= -2 ^ 53 and x <= 2 ^ 53 then return x end
-end
+local tointeger = require("duplex.compat").tointeger
 
 --- The bytes of one command.
 function resp.command(...)

@@ -43,6 +43,11 @@ function core.base64(s) end
 ---@return string
 function core.sha1_hex(s) end
 
+--- CRC16-CCITT (XMODEM) of s: what Redis Cluster hashes a key's slot with.
+---@param s string
+---@return integer
+function core.crc16(s) end
+
 --- glibc's M_TRIM_THRESHOLD and M_MMAP_THRESHOLD, process-wide (duplex.run
 --- sets 64 MiB, 32 MiB); false where it is not glibc.
 ---@param trim_bytes integer

@@ -8,6 +8,7 @@
 --- { epoch = "", offset = 0 }, and a client there may recover into
 --- whatever epoch comes next.
 local core = require "duplex.core"
+local compat = require "duplex.compat"
 
 local history = {}
 
@@ -40,7 +41,7 @@ local function rule_of(opts, who, level)
   local rule = { size = opts.size or history.defaults.size, ttl = opts.ttl or history.defaults.ttl }
   for _, k in ipairs { "size", "ttl" } do
     local v = rule[k]
-    if math.type(v) ~= "integer" or v < 1 then
+    if not compat.is_integer(v) or v < 1 then
       error(who .. ": history." .. k .. " must be a positive integer", level + 1)
     end
   end

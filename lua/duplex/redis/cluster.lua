@@ -10,6 +10,7 @@ local resp = require "duplex.resp"
 local options = require "duplex.options"
 local runtime = require "duplex.runtime"
 local client = require "duplex.redis.client"
+local compat = require "duplex.compat"
 
 local now, command, blocking, running = core.now, resp.command, runtime.blocking, coroutine.running
 local encode = client._encode
@@ -34,25 +35,6 @@ local function is_error(v) return type(v) == "table" and v.err ~= nil end
 
 -- Slots -------------------------------------------------------------------
 
--- CRC16-CCITT, the XMODEM variant (polynomial 0x1021, initial 0), which the
--- cluster specification names for key slots.
-local CRC = {}
-for i = 0, 255 do
-  local c = i << 8
-  for _ = 1, 8 do
-    c = ((c & 0x8000) ~= 0) and (((c << 1) ~ 0x1021) & 0xFFFF) or ((c << 1) & 0xFFFF)
-  end
-  CRC[i] = c
-end
-
-local function crc16(s)
-  local c = 0
-  for i = 1, #s do
-    c = ((c << 8) & 0xFFFF) ~ CRC[((c >> 8) ~ s:byte(i)) & 0xFF]
-  end
-  return c
-end
-
 --- The slot of a key: only what is between the first "{" and the first "}"
 --- after it counts, when that is not empty ({user1000}.following).
 function cluster.slot(key)
@@ -63,7 +45,7 @@ function cluster.slot(key)
     local close = key:find("}", open + 1, true)
     if close and close > open + 1 then key = key:sub(open + 1, close - 1) end
   end
-  return crc16(key) % SLOTS
+  return core.crc16(key) % SLOTS
 end
 
 -- Where a command's first key is. Most have it right after the name; these
@@ -118,7 +100,7 @@ end
 -- { addr, id, slots = { {first, last}... }, replicas = { addr... } }.
 local function new_map() return { slots = {}, masters = {}, list = {}, count = 0 } end
 
-local function port_ok(p) return math.type(p) == "integer" and p > 0 and p < 65536 end
+local function port_ok(p) return compat.is_integer(p) and p > 0 and p < 65536 end
 
 local function add_master(map, addr, id)
   local m = map.masters[addr]
@@ -132,7 +114,7 @@ local function add_master(map, addr, id)
 end
 
 local function add_range(map, m, first, last)
-  if math.type(first) ~= "integer" or math.type(last) ~= "integer" or first < 0 or last >= SLOTS
+  if not compat.is_integer(first) or not compat.is_integer(last) or first < 0 or last >= SLOTS
     or first > last then
     return nil, "a bad slot range " .. tostring(first) .. "-" .. tostring(last)
   end
@@ -228,7 +210,7 @@ local function redirect(v, from)
   local word = v.err:match("^(%u+)")
   if word == "MOVED" or word == "ASK" then
     local slot, host, port = v.err:match("^%u+ (%d+) (%S*):(%d+)$")
-    slot, port = tonumber(slot), math.tointeger(tonumber(port))
+    slot, port = tonumber(slot), compat.tointeger(tonumber(port))
     if not slot or slot >= SLOTS or not port_ok(port) then return "bad" end
     return word:lower(), slot, addr_of(host ~= "" and host or (split(from)), port)
   end
