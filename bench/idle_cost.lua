@@ -2,7 +2,10 @@
 -- examples/echo.lua in this process, lets bench/loadgen open N idle
 -- connections to it, and compares the process before and after.
 --
---   lua5.4 bench/idle_cost.lua [N = 10000] [--hold S] [--garbage]
+--   lua5.4 bench/idle_cost.lua [N = 10000] [--hold S] [--garbage] [--callbacks]
+--
+-- --callbacks serves the echo by on_message (no coroutine per connection)
+-- instead of a handler.
 --
 -- Prints, per connection: VmRSS, the Lua heap (collectgarbage "count", after
 -- a full collection: tables, strings, closures, coroutines and the
@@ -17,11 +20,12 @@ package.cpath = ROOT .. "/build/?.so;" .. package.cpath
 local duplex = require "duplex"
 local core = require "duplex.core"
 
-local n, hold, garbage = 10000, 30, false
+local n, hold, garbage, with_callbacks = 10000, 30, false, false
 local i = 1
 while i <= #arg do
   if arg[i] == "--hold" then hold = tonumber(arg[i + 1]); i = i + 1
   elseif arg[i] == "--garbage" then garbage = true
+  elseif arg[i] == "--callbacks" then with_callbacks = true
   else n = assert(math.tointeger(tonumber(arg[i])), "N expected") end
   i = i + 1
 end
@@ -39,14 +43,14 @@ local function heap_kb()
   return collectgarbage("count")
 end
 
-local server = assert(duplex.listen {
-  host = "127.0.0.1", port = 0, max_connections = n + 100,
-  handler = function(ws)
+local serve = with_callbacks and { on_message = function(ws, message, kind) ws:send(message, kind) end }
+  or { handler = function(ws)
     for message, kind in ws:messages() do
       if not ws:send(message, kind) then break end
     end
-  end,
-})
+  end }
+serve.host, serve.port, serve.max_connections = "127.0.0.1", 0, n + 100
+local server = assert(duplex.listen(serve))
 
 
 -- Estimated sizes of Lua 5.4 objects (lobject.h, 64-bit): what the walk

@@ -4,6 +4,7 @@
 --        [--deflate] [--deflate-takeover] [--deflate-window 8..15]
 --        [--ping-interval SECONDS (0 = off)]
 --        [--workers N (processes sharing the port; needs a fixed --port)]
+--        [--callbacks (on_message instead of a handler: no coroutine per connection)]
 local root = arg[0]:match("^(.*)/examples/[^/]*$") or "."
 package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
 -- DUPLEX_CPATH (set by scripts/asan-env) runs the examples on the sanitized build
@@ -16,7 +17,7 @@ local function usage(msg)
 usage: lua5.4 examples/echo.lua --port N [--host H] [--path P]
        [--tls-cert FILE --tls-key FILE] [--max-size BYTES] [--deflate]
        [--deflate-takeover] [--deflate-window BITS]
-       [--ping-interval SECONDS] [--workers N] [--max-connections N]
+       [--ping-interval SECONDS] [--workers N] [--max-connections N] [--callbacks]
 ]])
   os.exit(2)
 end
@@ -35,6 +36,7 @@ while i <= #arg do
   elseif a == "--max-connections" then opts.max_connections = tonumber(v) or usage("bad --max-connections")
   elseif a == "--workers" then opts.workers = tonumber(v) or usage("bad --workers")
   elseif a == "--deflate" then opts.deflate = opts.deflate or true; i = i - 1
+  elseif a == "--callbacks" then opts.callbacks = true; i = i - 1
   elseif a == "--deflate-takeover" then
     -- keep the server's compression context between messages (better ratio,
     -- more memory per connection); the default compresses each on its own
@@ -52,6 +54,15 @@ while i <= #arg do
 end
 if (opts.cert == nil) ~= (opts.key == nil) then usage("--tls-cert and --tls-key go together") end
 
+-- The same echo in both styles: a handler coroutine per connection, or a
+-- callback for each message with none.
+local function echo(ws)
+  for message, kind in ws:messages() do
+    if not ws:send(message, kind) then break end
+  end
+end
+local function echo_message(ws, message, kind) ws:send(message, kind) end
+
 local function start()
   local server, err = duplex.listen {
     host = opts.host,
@@ -63,11 +74,8 @@ local function start()
     max_connections = opts.max_connections,
     ping_interval = opts.ping_interval,
     deflate = opts.deflate,
-    handler = function(ws)
-      for message, kind in ws:messages() do
-        if not ws:send(message, kind) then break end
-      end
-    end,
+    handler = not opts.callbacks and echo or nil,
+    on_message = opts.callbacks and echo_message or nil,
   }
   if not server then
     io.stderr:write("echo: ", err, "\n")

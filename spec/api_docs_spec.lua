@@ -44,6 +44,7 @@ local FILES = {
   ["lua/duplex/url.lua"] = false, -- URL parsing
   ["lua/duplex/addr.lua"] = false, -- trusted proxies
   ["lua/duplex/resp.lua"] = false, -- the Redis protocol
+  ["lua/duplex/callbacks.lua"] = false, -- routes served by on_message
   ["lua/duplex/compat.lua"] = false, -- what LuaJIT lacks, for the modules that run on both
   ["lua/duplex/cli.lua"] = false, -- the duplex command (README: Command line)
   ["lua/duplex/redis/client.lua"] = false, -- redis.connect
@@ -80,6 +81,7 @@ local OWNERS = {
   hc = "duplex.core.HandshakeClient",
   codec = "duplex.core.Codec",
   r = "duplex.core.Reader",
+  w = "duplex.core.Watcher",
   db = "duplex.RedisClient",
   rc = "duplex.RedisCluster",
 }
@@ -111,6 +113,7 @@ local OPTION_TABLES = {
 -- Classes that README need not describe member by member.
 local INTERNAL = {
   ["duplex.HostedWebSocket"] = "a connection on a host's stream: the API of duplex.WebSocket",
+  ["duplex.CallbackWebSocket"] = "a callback route's connection: the API of duplex.WebSocket (README: Callbacks)",
   ["duplex.URL"] = "duplex.url's parse result, described where it shows (ws.url)",
   ["duplex.Conduit"] = "the socket interface duplex.transport gives duplex.websocket",
   ["duplex.CqueuesStream"] = "implements duplex.Stream",
@@ -152,6 +155,7 @@ local METATABLES = {
   ["duplex.pmd_codec"] = "duplex.core.Codec",
   ["duplex.tls_context"] = "duplex.core.TLSContext",
   ["duplex.reader"] = "duplex.core.Reader",
+  ["duplex.watcher"] = "duplex.core.Watcher",
 }
 
 local API_SECTIONS = { "API", "Embedding", "permessage-deflate" }

@@ -59,6 +59,25 @@ describe("duplex in cqueues", function()
     assert.is_true(ticks > 50, "the other work did not run: " .. ticks)
   end)
 
+  it("runs a callback route (on_open, on_message, on_close) as duplex.listen does", function()
+    local closed
+    in_controller(function(cq)
+      local srv = assert(dcq.listen(cq, { port = 0,
+        on_open = function(ws, req) ws:send("hi " .. req.path) end,
+        on_message = function(ws, m) if m == "boom" then error("kaboom") end ws:send("re " .. m) end,
+        on_close = function(_, code) closed = code end }))
+      local ws = assert(dcq.connect(srv.url("/cb")))
+      assert.equal("hi /cb", (ws:receive(5)))
+      assert(ws:send("x"))
+      assert.equal("re x", (ws:receive(5)))
+      assert(ws:send("boom"))
+      assert.same({ nil, "closed", 1011, "internal error" }, { ws:receive(5) })
+      cqueues.sleep(0.1)
+      srv.close()
+    end)
+    assert.equal(1011, closed)
+  end)
+
   it("drops a peer that stops answering pings, and refuses a foreign origin", function()
     in_controller(function(cq)
       local srv = assert(dcq.listen(cq, { port = 0, ping_interval = 0.2, ping_timeout = 0.2,

@@ -63,6 +63,7 @@ int luaopen_duplex_core(lua_State *L) {
   dx_open_connect(L);
   dx_open_listen(L);
   dx_open_fd(L);
+  dx_open_watch(L);
 #endif
   lua_pushliteral(L, DX_VERSION);
   lua_setfield(L, -2, "version");

@@ -22,6 +22,7 @@ void dx_open_tls(lua_State *L);       /* l_tls.c: TLS contexts, starttls */
 void dx_open_connect(lua_State *L);   /* l_connect.c: name resolution, connect */
 void dx_open_listen(lua_State *L);    /* l_listen.c: listeners */
 void dx_open_fd(lua_State *L);        /* l_fd.c: reading stdin and other fds */
+void dx_open_watch(lua_State *L);     /* l_watch.c: connections served by callbacks */
 void dx_open_pmd(lua_State *L);       /* l_pmd.c: permessage-deflate negotiation */
 
 /* The engine behind a duplex.engine userdata (raises a Lua error otherwise). */

@@ -172,7 +172,12 @@ static int flush_step(lsock *s) {
     dx_buf_free(&s->out);
     if (s->engine) dx_out_consume(&s->engine->out, dx_proto_pending(s->engine));
   }
-  dx_io_wake_drain(s->loop, &s->io, rc < 0 ? 0 : dx_sock_buffered(s));
+  size_t left = rc < 0 ? 0 : dx_sock_buffered(s);
+  dx_io_wake_drain(s->loop, &s->io, left);
+  if (s->pump_full && left <= s->pump_low) {
+    s->pump_full = 0;
+    if (s->watch) dx_watch_queue(s);
+  }
   return rc;
 }
 
@@ -186,6 +191,8 @@ static void sock_event(dx_loop *loop, dx_io *io, uint32_t revents) {
   if (revents & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) s->rd_empty = 0;
   if (revents & (EPOLLRDHUP | EPOLLERR | EPOLLHUP)) s->rd_hup = 1;
   if (s->blocked && (revents & (s->flush_want | EPOLLERR | EPOLLHUP))) dx_dirty_mark(loop, &s->dirty);
+  if (s->watch && (revents & ((s->pump_out ? EPOLLOUT : EPOLLIN) | EPOLLRDHUP | EPOLLERR | EPOLLHUP)))
+    dx_watch_queue(s);
   dx_io_wake(loop, io, revents);
 }
 
@@ -218,6 +225,8 @@ lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int nuv, int *err) {
   memset(s, 0, sizeof *s);
   dx_io_init(&s->io, sock_event);
   dx_dirty_init(&s->dirty, sock_dirty_flush);
+  dx_link_init(&s->ready);
+  dx_link_init(&s->member);
   s->loop = loop;
   s->closed = 1; /* until registered */
   luaL_setmetatable(L, DX_SOCK_MT);
@@ -238,6 +247,7 @@ lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int nuv, int *err) {
  * to be sure). Abortive: RST. Waiters get "closed". */
 void dx_sock_close(lsock *s, int abort, int with_engine) {
   if (s->closed) return;
+  dx_watch_leave(s);
   if (!with_engine) detach_engine(s);
   if (abort) {
     dx_sock_linger0(s->io.fd);
@@ -428,38 +438,95 @@ static void charge_pass(lsock *s) {
   }
 }
 
-/* The engine's next event, reading as needed. stack: sock, engine, timeout
- * Yields happen only where no fed byte still lies in the loop's shared
- * receive buffer: before asking for an event (what an earlier event left is
- * in the engine's own memory), or once the engine has used up a read. */
+int dx_sock_spent(lsock *s) {
+  charge_pass(s);
+  return s->pass_events >= PASS_EVENTS || s->pass_bytes >= PASS_BYTES;
+}
+
+enum { EV_PUSHED, EV_FAILED, EV_AGAIN, EV_LATER };
+
+static int failed(lua_State *L, const char *msg) {
+  dx_lua_fail(L, msg);
+  return EV_FAILED;
+}
+
+/* One step towards the engine's next event, shared by receive (which waits)
+ * and pump (which never does): EV_PUSHED, its values pushed (*nres of
+ * them); EV_FAILED, nil and a message pushed; EV_AGAIN, nothing to read
+ * until *want; EV_LATER, this pass's share is used up. Returns only where no
+ * fed byte still lies in the loop's shared receive buffer: before asking
+ * for an event (what an earlier event left is in the engine's own memory),
+ * or once the engine has used up a read. */
+static int next_event(lua_State *L, lsock *s, dx_proto *p, int *nres, uint32_t *want) {
+  for (;;) {
+    charge_pass(s);
+    if (s->pass_events >= PASS_EVENTS) return EV_LATER;
+    int k = dx_engine_next(L, 2);
+    if (k) {
+      s->pass_events++;
+      *nres = k;
+      return EV_PUSHED;
+    }
+    if (s->closed) return failed(L, "closed");
+    if (s->handshaking) return failed(L, "tls handshake in progress");
+    if (s->pass_bytes >= PASS_BYTES) return EV_LATER;
+    char err[DX_ERR_MAX];
+    /* no more than the rest of this pass's share */
+    size_t room = PASS_BYTES - s->pass_bytes;
+    if (room > s->loop->rbuf_size) room = s->loop->rbuf_size;
+    ssize_t n = raw_read(s, s->loop->rbuf, room, want, err, sizeof err);
+    if (n == 0) return failed(L, "closed");
+    if (n == RD_AGAIN) return EV_AGAIN;
+    if (n < 0) return failed(L, err);
+    s->pass_bytes += (size_t)n;
+    dx_proto_feed(p, s->loop->rbuf, (size_t)n);
+  }
+}
+
+/* The engine's next event, reading as needed. stack: sock, engine, timeout */
 static int receive_k(lua_State *L, int status, lua_KContext ctx) {
   dx_task *t = (dx_task *)ctx;
   lsock *s = dx_sock_check(L, 1);
   if (status == LUA_YIELD && dx_lua_woken(L, t) == DX_WAKE_TIMEOUT) return dx_lua_fail(L, "timeout");
   dx_proto *p = dx_live_engine(L, 2);
   if (!p) return dx_lua_fail(L, "closed");
-  for (;;) {
-    charge_pass(s);
-    if (s->pass_events >= PASS_EVENTS) return dx_lua_yield(L, t, receive_k);
-    int k = dx_engine_next(L, 2);
-    if (k) {
-      s->pass_events++;
-      return k;
-    }
-    if (s->closed) return dx_lua_fail(L, "closed");
-    if (s->handshaking) return dx_lua_fail(L, "tls handshake in progress");
-    if (s->pass_bytes >= PASS_BYTES) return dx_lua_yield(L, t, receive_k);
-    uint32_t want = 0;
-    char err[DX_ERR_MAX];
-    /* no more than the rest of this pass's share */
-    size_t room = PASS_BYTES - s->pass_bytes;
-    if (room > s->loop->rbuf_size) room = s->loop->rbuf_size;
-    ssize_t n = raw_read(s, s->loop->rbuf, room, &want, err, sizeof err);
-    if (n == 0) return dx_lua_fail(L, "closed");
-    if (n == RD_AGAIN) return dx_lua_wait_io(L, t, &s->io, want, 0, receive_k);
-    if (n < 0) return dx_lua_fail(L, err);
-    s->pass_bytes += (size_t)n;
-    dx_proto_feed(p, s->loop->rbuf, (size_t)n);
+  int nres = 2;
+  uint32_t want = 0;
+  switch (next_event(L, s, p, &nres, &want)) {
+  case EV_LATER: return dx_lua_yield(L, t, receive_k);
+  case EV_AGAIN: return dx_lua_wait_io(L, t, &s->io, want, 0, receive_k);
+  default: return nres;
+  }
+}
+
+/* sock:pump(engine, high, low) -> the engine's next event, as receive
+ * returns it, or nil, "again" when it would have to wait: for more input,
+ * for the next loop pass (a watched socket is then queued again for its
+ * watcher, since no new input may come to say so), or, with more than high
+ * bytes queued for the peer, for the output to drain to low (a watched
+ * socket is queued again then). Never yields: what a watcher's callbacks
+ * call, with no coroutine per connection. */
+static int sock_pump(lua_State *L) {
+  lsock *s = dx_sock_check(L, 1);
+  dx_check_engine(L, 2);
+  lua_Integer high = luaL_optinteger(L, 3, -1), low = luaL_optinteger(L, 4, 0);
+  luaL_argcheck(L, low >= 0 && low <= UINT32_MAX, 4, "must be 0..2^32-1");
+  lua_settop(L, 2);
+  dx_proto *p = dx_live_engine(L, 2);
+  if (!p) return dx_lua_fail(L, "closed");
+  if (high >= 0 && !s->closed && dx_sock_buffered(s) > (size_t)high) {
+    s->pump_full = 1;
+    s->pump_low = (uint32_t)low;
+    return dx_lua_fail(L, "again");
+  }
+  int nres = 2;
+  uint32_t want = 0;
+  switch (next_event(L, s, p, &nres, &want)) {
+  case EV_LATER:
+    if (s->watch) dx_watch_queue(s);
+    return dx_lua_fail(L, "again");
+  case EV_AGAIN: s->pump_out = want == EPOLLOUT; return dx_lua_fail(L, "again");
+  default: return nres;
   }
 }
 
@@ -571,6 +638,7 @@ void dx_open_socket(lua_State *L) {
       {"close", sock_close_m},     {"peer", sock_peer},         {"local_address", sock_local_address},
       {"fd", sock_fd},             {"setnodelay", sock_setnodelay}, {"attach", sock_attach},
       {"receive", sock_receive},   {"starttls", dx_sock_starttls}, {"alpn", dx_sock_alpn},
+      {"pump", sock_pump},         {"watch", dx_sock_watch},
       {NULL, NULL}};
   static const luaL_Reg sock_meta[] = {
       {"__gc", sock_gc}, {"__close", sock_close_tbc}, {"__tostring", sock_tostring}, {NULL, NULL}};

@@ -19,6 +19,8 @@
  * a connected one all three */
 enum { UV_ENGINE = 1, UV_TLSCTX, UV_HOST, UV_SERVER = UV_TLSCTX, UV_COUNT = UV_HOST };
 
+typedef struct lwatch lwatch;
+
 typedef struct lsock {
   dx_io io;
   dx_dirty dirty;
@@ -41,10 +43,22 @@ typedef struct lsock {
   /* The peer's FIN (or an error) was seen with some data: the data and the
    * end can be reported by one edge, so after it every read really reads. */
   uint8_t rd_hup;
+  /* The last pump's read waits for EPOLLOUT (TLS writing first), not
+   * EPOLLIN: the event that makes a watched socket worth pumping again. */
+  uint8_t pump_out;
+  /* A pump found more than its high water queued: it reads no more input
+   * until the output drains to pump_low (then the watcher is told), so a
+   * peer that sends without reading is held back by TCP, not by memory. */
+  uint8_t pump_full;
+  uint32_t pump_low;
   /* receive's share of the current loop pass (see PASS_EVENTS) */
   uint64_t pass;
   unsigned pass_events;
   size_t pass_bytes;
+  /* sock:watch (l_watch.c): the watcher told of this socket's input, its
+   * place in the watcher's list of sockets to pump and of members */
+  lwatch *watch;
+  dx_link ready, member;
 } lsock;
 
 /* The socket at idx (raises a Lua error otherwise). */
@@ -59,6 +73,15 @@ lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int nuv, int *err);
 void dx_sock_close(lsock *s, int abort, int with_engine);
 /* Bytes queued on the socket, its own and its engine's. */
 size_t dx_sock_buffered(const lsock *s);
+
+/* Whether receive has used up s's share of this loop pass (l_socket.c). */
+int dx_sock_spent(lsock *s);
+
+/* sock:watch(watcher) (l_watch.c); what the socket tells its watcher: it
+ * has input to look at, it closes. */
+int dx_sock_watch(lua_State *L);
+void dx_watch_queue(lsock *s);
+void dx_watch_leave(lsock *s);
 
 /* sock:starttls(ctx, opts, timeout), sock:alpn() (l_tls.c) */
 int dx_sock_starttls(lua_State *L);

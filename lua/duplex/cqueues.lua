@@ -96,8 +96,8 @@ end
 ---@param opts duplex.CqueuesListenOptions
 ---@return duplex.CqueuesServer|nil server, string|nil err
 function dcq.listen(cq, opts)
-  if type(opts) ~= "table" or type(opts.handler) ~= "function" then
-    error("duplex.cqueues.listen: options with a handler function expected", 2)
+  if type(opts) ~= "table" or (type(opts.handler) ~= "function" and type(opts.on_message) ~= "function") then
+    error("duplex.cqueues.listen: options with a handler or on_message function expected", 2)
   end
   options.check("duplex.cqueues.listen", opts, options.cqueues_listen, 2)
   -- what each connection takes: all but where to listen

@@ -58,16 +58,26 @@ local response_opts = {}
 ---@param spec duplex.RouteOptions|fun(ws: duplex.WebSocket, request: duplex.Request)
 ---@param level integer|nil
 ---@return table route
+-- What a route is served by: its own, never inherited from the listen
+-- options (a route of on_message under a listen handler is not both).
+local SERVED_BY = { handler = true, on_open = true, on_message = true }
+
 function handshake.route(opts, spec, level)
+  level = (level or 1) + 1
   if type(spec) == "function" then spec = { handler = spec } end
-  if type(spec) ~= "table" or type(spec.handler) ~= "function" then
-    error("every route needs a handler function", (level or 1) + 1)
+  if type(spec) ~= "table" or (type(spec.handler) ~= "function" and type(spec.on_message) ~= "function") then
+    error("every route needs a handler function or on_message", level)
   end
+  if spec.handler and spec.on_message then error("a route takes a handler or on_message, not both", level) end
+  if spec.on_open and not spec.on_message then error("on_open goes with on_message (a handler opens itself)", level) end
   local route = {}
   for k in pairs(options.route) do
     local v = spec[k]
-    if v == nil then v = opts[k] end
+    if v == nil and not SERVED_BY[k] then v = opts[k] end
     route[k] = v
+  end
+  if route.on_message and route.streaming then
+    error("streaming is for handlers: on_message gets whole messages", level)
   end
   if route.max_message == nil then route.max_message = handshake.max_message end
   route.engine_options = engine_options(route)

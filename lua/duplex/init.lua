@@ -76,6 +76,8 @@ local duplex = {
 
 ---@class duplex.RouteOptions: duplex.ConnectionOptions
 ---@field handler? fun(ws: duplex.WebSocket, request: duplex.Request) one call per connection, in its own coroutine
+---@field on_message? fun(ws: duplex.WebSocket, message: string, kind: "text"|"binary") instead of handler, no coroutine
+---@field on_open? fun(ws: duplex.WebSocket, request: duplex.Request) with on_message: once open; may wait
 ---@field select_protocol? fun(offered: string[], request: duplex.Request): string|nil instead of protocols
 ---@field origins? string[]           Origin allow-list (403 otherwise)
 ---@field on_request? fun(request: duplex.Request): integer|nil, string|nil, table|nil refuse: status, body, headers

@@ -300,8 +300,8 @@ if not core.spawn then runtime.set_host(M.host) end
 --- anywhere in the worker while it runs.
 ---@param opts duplex.NginxOptions with a handler
 function M.serve(opts)
-  if type(opts) ~= "table" or type(opts.handler) ~= "function" then
-    error("duplex.nginx.serve: options with a handler function expected", 2)
+  if type(opts) ~= "table" or (type(opts.handler) ~= "function" and type(opts.on_message) ~= "function") then
+    error("duplex.nginx.serve: options with a handler or on_message function expected", 2)
   end
   local ws, req = M.accept(opts)
   if not ws then return end

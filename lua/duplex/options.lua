@@ -79,6 +79,8 @@ local CONNECTION = {
 
 local ROUTE = {
   handler = func,
+  on_open = func,
+  on_message = func,
   select_protocol = func,
   origins = strings,
   on_request = func,

@@ -2,12 +2,13 @@
 --- connection; plain HTTP on the same port; graceful shutdown.
 local core = require "duplex.core"
 local WebSocket = require "duplex.websocket"
+local callbacks = require "duplex.callbacks"
 local handshake = require "duplex.handshake"
 local addr = require "duplex.addr"
 local runtime = require "duplex.runtime"
 local options = require "duplex.options"
 
-local now = core.now
+local now, call_nowait = core.now, core.call_nowait
 
 local server = {}
 
@@ -38,8 +39,8 @@ local function make_routes(opts)
       routes[path] = handshake.route(opts, spec, 4)
     end
   end
-  if opts.handler then routes[opts.path or "*"] = handshake.route(opts, opts, 4) end
-  if next(routes) == nil then error("listen: give a handler (and path) or routes", 3) end
+  if opts.handler or opts.on_message then routes[opts.path or "*"] = handshake.route(opts, opts, 4) end
+  if next(routes) == nil then error("listen: give a handler or on_message (and path), or routes", 3) end
   return routes
 end
 
@@ -85,7 +86,27 @@ local function open(self, sock, req, hs, route)
   local rest = hs:rest()
   if #rest > 0 then engine:feed(rest) end
   info.remote_address, info.remote_port, info.server = req.remote_address, req.peer_port, self
-  return WebSocket.new(sock, engine, route, info)
+  return WebSocket.new(sock, engine, route, info, route.on_message and callbacks.WebSocket or nil)
+end
+
+-- What serve returns for a connection that lives on in the dispatcher.
+local ADOPTED = {}
+
+-- A callback route's connection: on_open here, in the connection's first
+-- coroutine (it may wait), then the dispatcher pumps its socket and this
+-- coroutine ends. From here the connection's end (Callback:_finish)
+-- releases it, not handle.
+local function adopt(self, ws, route, req)
+  ws._route = route
+  if route.on_open then
+    local ok, err = xpcall(route.on_open, debug.traceback, ws, req)
+    if not ok then
+      self._log_error("on_open failed: " .. tostring(err))
+      ws:start_close(1011, "internal error")
+    end
+  end
+  if ws.state ~= "closed" and not ws.sock:watch(self.watcher) then ws:abort("the server is shutting down") end
+  return ADOPTED
 end
 
 local function serve(self, sock)
@@ -107,32 +128,71 @@ local function serve(self, sock)
   -- the connection owns its socket from here: one entry for it, not two
   -- (handle removes it)
   self.sockets[sock], self.connections[sock] = nil, ws
+  if route.on_message then return adopt(self, ws, route, req) end
   -- a tail call: serve's frame (the parser among its locals) is gone
   -- while the connection lives
   return ws:serve(route, req, self._log_error)
 end
 
-local function handle(self, sock)
-  self.count = self.count + 1
-  self.sockets[sock] = true
-  local ok, err = xpcall(serve, debug.traceback, self, sock)
-  if not ok then self.log("error", tostring(err)) end
+-- Nothing is left: the dispatcher of a server that stopped accepting ends.
+local function idle(self)
+  -- emptied tables keep their peak size; idle servers give it back
+  self.sockets, self.connections = {}, {}
+  if self._drained then core.wake(self._drained) end
+  if self.closing and self.watcher then self.watcher:close() end
+end
+
+local function release(self, sock)
   self.sockets[sock], self.connections[sock] = nil, nil
   sock:close()
   self.count = self.count - 1
-  if self.count == 0 then
-    -- emptied tables keep their peak size; idle servers give it back
-    self.sockets, self.connections = {}, {}
-    if self._drained then core.wake(self._drained) end
-  end
+  if self.count == 0 then idle(self) end
 end
 
+local function handle(self, sock)
+  self.sockets[sock] = true
+  local ok, err = xpcall(serve, debug.traceback, self, sock)
+  if not ok then self.log("error", tostring(err)) end
+  if err ~= ADOPTED then release(self, sock) end
+end
+
+-- Counted from here, not when its coroutine first runs, so that a burst of
+-- accepts cannot pass max_connections, and so that a server that stops
+-- accepting knows what is still to come.
 local function admit(self, sock)
   if self.count >= self.max_connections then
     core.spawn(respond, sock, 503, { ["Retry-After"] = "1" }, "too many connections")
   else
+    self.count = self.count + 1
     core.spawn(handle, self, sock)
   end
+end
+
+-- The callback routes' one coroutine: it pumps each socket with input.
+local function dispatch(self)
+  local watcher = self.watcher
+  for sock in watcher.next, watcher do
+    local ws = self.connections[sock]
+    if ws then
+      local ok, err = xpcall(callbacks.pump, debug.traceback, ws, self._log_error)
+      if not ok then
+        self.log("error", tostring(err))
+        ws:abort("internal error")
+      end
+    end
+  end
+end
+
+--- A callback connection ended (Callback:_finish): its route's on_close,
+--- then the server lets go of it.
+---@param ws duplex.CallbackWebSocket
+function Server:_ended(ws)
+  local on_close = ws._route.on_close
+  if on_close then
+    local ok, err = call_nowait(on_close, ws, ws.close_code, ws.close_reason)
+    if not ok then self._log_error("on_close failed: " .. tostring(err)) end
+  end
+  release(self, ws.sock)
 end
 
 local function accept_loop(self)
@@ -185,6 +245,12 @@ function server.listen(opts)
   end
   self.listener = listener
   self.host, self.port = listener:address()
+  for _, route in pairs(self.routes) do
+    if route.on_message and not self.watcher then
+      self.watcher = core.watcher()
+      core.spawn(dispatch, self)
+    end
+  end
   self.accepting = core.spawn(accept_loop, self)
   return self
 end
@@ -215,6 +281,7 @@ function Server:stop_accepting()
   -- (a worker retiring in a reload, with new ones on the same port).
   for _, sock in ipairs(self.listener:drain()) do admit(self, sock) end
   self.listener:close()
+  if self.count == 0 and self.watcher then self.watcher:close() end
 end
 
 local function shutdown(self, timeout)

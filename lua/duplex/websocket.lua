@@ -210,6 +210,14 @@ local function read_wait(self, deadline)
   return wait
 end
 
+-- Traffic at time t: it proves the peer alive. After a quiet spell the
+-- timer waits for a ping due much later: it must give the buffers back a
+-- second after this burst ends.
+function WebSocket:_seen(t)
+  self._last_seen = t
+  if self.watched and runtime.due_after(self, t + 1.25) then self:_arm(t) end
+end
+
 local function receive(self, timeout)
   local deadline = timeout and now() + timeout
   self._reading = true
@@ -223,11 +231,7 @@ local function receive(self, timeout)
     -- as deep as the registers in use here: few locals above it.
     local kind, data, a, b, c = self.sock:receive(self.engine, read_wait(self, deadline))
     if kind then
-      local t = now()
-      self._last_seen = t -- any traffic proves the peer alive
-      -- After a quiet spell the timer waits for a ping due much later: it
-      -- must give the buffers back a second after this burst ends.
-      if self.watched and runtime.due_after(self, t + 1.25) then self:_arm(t) end
+      self:_seen(now())
       if kind == "text" or kind == "binary" then -- the common case, first
         self._reading = false
         return data, kind
@@ -404,6 +408,7 @@ local function check_close(code, reason, level)
   local ok, why = core.close_check(code or 1000, reason or "")
   if not ok then error("close: " .. why, level + 1) end
 end
+WebSocket._check_close = check_close
 
 --- Send our close frame without waiting for the answer: whoever reads the
 --- connection sees the peer's reply; the sweep drops the connection if none
@@ -450,17 +455,30 @@ function WebSocket:close(code, reason)
   return self._wait(close, self, code or 1000, reason or "")
 end
 
+-- A callback route (on_open, on_message) where the host runs a coroutine
+-- per connection anyway; duplex.listen serves it without (duplex.callbacks).
+local function run_callbacks(ws, spec, req)
+  if spec.on_open then spec.on_open(ws, req) end
+  local on_message = spec.on_message
+  for message, kind in ws:messages() do on_message(ws, message, kind) end
+end
+
 --- Run a server handler on this connection, the same on every host (for
---- hosts: duplex.listen, duplex.cqueues and duplex.nginx call it):
---- spec.handler(ws, req); an error in it goes to log(message) and closes
---- with 1011, returning closes with 1000. Then, whatever ended the
---- connection, spec.on_close(ws, code, reason). The connection is over when
---- this returns.
----@param spec duplex.RouteOptions what runs: its handler and on_close
+--- hosts: duplex.cqueues, duplex.nginx and duplex.transport's call it):
+--- spec.handler(ws, req), or spec's callbacks; an error in them goes to
+--- log(message) and closes with 1011, returning closes with 1000. Then,
+--- whatever ended the connection, spec.on_close(ws, code, reason). The
+--- connection is over when this returns.
+---@param spec duplex.RouteOptions what runs: its handler or callbacks, and on_close
 ---@param req duplex.Request
 ---@param log fun(message: string)
 function WebSocket:serve(spec, req, log)
-  local ok, err = xpcall(spec.handler, debug.traceback, self, req)
+  local ok, err
+  if spec.handler then
+    ok, err = xpcall(spec.handler, debug.traceback, self, req)
+  else
+    ok, err = xpcall(run_callbacks, debug.traceback, self, spec, req)
+  end
   if not ok then
     log("handler failed: " .. tostring(err))
     self:close(1011, "internal error")

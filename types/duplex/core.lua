@@ -43,6 +43,17 @@ function core.base64(s) end
 ---@return string
 function core.sha1_hex(s) end
 
+--- A watcher: one coroutine serves many sockets by their input
+--- (sock:watch, watcher:next, sock:pump), none waits per connection.
+---@return duplex.core.Watcher
+function core.watcher() end
+
+--- fn(...) as xpcall with a traceback, except that fn may not wait: a
+--- callback that tries fails ("cannot wait here").
+---@param fn function
+---@return boolean ok, any ...
+function core.call_nowait(fn, ...) end
+
 --- CRC16-CCITT (XMODEM) of s: what Redis Cluster hashes a key's slot with.
 ---@param s string
 ---@return integer
@@ -418,6 +429,17 @@ function Socket:attach(engine) end
 ---@return string|nil kind, any, any, any, any
 function Socket:receive(engine, timeout) end
 
+--- The engine's next event as receive returns it, or nil, "again" where
+--- receive would wait; never yields (what a watcher's callbacks call).
+---@param engine duplex.core.Engine
+---@return string|nil kind, any, any, any, any
+function Socket:pump(engine) end
+
+--- Have watcher name this socket whenever it has input to pump (nil stops).
+---@param watcher duplex.core.Watcher|nil
+---@return true|nil ok, string|nil err
+function Socket:watch(watcher) end
+
 --- The TLS handshake on this connection.
 ---@param ctx duplex.core.TLSContext
 ---@param opts {servername: string|nil, timeout: number|nil}|nil servername: default the host given to core.connect
@@ -449,6 +471,21 @@ function Listener:close() end
 
 ---@return integer|nil fd, string|nil err
 function Listener:fd() end
+
+---@class duplex.core.Watcher
+local Watcher = {}
+
+--- The next watched socket with input, in order, waiting (in a loop
+--- coroutine) until there is one; nil once the watcher is closed.
+---@return duplex.core.Socket|nil
+function Watcher:next() end
+
+--- Every socket stops being watched, and next() returns nil.
+function Watcher:close() end
+
+--- How many sockets it watches.
+---@return integer
+function Watcher:count() end
 
 ---@class duplex.core.Reader
 local Reader = {}

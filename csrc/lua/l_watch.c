@@ -1,0 +1,179 @@
+/*
+ * Watchers: connections served by callbacks instead of a coroutine each.
+ * A socket watched by a watcher (sock:watch(w)) is put on the watcher's list
+ * whenever input arrives (or its TLS read can go on); one coroutine, in
+ * w:next(), takes the sockets off the list in order and pumps each one
+ * (sock:pump, which never waits). An idle connection then costs its socket,
+ * its engine and the Lua object the application keeps: nothing waits for it.
+ *
+ * The list is fair like receive: a socket whose share of the loop pass is
+ * used up (a flood) goes to the back, and w:next() lets the loop run a pass
+ * before it returns a socket whose share is spent.
+ *
+ * A socket leaves its watcher when it closes (or is collected), and every
+ * member leaves when the watcher closes (or is collected), so neither keeps
+ * a pointer to the other once it is gone.
+ */
+#include "l_socket.h"
+
+#define WATCH_MT "duplex.watcher"
+
+struct lwatch {
+  dx_link ready;   /* sockets to pump (lsock.ready), first in first out */
+  dx_link members; /* every watched socket (lsock.member) */
+  dx_task *waiter; /* the task in w:next(), while it waits */
+  dx_loop *loop;
+  int closed;
+};
+
+static lwatch *check_watch(lua_State *L, int idx) { return luaL_checkudata(L, idx, WATCH_MT); }
+
+static void wake_waiter(lwatch *w) {
+  if (!w->waiter) return;
+  dx_task_ready(w->loop, w->waiter, DX_WAKE_IO);
+  w->waiter = NULL;
+}
+
+void dx_watch_queue(lsock *s) {
+  lwatch *w = s->watch;
+  if (!w || dx_link_linked(&s->ready)) return;
+  dx_link_push(&w->ready, &s->ready);
+  wake_waiter(w);
+}
+
+void dx_watch_leave(lsock *s) {
+  if (!s->watch) return;
+  if (dx_link_linked(&s->ready)) dx_link_remove(&s->ready);
+  if (dx_link_linked(&s->member)) dx_link_remove(&s->member);
+  s->watch = NULL;
+}
+
+static void watch_close(lwatch *w) {
+  if (w->closed) return;
+  w->closed = 1;
+  while (!dx_link_empty(&w->members)) dx_watch_leave(dx_container_of(w->members.next, lsock, member));
+  wake_waiter(w);
+}
+
+/* core.watcher() -> a watcher. Its uservalue maps each member's address to
+ * the socket, weakly: the application's connection objects keep sockets
+ * alive, not the watcher. */
+static int l_watcher(lua_State *L) {
+  dx_loop *loop = dx_lua_loop(L);
+  lwatch *w = lua_newuserdatauv(L, sizeof *w, 1);
+  dx_link_init(&w->ready);
+  dx_link_init(&w->members);
+  w->waiter = NULL;
+  w->loop = loop;
+  w->closed = 0;
+  luaL_setmetatable(L, WATCH_MT);
+  lua_createtable(L, 0, 0);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "v");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_setiuservalue(L, -2, 1);
+  return 1;
+}
+
+/* sock:watch(w) makes w pump the socket from now on, and queues it at once
+ * (input may have come already: the rest of a handshake's read, say);
+ * sock:watch(nil) stops. */
+int dx_sock_watch(lua_State *L) {
+  lsock *s = dx_sock_check(L, 1);
+  if (lua_isnoneornil(L, 2)) {
+    dx_watch_leave(s);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lwatch *w = check_watch(L, 2);
+  if (s->closed) return dx_lua_fail(L, "closed");
+  if (w->closed) return dx_lua_fail(L, "watcher closed");
+  if (w->loop != s->loop) return luaL_error(L, "watch: the watcher belongs to another loop");
+  dx_watch_leave(s);
+  lua_getiuservalue(L, 2, 1);
+  lua_pushvalue(L, 1);
+  lua_rawsetp(L, -2, s);
+  s->watch = w;
+  s->pump_out = 0;
+  dx_link_push(&w->members, &s->member);
+  dx_watch_queue(s);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* w:next() -> the next socket to pump, waiting (in a loop coroutine) until
+ * there is one; nil once the watcher is closed. */
+static int next_k(lua_State *L, int status, lua_KContext ctx) {
+  dx_task *t = (dx_task *)ctx;
+  lwatch *w = check_watch(L, 1);
+  if (status == LUA_YIELD) dx_lua_woken(L, t);
+  lua_settop(L, 1);
+  lua_getiuservalue(L, 1, 1);
+  while (!w->closed && !dx_link_empty(&w->ready)) {
+    lsock *s = dx_container_of(w->ready.next, lsock, ready);
+    if (dx_sock_spent(s)) return dx_lua_yield(L, t, next_k); /* the others' turn first */
+    dx_link_remove(&s->ready);
+    if (lua_rawgetp(L, 2, s) == LUA_TUSERDATA) return 1;
+    lua_pop(L, 1); /* collected: its finalizer is about to close it */
+  }
+  if (w->closed) return 0;
+  w->waiter = t;
+  return dx_lua_wait_work(L, t, next_k);
+}
+
+static int watch_next(lua_State *L) {
+  check_watch(L, 1);
+  dx_task *t = dx_lua_begin(L, 0);
+  return next_k(L, LUA_OK, (lua_KContext)t);
+}
+
+/* w:close(): every member leaves, and w:next() returns nil. */
+static int watch_close_m(lua_State *L) {
+  watch_close(check_watch(L, 1));
+  return 0;
+}
+
+static int watch_count(lua_State *L) {
+  lwatch *w = check_watch(L, 1);
+  lua_Integer n = 0;
+  for (dx_link *l = w->members.next; l != &w->members; l = l->next) n++;
+  lua_pushinteger(L, n);
+  return 1;
+}
+
+static int watch_tostring(lua_State *L) {
+  lwatch *w = check_watch(L, 1);
+  lua_pushfstring(L, "duplex.watcher (%s): %p", w->closed ? "closed" : "open", (void *)w);
+  return 1;
+}
+
+static int traceback(lua_State *L) {
+  const char *msg = luaL_tolstring(L, 1, NULL);
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+/* core.call_nowait(fn, ...) -> true, fn's results | false, message with a
+ * traceback. Like xpcall, but fn cannot wait: a callback that tries to
+ * (core.sleep, a send that would block) fails with "cannot wait here"
+ * instead of stopping the one coroutine that serves every connection. */
+static int l_call_nowait(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  int n = lua_gettop(L);
+  lua_pushcfunction(L, traceback);
+  lua_insert(L, 1);
+  int ok = lua_pcall(L, n - 1, LUA_MULTRET, 1) == LUA_OK;
+  lua_pushboolean(L, ok);
+  lua_replace(L, 1);
+  return lua_gettop(L);
+}
+
+void dx_open_watch(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"next", watch_next}, {"close", watch_close_m}, {"count", watch_count}, {NULL, NULL}};
+  static const luaL_Reg meta[] = {{"__gc", watch_close_m}, {"__tostring", watch_tostring}, {NULL, NULL}};
+  dx_lua_new_class(L, WATCH_MT, methods, meta);
+  static const luaL_Reg funcs[] = {{"watcher", l_watcher}, {"call_nowait", l_call_nowait}, {NULL, NULL}};
+  luaL_setfuncs(L, funcs, 0);
+}

@@ -1,0 +1,138 @@
+--- Routes served by callbacks (on_open, on_message, on_close) instead of a
+--- handler coroutine per connection.
+---
+--- On duplex.listen no coroutine waits for an open connection: its socket
+--- is watched (core.watcher), and the server's one dispatcher coroutine
+--- pumps each socket that has input (sock:pump, which never waits), calling
+--- on_message for every message. An idle connection then costs its socket,
+--- engine, request and this table: what servers with many mostly idle
+--- players need. The price: on_message and on_close must not wait
+--- (core.call_nowait makes one that tries fail, instead of stopping every
+--- connection of the server), so here send() queues and never waits, and
+--- close() starts the closing handshake and returns. What may wait goes
+--- into a coroutine of its own (duplex.spawn): on_open runs in the
+--- connection's first coroutine and may wait, and so do the rare steps of
+--- the closing handshake.
+---
+--- Other hosts (cqueues, nginx, duplex.transport) run the same callbacks
+--- from a coroutine per connection (ws:serve).
+local core = require "duplex.core"
+local WebSocket = require "duplex.websocket"
+
+local now, call_nowait = core.now, core.call_nowait
+
+local callbacks = {}
+
+---@class duplex.CallbackWebSocket: duplex.WebSocket
+local Callback = setmetatable({}, { __index = WebSocket })
+Callback.__index = Callback
+Callback.__tostring = WebSocket.__tostring
+Callback.__close = WebSocket.__close
+callbacks.WebSocket = Callback
+
+-- Sending never waits: the peer that keeps more than high_water queued is
+-- given send_timeout to get below low_water (as a waiting send would), and
+-- is then closed as a slow consumer; max_buffered, checked by the engine,
+-- closes it at once.
+function Callback:_room()
+  local buffered = self.sock:buffered()
+  if buffered > self.high_water then
+    if not self._over then
+      self._over = now()
+      self:_arm(self._over)
+    end
+  elseif buffered <= self.low_water then
+    self._over = nil
+  end
+  return true
+end
+
+function Callback:_sweep(t)
+  local over = self._over
+  if over and self.state == "open" then
+    if self.sock:buffered() <= self.low_water then
+      self._over = nil
+    elseif t - over >= self.send_timeout then
+      return self:close_slow_consumer("send timed out: the peer is not reading")
+    end
+  end
+  return WebSocket._sweep(self, t)
+end
+
+function Callback:_due(t)
+  local due = WebSocket._due(self, t)
+  if self._over and self.state == "open" then
+    local left = math.max(0, self._over + self.send_timeout - t)
+    if not due or left < due then due = left end
+  end
+  return due
+end
+
+--- Start the closing handshake and return: the peer's answer arrives like
+--- any input, and close_timeout ends the connection if it does not.
+---@param code integer|nil default 1000
+---@param reason string|nil
+---@return true
+function Callback:close(code, reason)
+  WebSocket._check_close(code, reason, 2)
+  return self:start_close(code, reason)
+end
+
+function Callback.receive()
+  error("receive: this connection's messages go to its route's on_message", 2)
+end
+Callback.messages = Callback.receive
+
+-- The end of the connection, however it came: on_close, and the server
+-- lets go of it.
+function Callback:_finish(code, reason, err)
+  if self.state == "closed" then return end
+  WebSocket._finish(self, code, reason, err)
+  self.server:_ended(self)
+end
+
+-- What the engine reported besides a message. Pings and pongs are answered
+-- here; the closing handshake, a protocol error and an overflow may wait
+-- (a flush, a linger), so they go on in a coroutine of their own, the
+-- socket no longer watched.
+local function control(ws, kind, data, a, b, c)
+  if kind == "ping" or kind == "pong" then return call_nowait(ws._event, ws, kind, data, a, b, c) end
+  ws.sock:watch(nil)
+  core.spawn(ws._event, ws, kind, data, a, b, c)
+  return true
+end
+
+--- Deliver what ws's socket holds until it would have to wait: the
+--- dispatcher calls this for each socket its watcher names.
+---@param ws duplex.CallbackWebSocket
+---@param log fun(message: string)
+function callbacks.pump(ws, log)
+  local sock, engine, on_message = ws.sock, ws.engine, ws._route.on_message
+  -- Over high_water, its input waits until the peer has read down to
+  -- low_water (what a handler's waiting send does to the peer too).
+  local high, low = ws.high_water, ws.low_water
+  while ws.state ~= "closed" do
+    local kind, data, a, b, c = sock:pump(engine, high, low)
+    local ok, err
+    if kind == "text" or kind == "binary" then
+      ws:_seen(now())
+      ok, err = call_nowait(on_message, ws, data, kind)
+      if not ok then err = "on_message failed: " .. tostring(err) end
+    elseif kind then
+      ws:_seen(now())
+      if kind ~= "ping" and kind ~= "pong" then return control(ws, kind, data, a, b, c) end
+      ok, err = control(ws, kind, data, a, b, c)
+    elseif data == "again" then
+      return
+    else
+      ws:_lost(data)
+      return
+    end
+    if not ok then
+      log(tostring(err))
+      ws:start_close(1011, "internal error")
+    end
+  end
+end
+
+return callbacks
