@@ -169,7 +169,7 @@ install: all
 # The OpenResty/LuaJIT variant: the sans-I/O core, the modules that
 # duplex.nginx needs and the Redis client over its cosockets, which are the
 # ones that run on Lua 5.1.
-LJ_LUA    := $(addprefix lua/duplex/,core.lua handshake.lua nginx.lua options.lua resp.lua runtime.lua transport.lua url.lua websocket.lua)
+LJ_LUA    := $(addprefix lua/duplex/,compat.lua core.lua handshake.lua nginx.lua options.lua resp.lua runtime.lua transport.lua url.lua websocket.lua)
 LJ_REDIS  := lua/duplex/redis/client.lua
 install-luajit: luajit
 	install -d $(DESTDIR)$(LJ_LMOD)/duplex/redis $(DESTDIR)$(LJ_CMOD)/duplex
