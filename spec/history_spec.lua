@@ -216,6 +216,17 @@ describe("history through Redis", function()
     return hub, b, status
   end
 
+  -- Node "a" with a history server and one client subscribed to "room"
+  -- (its outcome line read): hub, server, client, status lines.
+  local function subscribed_node(extra)
+    local a, _, status = node("a", extra)
+    local srv = history_server { a = a }
+    local c = connect(srv, "/room")
+    outcome(c)
+    wait_until("subscribed", 5, function() return services.numsub(r.port, "h:room") == 1 end)
+    return a, srv, c, status
+  end
+
   it("delivers a history topic in one order on every node, and recovers a client across nodes", function()
     local a, ba = node("a")
     local b = node("b")
@@ -282,11 +293,7 @@ describe("history through Redis", function()
   end)
 
   it("catches up a topic whose first publications it never heard", function()
-    local a = node("a")
-    local srv = history_server { a = a }
-    local c = connect(srv, "/room")
-    outcome(c)
-    wait_until("subscribed", 5, function() return services.numsub(r.port, "h:room") == 1 end)
+    local _, _, c = subscribed_node()
     -- The room's first two publications are stored while this node's
     -- subscriber link is down (their pushes lost), then the link comes
     -- back: nothing live says they exist.
@@ -304,11 +311,7 @@ describe("history through Redis", function()
   end)
 
   it("fills a gap in the live offsets from the stream", function()
-    local a = node("a")
-    local srv = history_server { a = a }
-    local c = connect(srv, "/room")
-    outcome(c)
-    wait_until("subscribed", 5, function() return services.numsub(r.port, "h:room") == 1 end)
+    local a, _, c = subscribed_node()
     a:publish("room", "m1")
     local epoch = receive(c, 1)[1]:match("^(%w+):1 m1$")
     -- Stored without reaching pub/sub (as when a publication's push is lost):
@@ -325,11 +328,7 @@ describe("history through Redis", function()
   end)
 
   it("reads a new epoch's first publications from the stream when pub/sub brought a later one", function()
-    local a = node("a")
-    local srv = history_server { a = a }
-    local c = connect(srv, "/room")
-    outcome(c)
-    wait_until("subscribed", 5, function() return services.numsub(r.port, "h:room") == 1 end)
+    local a, _, c = subscribed_node()
     a:publish("room", "m1")
     assert.matches("^%w+:1 m1$", receive(c, 1)[1])
     -- The history starts over (Redis came back empty, say) and its first
@@ -352,11 +351,7 @@ describe("history through Redis", function()
     -- Redis restarted from an older snapshot has lost offsets 4 and 5,
     -- and would hand them out again: the node that delivered them must
     -- not skip the new ones as duplicates.
-    local a = node("a")
-    local srv = history_server { a = a }
-    local c = connect(srv, "/room")
-    outcome(c)
-    wait_until("subscribed", 5, function() return services.numsub(r.port, "h:room") == 1 end)
+    local a, srv, c = subscribed_node()
     for i = 1, 3 do a:publish("room", "m" .. i) end
     local epoch = receive(c, 3)[1]:match("^(%w+):1 m1$")
     run(function()
@@ -391,11 +386,7 @@ describe("history through Redis", function()
   end)
 
   it("tells a client that its history expired, and starts a new epoch", function()
-    local a = node("a", { history = { ttl = 1 } })
-    local srv = history_server { a = a }
-    local c1 = connect(srv, "/room")
-    outcome(c1)
-    wait_until("subscribed", 5, function() return services.numsub(r.port, "h:room") == 1 end)
+    local a, srv, c1 = subscribed_node({ history = { ttl = 1 } })
     a:publish("room", "old")
     local epoch = receive(c1, 1)[1]:match("^(%w+):1 old$")
     c1:close()
@@ -446,11 +437,7 @@ describe("history through Redis", function()
   end)
 
   it("reports a malformed payload on a topic's channel and goes on", function()
-    local a, _, reports = node("a")
-    local srv = history_server { a = a }
-    local c = connect(srv, "/room")
-    outcome(c)
-    wait_until("subscribed", 5, function() return services.numsub(r.port, "h:room") == 1 end)
+    local a, _, c, reports = subscribed_node()
     run(function()
       local db = assert(redis.connect(r.url))
       db:publish("h:room", "garbage")
