@@ -3,7 +3,9 @@
 -- one writev. These specs check what that must not change: the bytes on the
 -- wire and their order against a reader slow enough that every write is
 -- partial, the backpressure figures, and that the strings are held exactly
--- as long as they are queued.
+-- as long as they are queued. And the other way: a large frame's payload
+-- is read straight into the message buffer, which must not change what
+-- the handler gets.
 local core = require "duplex.core"
 local runtime = require "duplex.runtime"
 local F = require "support.frames"
@@ -121,9 +123,9 @@ local function slow_reader(sock, seed, first)
   return function(until_kind)
     local events = {}
     while true do
-      local kind, data = e:next()
+      local kind, data, a = e:next()
       if kind then
-        events[#events + 1] = { kind, data }
+        events[#events + 1] = { kind, data, a }
         if kind == until_kind then return events end
       else
         if random(6) == 1 then core.sleep(0.001 * random(3)) end
@@ -291,6 +293,91 @@ describe("a slow reader of large messages over TCP", function()
     assert.is_true(phase.queued > 2 * SIZE_KB, "queued strings must be held: " .. phase.queued)
     assert.is_true(phase.after_abort < SIZE_KB,
       "strings queued to a dropped peer are still held: " .. phase.after_abort)
+  end)
+end)
+
+-- The client's frames, masked, from a client engine.
+local function client_frames(steps)
+  local c = core.engine { role = "client" }
+  for _, st in ipairs(steps) do
+    if st[1] == "ping" then assert(c:ping(st[2])) else assert(c:send(st[2], st[3], st[4])) end
+  end
+  return c:data_to_send()
+end
+
+-- Write bytes in random cuts from 1 B to 200 KB, pausing now and then, so
+-- that frames arrive split at every kind of place.
+local function write_cut(sock, bytes, seed)
+  local rnd, at = seed, 1
+  while at <= #bytes do
+    rnd = (rnd * 1103515245 + 12345) % 2147483648
+    local n = ({ 1, 7, 1500, 65536, 200000 })[(rnd >> 8) % 5 + 1]
+    assert(sock:write(bytes:sub(at, at + n - 1)))
+    at = at + n
+    if (rnd >> 4) % 4 == 0 then assert(sock:flush(20)) core.sleep(0.001) end
+  end
+  assert(sock:flush(20))
+end
+
+describe("large messages read into place", function()
+  -- a socket reads a large frame's payload straight into the message
+  -- buffer (dx_proto_read_room); what the handler gets must not change
+  local function server(got)
+    return listen {
+      host = "127.0.0.1", port = 0, ping_interval = 0, log = function() end, max_message = 32 << 20,
+      handler = function(ws)
+        for m, kind in ws:messages() do got[#got + 1] = { kind, m } end
+        got.close_code, got.done = ws.close_code, true
+      end,
+    }
+  end
+
+  it("deliver whole messages, fragments and pings between them as sent, however the reads fall", function()
+    local steps = {
+      { "send", fresh(3 << 20, "a"), "binary" },
+      { "ping", "p1" },
+      { "send", fresh(1 << 20, "b"), "text", false },
+      { "ping", "p2" },
+      { "send", fresh(700000, "c"), "continuation", false },
+      { "send", fresh(300, "d"), "continuation", true },
+      { "send", fresh(16 << 20, "e"), "binary" },
+      { "send", "small", "text" },
+      { "send", fresh(100000, "f"), "binary" },
+    }
+    local got = {}
+    local srv = server(got)
+    run(function()
+      local sock = raw.upgrade(srv.port)
+      local close = F.build { op = "close", payload = F.close_payload(1000), key = "abcd" }
+      write_cut(sock, client_frames(steps) .. close, 11)
+      while not got.done do core.sleep(0.01) end
+      sock:close()
+    end, 60)
+    check_events({
+      { "binary", steps[1][2] }, { "text", steps[3][2] .. steps[5][2] .. steps[6][2] },
+      { "binary", steps[7][2] }, { "text", "small" }, { "binary", steps[9][2] },
+    }, got)
+    assert.equal(1000, got.close_code)
+  end)
+
+  it("fail a large text frame at its invalid UTF-8, after the messages before it", function()
+    local got = {}
+    local srv = server(got)
+    local N = 2 << 20
+    local bad = string.rep("x", N - 2) .. "\xff!"
+    -- a zero masking key leaves the payload as it is
+    local frame = F.build { op = "text", len = N, key = "\0\0\0\0" } .. bad
+    local events
+    run(function()
+      local sock, first = raw.upgrade(srv.port)
+      write_cut(sock, client_frames { { "send", fresh(1 << 20, "g"), "binary" } } .. frame, 5)
+      events = slow_reader(sock, 1, first)("close")
+      sock:close()
+    end, 60)
+    check_events({ { "binary", fresh(1 << 20, "g") } }, got)
+    local close = events[#events]
+    assert.equal("close", close[1])
+    assert.equal(1007, close[3])
   end)
 end)
 

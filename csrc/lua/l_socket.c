@@ -428,6 +428,17 @@ static void charge_pass(lsock *s) {
   }
 }
 
+/* Where to read the next room bytes: into the engine's message buffer when
+ * they are all payload of a large frame (no copy out of the receive buffer
+ * later), else the loop's receive buffer. Only a read that would take no
+ * fewer bytes: one ending at the frame's end when the shared buffer could
+ * have taken the next frames too would cost a system call per message. */
+static uint8_t *read_target(lsock *s, dx_proto *p, size_t room) {
+  size_t direct;
+  uint8_t *dst = dx_proto_read_room(p, &direct);
+  return dst && direct >= room ? dst : s->loop->rbuf;
+}
+
 /* The engine's next event, reading as needed. stack: sock, engine, timeout
  * Yields happen only where no fed byte still lies in the loop's shared
  * receive buffer: before asking for an event (what an earlier event left is
@@ -454,12 +465,13 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx) {
     /* no more than the rest of this pass's share */
     size_t room = PASS_BYTES - s->pass_bytes;
     if (room > s->loop->rbuf_size) room = s->loop->rbuf_size;
-    ssize_t n = raw_read(s, s->loop->rbuf, room, &want, err, sizeof err);
+    uint8_t *buf = read_target(s, p, room);
+    ssize_t n = raw_read(s, buf, room, &want, err, sizeof err);
     if (n == 0) return dx_lua_fail(L, "closed");
     if (n == RD_AGAIN) return dx_lua_wait_io(L, t, &s->io, want, 0, receive_k);
     if (n < 0) return dx_lua_fail(L, err);
     s->pass_bytes += (size_t)n;
-    dx_proto_feed(p, s->loop->rbuf, (size_t)n);
+    dx_proto_feed(p, buf, (size_t)n);
   }
 }
 

@@ -596,6 +596,8 @@ static int read_data(dx_proto *p, dx_event *ev) {
     ev->data = chunk;
     ev->len = n;
     return DX_EV_MESSAGE;
+  } else if (p->msg.data && chunk == p->msg.data + p->msg.len) {
+    p->msg.len += n; /* the host read them in place (dx_proto_read_room) */
   } else {
     size_t ahead = frame_done ? 0 : prealloc_ahead(p);
     if (n + ahead > 0) {
@@ -615,6 +617,25 @@ static int read_data(dx_proto *p, dx_event *ev) {
   ev->data = dx_buf_head(&p->msg);
   ev->len = after;
   return DX_EV_MESSAGE;
+}
+
+/* Whether the next input is the open frame's payload, bound for msg as it
+ * is: no unparsed input before it, nothing to transform it (inflating,
+ * streaming hands chunks out), no event pointing into msg. */
+static int payload_bound_for_msg(const dx_proto *p) {
+  return p->in_frame && p->fh_left > 0 && p->in_len == 0 && !dx_opcode_is_control(p->fh.opcode) &&
+         !p->cfg.streaming && !p->msg_compressed && !p->release_msg && !p->failed && !p->nomem &&
+         p->state != DX_STATE_CLOSED;
+}
+
+uint8_t *dx_proto_read_room(dx_proto *p, size_t *room) {
+  *room = 0;
+  if (!payload_bound_for_msg(p)) return NULL;
+  size_t ahead = prealloc_ahead(p);
+  uint8_t *dst = dx_buf_reserve(&p->msg, ahead);
+  if (!dst) return NULL; /* the copying path reports it */
+  *room = ahead;
+  return dst;
 }
 
 void dx_proto_done(dx_proto *p) {
