@@ -18,7 +18,7 @@
  * peer that claims 16 MiB and sends nothing costs 1 MiB, not 16, and one
  * that has sent 4 MiB of them may cost 4 MiB more. Growing by what came
  * doubles the buffer, so a 16 MiB message is moved about 4 times on its way
- * in, not a dozen (measured: the moves were an eighth of a 16 MiB echo). */
+ * in, not about 7 (measured: the moves were an eighth of a 16 MiB echo). */
 #define DX_PREALLOC_MAX (1u << 20)
 
 void dx_proto_init(dx_proto *p, const dx_config *cfg) {
