@@ -127,6 +127,15 @@ static int flush_plain(lsock *s) {
   }
 }
 
+/* The engine was released while TLS owed a retry with its bytes (the
+ * payload strings they were may be freed): the stream cannot go on. */
+static int retry_lost(lsock *s) {
+  s->tls_wsrc = 0;
+  s->tls_failed = 1;
+  s->werr = EPIPE;
+  return -1;
+}
+
 /* TLS writes one buffer at a time: the socket's own bytes, else the
  * engine's first span. A write that wants a retry must be repeated with
  * the same bytes, so those stay pinned in the engine until it is done. */
@@ -139,7 +148,7 @@ static int flush_tls(lsock *s) {
     if (!src) return 0;
     dx_span sp;
     if (src == 1) sp = (dx_span){dx_buf_head(&s->out), dx_buf_size(&s->out)};
-    else dx_out_spans(&s->engine->out, &sp, 1);
+    else if (dx_out_spans(&s->engine->out, &sp, 1) == 0) return retry_lost(s);
     size_t put;
     int rc = dx_tls_write(s->ssl, sp.p, sp.n, &put, err, sizeof err);
     if (src == 2) s->engine->out_pinned = 0;
