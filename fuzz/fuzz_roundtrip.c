@@ -11,7 +11,8 @@
  * control payloads and deflate tails). Bytes are fed through one scratch
  * buffer that is scribbled over after every read, as a host that shares one
  * receive buffer between connections would; some reads take one event and
- * then dx_proto_keep() instead of draining.
+ * then dx_proto_keep() instead of draining; some reads go straight into the
+ * engine's message buffer (dx_proto_read_room), as a socket's do.
  *
  * The receiver's events, in order, must be exactly the sender's messages
  * (kind and bytes), pings and pongs, then the close with its code and
@@ -293,9 +294,14 @@ static void deliver(src *s, const uint8_t *wire, size_t len, dx_proto *e, rx_sta
     unsigned how = pick(s, 4);
     size_t cut = how == 0 ? 1 : how == 1 ? 1 + pick(s, 24) : how == 2 ? 1 + pick(s, 1500) : 1 + pick(s, 1u << 16);
     if (cut > len - off) cut = len - off;
-    memcpy(scratch, wire + off, cut);
+    /* half the time, payload goes where the engine offers to put it */
+    size_t room;
+    uint8_t *dst = pick(s, 2) ? dx_proto_read_room(e, &room) : NULL;
+    if (dst && cut > room) cut = room;
+    if (!dst) dst = scratch;
+    memcpy(dst, wire + off, cut);
     off += cut;
-    dx_proto_feed(e, scratch, cut);
+    dx_proto_feed(e, dst, cut);
     dx_event ev;
     if (pick(s, 4) == 0) {
       /* one event, then let go of the buffer */
@@ -304,7 +310,7 @@ static void deliver(src *s, const uint8_t *wire, size_t len, dx_proto *e, rx_sta
     } else {
       while (dx_proto_next(e, &ev) != DX_EV_NONE) on_event(st, &ev);
     }
-    memset(scratch, 0xa5, cut);
+    if (dst == scratch) memset(scratch, 0xa5, cut);
   }
   dx_event ev;
   while (dx_proto_next(e, &ev) != DX_EV_NONE) on_event(st, &ev);

@@ -3,7 +3,8 @@
 -- random fragmentation with pings and pongs between the pieces, both
 -- roles, permessage-deflate off and on (with and without context takeover,
 -- window bits 8..15), whole-message and streaming delivery, and the wire
--- cut into random reads through a buffer scribbled over after each one.
+-- cut into random reads through a buffer scribbled over after each one, or
+-- read straight into the engine's message buffer where it offers room.
 -- What is delivered must be exactly what was sent. The same oracle runs
 -- under libFuzzer (make fuzz, make fuzz-long).
 local BIN = "build/fuzz/roundtrip_seeds"

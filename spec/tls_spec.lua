@@ -245,6 +245,43 @@ describe("duplex.core TLS", function()
     end)
   end)
 
+  it("fails the output, not memory, when an engine is released under a write TLS must repeat", function()
+    -- SSL_write wanted its payload bytes again, from a string queued by
+    -- reference; then the engine went away with its strings
+    local phase = {}
+    run(function()
+      local l, port = tls_server("127.0.0.1", server_ctx(), function(s)
+        local e = core.engine{role = "server"}
+        s:attach(e)
+        for i = 1, 4 do assert(e:send(string.rep(tostring(i), 4 << 20), "binary")) end
+        local last, left = -1, s:try_flush()
+        while left ~= last do -- until the kernel takes no more
+          core.sleep(0.05)
+          last, left = left, s:try_flush()
+        end
+        assert.is_true(left > 0, "the peer took everything")
+        e:release()
+        collectgarbage()
+        collectgarbage()
+        phase.stuck = true
+        -- the peer reads now: the socket gets to write again
+        while not phase.drained do core.sleep(0.01) end
+        phase.flush = {s:flush(5)}
+        phase.done = true
+      end)
+      local ctx = assert(core.tls_context{mode = "client", ca = c.ca})
+      local s = assert(client(port, ctx, {servername = "localhost"}))
+      while not phase.stuck do core.sleep(0.01) end
+      repeat until not s:read(65536, 0.5)
+      phase.drained = true
+      while not phase.done do core.sleep(0.01) end
+      s:close()
+      l:close()
+    end, 30)
+    -- the socket's output is over (the engine's bytes are gone), with an error or nothing left to write
+    assert.is_true(phase.flush[1] == true or type(phase.flush[2]) == "string")
+  end)
+
   it("times out a handshake the peer never answers", function()
     run(function()
       local l = assert(core.listen{host = "127.0.0.1", port = 0})

@@ -20,7 +20,10 @@ typedef struct engine {
 } engine;
 
 /* Payloads from this size are queued by reference to their Lua string
- * (kept in the user value's table until written) instead of copied. */
+ * (kept in the user value's table until written) instead of copied. Below
+ * it a copy costs less than holding the string (a table slot set and later
+ * cleared, an iovec of its own), and small frames copied side by side leave
+ * in one contiguous run: one iovec, one TLS record. */
 #define REF_MIN (16u << 10)
 
 static const char ENGINE_KEY = 0; /* its address keys the metatable */

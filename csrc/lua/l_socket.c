@@ -127,6 +127,15 @@ static int flush_plain(lsock *s) {
   }
 }
 
+/* The engine was released while TLS owed a retry with its bytes (the
+ * payload strings they were may be freed): the stream cannot go on. */
+static int retry_lost(lsock *s) {
+  s->tls_wsrc = 0;
+  s->tls_failed = 1;
+  s->werr = EPIPE;
+  return -1;
+}
+
 /* TLS writes one buffer at a time: the socket's own bytes, else the
  * engine's first span. A write that wants a retry must be repeated with
  * the same bytes, so those stay pinned in the engine until it is done. */
@@ -139,7 +148,7 @@ static int flush_tls(lsock *s) {
     if (!src) return 0;
     dx_span sp;
     if (src == 1) sp = (dx_span){dx_buf_head(&s->out), dx_buf_size(&s->out)};
-    else dx_out_spans(&s->engine->out, &sp, 1);
+    else if (dx_out_spans(&s->engine->out, &sp, 1) == 0) return retry_lost(s);
     size_t put;
     int rc = dx_tls_write(s->ssl, sp.p, sp.n, &put, err, sizeof err);
     if (src == 2) s->engine->out_pinned = 0;
@@ -443,6 +452,17 @@ int dx_sock_spent(lsock *s) {
   return s->pass_events >= PASS_EVENTS || s->pass_bytes >= PASS_BYTES;
 }
 
+/* Where to read the next room bytes: into the engine's message buffer when
+ * they are all payload of a large frame (no copy out of the receive buffer
+ * later), else the loop's receive buffer. Only a read that would take no
+ * fewer bytes: one ending at the frame's end when the shared buffer could
+ * have taken the next frames too would cost a system call per message. */
+static uint8_t *read_target(lsock *s, dx_proto *p, size_t room) {
+  size_t direct;
+  uint8_t *dst = dx_proto_read_room(p, &direct);
+  return dst && direct >= room ? dst : s->loop->rbuf;
+}
+
 enum { EV_PUSHED, EV_FAILED, EV_AGAIN, EV_LATER };
 
 static int failed(lua_State *L, const char *msg) {
@@ -474,12 +494,13 @@ static int next_event(lua_State *L, lsock *s, dx_proto *p, int *nres, uint32_t *
     /* no more than the rest of this pass's share */
     size_t room = PASS_BYTES - s->pass_bytes;
     if (room > s->loop->rbuf_size) room = s->loop->rbuf_size;
-    ssize_t n = raw_read(s, s->loop->rbuf, room, want, err, sizeof err);
+    uint8_t *buf = read_target(s, p, room);
+    ssize_t n = raw_read(s, buf, room, want, err, sizeof err);
     if (n == 0) return failed(L, "closed");
     if (n == RD_AGAIN) return EV_AGAIN;
     if (n < 0) return failed(L, err);
     s->pass_bytes += (size_t)n;
-    dx_proto_feed(p, s->loop->rbuf, (size_t)n);
+    dx_proto_feed(p, buf, (size_t)n);
   }
 }
 

@@ -13,8 +13,12 @@
 #include "dx_mask.h"
 #include "dx_utf8.h"
 
-/* An announced frame length is not trusted for preallocation beyond this:
- * a peer that claims 16 MiB and sends nothing must not cost 16 MiB. */
+/* An announced frame length is trusted for preallocation up to this much,
+ * or as many bytes as the message has already brought if that is more: a
+ * peer that claims 16 MiB and sends nothing costs 1 MiB, not 16, and one
+ * that has sent 4 MiB of them may cost 4 MiB more. Growing by what came
+ * doubles the buffer, so a 16 MiB message is moved about 4 times on its way
+ * in, not about 7 (measured: the moves were an eighth of a 16 MiB echo). */
 #define DX_PREALLOC_MAX (1u << 20)
 
 void dx_proto_init(dx_proto *p, const dx_config *cfg) {
@@ -563,6 +567,12 @@ static int read_data_streaming(dx_proto *p, dx_event *ev, uint8_t *chunk, size_t
   return DX_EV_FRAGMENT;
 }
 
+/* Room to reserve in msg for the rest of the frame (DX_PREALLOC_MAX). */
+static size_t prealloc_ahead(const dx_proto *p) {
+  uint64_t trusted = p->msg_size > DX_PREALLOC_MAX ? p->msg_size : DX_PREALLOC_MAX;
+  return (size_t)(p->fh_left < trusted ? p->fh_left : trusted);
+}
+
 static int read_data(dx_proto *p, dx_event *ev) {
   size_t n;
   int whole_frame = p->fh_left <= p->in_len;
@@ -586,8 +596,10 @@ static int read_data(dx_proto *p, dx_event *ev) {
     ev->data = chunk;
     ev->len = n;
     return DX_EV_MESSAGE;
+  } else if (p->msg.data && chunk == p->msg.data + p->msg.len) {
+    p->msg.len += n; /* the host read them in place (dx_proto_read_room) */
   } else {
-    size_t ahead = frame_done ? 0 : p->fh_left < DX_PREALLOC_MAX ? p->fh_left : DX_PREALLOC_MAX;
+    size_t ahead = frame_done ? 0 : prealloc_ahead(p);
     if (n + ahead > 0) {
       if (!dx_buf_reserve(&p->msg, n + ahead)) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
       memcpy(p->msg.data + p->msg.len, chunk, n);
@@ -605,6 +617,25 @@ static int read_data(dx_proto *p, dx_event *ev) {
   ev->data = dx_buf_head(&p->msg);
   ev->len = after;
   return DX_EV_MESSAGE;
+}
+
+/* Whether the next input is the open frame's payload, bound for msg as it
+ * is: no unparsed input before it, nothing to transform it (inflating,
+ * streaming hands chunks out), no event pointing into msg. */
+static int payload_bound_for_msg(const dx_proto *p) {
+  return p->in_frame && p->fh_left > 0 && p->in_len == 0 && !dx_opcode_is_control(p->fh.opcode) &&
+         !p->cfg.streaming && !p->msg_compressed && !p->release_msg && !p->failed && !p->nomem &&
+         p->state != DX_STATE_CLOSED;
+}
+
+uint8_t *dx_proto_read_room(dx_proto *p, size_t *room) {
+  *room = 0;
+  if (!payload_bound_for_msg(p)) return NULL;
+  size_t ahead = prealloc_ahead(p);
+  uint8_t *dst = dx_buf_reserve(&p->msg, ahead);
+  if (!dst) return NULL; /* the copying path reports it */
+  *room = ahead;
+  return dst;
 }
 
 void dx_proto_done(dx_proto *p) {

@@ -183,6 +183,15 @@ void dx_proto_done(dx_proto *p);
  * events after the first one). Cheap when nothing or little is left. */
 void dx_proto_keep(dx_proto *p);
 
+/* Where the host may read the open frame's next payload bytes (at most
+ * *room of them) so that they land where the message is reassembled: a
+ * large message is then not copied out of a receive buffer. NULL when that
+ * does not apply (between frames, a control frame, input still to parse,
+ * streaming or compressed messages). Then hand what was read to
+ * dx_proto_feed as usual; the room is valid until the next call into the
+ * engine. */
+uint8_t *dx_proto_read_room(dx_proto *p, size_t *room);
+
 /* Feed bytes the engine must copy (they are unmasked in place, and the
  * caller's memory may be read-only or reused at once). */
 void dx_proto_feed_copy(dx_proto *p, const uint8_t *data, size_t n);

@@ -5,14 +5,16 @@ local core = require "duplex.core"
 
 local raw = {}
 
---- A socket past a client handshake with 127.0.0.1:port (the 101 read).
+--- A socket past a client handshake with 127.0.0.1:port (the 101 read),
+--- and the bytes that came in the same read after the 101 (the server's
+--- first frames, when it sends at once).
 function raw.upgrade(port, path, timeout)
   timeout = timeout or 5
   local sock = assert(core.connect { host = "127.0.0.1", port = port, timeout = timeout })
   local hc = core.handshake_client { host = "127.0.0.1", port = port, target = path or "/" }
   sock:write(hc:request())
   repeat until hc:feed(assert(sock:read(nil, timeout)))
-  return sock
+  return sock, hc:rest()
 end
 
 --- Everything the peer sends until it closes (or timeout seconds of
