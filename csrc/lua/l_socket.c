@@ -434,7 +434,7 @@ static void charge_pass(lsock *s) {
  * in the engine's own memory), or once the engine has used up a read. */
 static int receive_k(lua_State *L, int status, lua_KContext ctx) {
   dx_task *t = (dx_task *)ctx;
-  lsock *s = dx_sock_check(L, 1);
+  lsock *s = lua_touserdata(L, 1); /* checked by sock_receive; a yield keeps the stack */
   if (status == LUA_YIELD && dx_lua_woken(L, t) == DX_WAKE_TIMEOUT) return dx_lua_fail(L, "timeout");
   dx_proto *p = dx_live_engine(L, 2);
   if (!p) return dx_lua_fail(L, "closed");
