@@ -8,7 +8,10 @@ local core = require "duplex.core"
 local runtime = require "duplex.runtime"
 
 local blocking = runtime.blocking
+local due_after = runtime.due_after
 local now = core.now
+-- LuaJIT's core has no loop, so no connection there waits through blocking
+local isyieldable = coroutine.isyieldable or function() return false end
 
 ---@class duplex.WebSocket
 ---@field role "server"|"client"
@@ -212,6 +215,7 @@ end
 
 local function receive(self, timeout)
   local deadline = timeout and now() + timeout
+  local watched = self.watched
   self._reading = true
   while true do
     if self.state == "closed" then
@@ -221,13 +225,14 @@ local function receive(self, timeout)
     -- The next event, parsed from what was read before or from a new read.
     -- An idle connection's coroutine waits in this call, and its stack is
     -- as deep as the registers in use here: few locals above it.
-    local kind, data, a, b, c = self.sock:receive(self.engine, read_wait(self, deadline))
+    local kind, data, a, b, c = self.sock:receive(self.engine,
+      (deadline or not watched) and read_wait(self, deadline) or nil)
     if kind then
       local t = now()
       self._last_seen = t -- any traffic proves the peer alive
       -- After a quiet spell the timer waits for a ping due much later: it
       -- must give the buffers back a second after this burst ends.
-      if self.watched and runtime.due_after(self, t + 1.25) then self:_arm(t) end
+      if watched and due_after(self, t + 1.25) then self:_arm(t) end
       if kind == "text" or kind == "binary" then -- the common case, first
         self._reading = false
         return data, kind
@@ -257,7 +262,11 @@ end
 ---@return string|nil message, string kind_or_error, integer|boolean|nil, string|nil
 function WebSocket:receive(timeout)
   if self._reading then error("receive: another coroutine is already reading this connection", 2) end
-  return self._wait(receive, self, timeout)
+  -- In a coroutine, blocking would call receive at once: skip that detour,
+  -- taken once per message.
+  local wait = self._wait
+  if wait ~= blocking or isyieldable() then return receive(self, timeout) end
+  return wait(receive, self, timeout)
 end
 
 --- Iterate over messages until the connection closes:
@@ -332,7 +341,7 @@ end
 ---@return true|nil ok, string|nil err
 function WebSocket:send(data, kind, opts)
   kind = kind or "text"
-  check_kind(kind, 2)
+  if kind ~= "binary" and kind ~= "text" then check_kind(kind, 2) end
   if type(data) ~= "string" then error("send: message must be a string", 2) end
   if self._sending then error("send: a fragmented message is open; finish it with send_fragment", 2) end
   if self.state ~= "open" then return nil, "closed" end
