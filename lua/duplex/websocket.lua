@@ -10,6 +10,7 @@ local runtime = require "duplex.runtime"
 local blocking = runtime.blocking
 local due_after = runtime.due_after
 local now = core.now
+local type = type
 -- LuaJIT's core has no loop, so no connection there waits through blocking
 local isyieldable = coroutine.isyieldable or function() return false end
 
@@ -63,7 +64,11 @@ local shared = {
   _slot = false, _next = false, _prev = false, -- the runtime's timer wheel
 }
 setmetatable(shared, { __index = defaults })
-setmetatable(WebSocket, { __index = shared })
+-- The class holds copies of both, not a chain to them: every message reads
+-- a few fields no connection has of its own (high_water, deflate, a
+-- _sending that is not there), and each link of a chain costs a lookup.
+for k, v in pairs(defaults) do WebSocket[k] = v end
+for k, v in pairs(shared) do WebSocket[k] = v end
 
 --- Wrap an engine attached to a socket. Used by duplex.server and
 --- duplex.client once the handshake is done; class is WebSocket (our loop)
