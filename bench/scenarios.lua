@@ -62,6 +62,10 @@ M.scenarios = {
   { id = "echo32_c512", title = "echo 32 B, 512 conns", short = "32 B\n512 conns",
     mode = "echo", args = { "--conns", "512", "--size", "32" },
     metric = "server_us_per_msg", unit = "us/msg", target = 1.4 },
+  -- issue 13: CPU per message at 2,000 connections within 1.1x of that at 64
+  { id = "echo32_c2000", title = "echo 32 B, 2,000 conns", short = "32 B\n2,000 conns",
+    mode = "echo", args = { "--conns", "2000", "--size", "32" },
+    metric = "server_us_per_msg", unit = "us/msg", target = 1.4 },
   { id = "echo64k", title = "echo 64 KiB, 4 conns x 4 in flight", short = "64 KiB\n4 x 4",
     mode = "echo", args = { "--conns", "4", "--size", "65536", "--inflight", "4" },
     metric = "server_us_per_msg", unit = "us/msg", target = 11 },

@@ -69,8 +69,7 @@ describe("duplex.core sockets", function()
     -- what earlier spec files left to the loop (a reader in its last
     -- timeout, a socket waiting for its finalizer) ends first: the
     -- baseline is this file's
-    core.spawn(core.sleep, 0.2)
-    core.run()
+    require("duplex.runtime").blocking(core.sleep, 0.2)
     collectgarbage()
     collectgarbage()
     stats_before = core.loop_stats()

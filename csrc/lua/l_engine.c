@@ -13,10 +13,12 @@
 #include "dx_utf8.h"
 #include "l_core.h"
 
+/* The counters first: every event and every send reads ref_dropped, and
+ * here it shares a cache line with the engine's hot fields. */
 typedef struct engine {
-  dx_proto p;
   uint64_t ref_seq;     /* id of the last payload queued by reference */
   uint64_t ref_dropped; /* ids up to this one are no longer held */
+  dx_proto p;
 } engine;
 
 /* Payloads from this size are queued by reference to their Lua string

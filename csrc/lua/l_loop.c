@@ -40,6 +40,7 @@ static const char SIGNALS_KEY = 'S';
 typedef struct lloop {
   dx_loop loop;
   lua_State *L; /* the thread inside core.run, else NULL */
+  struct ltask *current; /* the task being resumed, else NULL */
   int running, stop, dead;
   size_t ntasks;
   int sigfd;
@@ -48,13 +49,14 @@ typedef struct lloop {
   unsigned char sigseen[NSIG]; /* arrived since the last dispatch */
 } lloop;
 
-typedef struct ltask {
+typedef struct ltask ltask;
+struct ltask {
   dx_task t; /* first: dx_task pointers are ltask pointers */
   lua_State *co;
   lloop *ll;
   int ref;   /* anchors co while a wake-up source exists */
   int nargs; /* values on co's stack for the next resume */
-} ltask;
+};
 
 typedef struct ltimer {
   dx_timer timer;
@@ -86,9 +88,16 @@ static ltask *find_task(lua_State *L, int idx) {
   return task;
 }
 
+/* Every blocking call asks this, once per message on a busy connection:
+ * the task being resumed answers without a lookup in the task table,
+ * whose entry for one of thousands of coroutines is seldom in the cache.
+ * Any other thread (a coroutine inside a task, one resumed outside the
+ * loop) takes the lookup and its verdict. */
 static ltask *running_task(lua_State *L) {
+  ltask *task = get_lloop(L)->current;
+  if (task && task->co == L && task->t.state == DX_TASK_RUNNING) return task;
   lua_pushthread(L);
-  ltask *task = find_task(L, -1);
+  task = find_task(L, -1);
   lua_pop(L, 1);
   if (!task || task->t.state != DX_TASK_RUNNING) luaL_error(L, NOT_A_TASK);
   return task;
@@ -246,7 +255,9 @@ static void resume_task(lua_State *L, ltask *task) {
   lua_State *co = task->co;
   int nres, nargs = task->nargs;
   task->nargs = 0;
+  task->ll->current = task;
   int status = lua_resume(co, L, nargs, &nres);
+  task->ll->current = NULL;
   if (status == LUA_YIELD) {
     lua_pop(co, nres);
     if (task->t.state == DX_TASK_RUNNING) /* coroutine.yield(): run again next pass */

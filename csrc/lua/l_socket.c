@@ -507,7 +507,7 @@ static int next_event(lua_State *L, lsock *s, dx_proto *p, int *nres, uint32_t *
 /* The engine's next event, reading as needed. stack: sock, engine, timeout */
 static int receive_k(lua_State *L, int status, lua_KContext ctx) {
   dx_task *t = (dx_task *)ctx;
-  lsock *s = dx_sock_check(L, 1);
+  lsock *s = lua_touserdata(L, 1); /* checked by sock_receive; a yield keeps the stack */
   if (status == LUA_YIELD && dx_lua_woken(L, t) == DX_WAKE_TIMEOUT) return dx_lua_fail(L, "timeout");
   dx_proto *p = dx_live_engine(L, 2);
   if (!p) return dx_lua_fail(L, "closed");

@@ -132,8 +132,6 @@ struct dx_proto {
   uint64_t msg_size;  /* payload bytes of the open message so far */
   uint32_t utf8;      /* UTF-8 validator state for the open text message */
   dx_buf msg;         /* reassembly of a message or of a control frame */
-  dx_buf ctl;         /* control frame payload split across reads */
-  dx_buf zin;         /* inflated piece of a compressed message (streaming) */
   dx_buf pend;        /* fed bytes the engine owns (dx_proto_keep, or feed
                          called before next() used up the previous ones) */
   /* The last event pointed into msg (a reassembled message) or into ctl (a
@@ -147,17 +145,24 @@ struct dx_proto {
   uint16_t peer_close_code;
 
   /* --- send side (private) --- */
+  uint32_t send_utf8;      /* UTF-8 state of an open outgoing text message */
+  uint8_t send_opcode;     /* opcode of an open fragmented outgoing message, or 0 */
+  uint8_t send_compressed;
+  dx_proto_stats stats;
+
+  /* Everything above is touched by every small message, everything below
+   * only by control frames, split frames and compression: a busy server
+   * with thousands of connections reads each engine from memory, and
+   * these fields kept apart cost it two cache lines fewer per message. */
+  dx_buf ctl;         /* control frame payload split across reads */
+  dx_buf zin;         /* inflated piece of a compressed message (streaming) */
   /* Our automatic pong still waiting in out, as stream positions
    * [pong_start, pong_end); pong_end == 0 when none. A ping that arrives
    * while it is unwritten and last in out replaces it (RFC 6455 §5.5.3:
    * answering only the latest ping is allowed), so a ping flood that never
    * reads its pongs costs one pong, not a queue of them. */
   uint64_t pong_start, pong_end;
-  uint32_t send_utf8;      /* UTF-8 state of an open outgoing text message */
-  uint8_t send_opcode;     /* opcode of an open fragmented outgoing message, or 0 */
-  uint8_t send_compressed;
   dx_buf zout;     /* compressed payload of the frame being sent */
-  dx_proto_stats stats;
 };
 
 void dx_proto_init(dx_proto *p, const dx_config *cfg);

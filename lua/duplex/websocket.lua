@@ -8,7 +8,11 @@ local core = require "duplex.core"
 local runtime = require "duplex.runtime"
 
 local blocking = runtime.blocking
+local due_after = runtime.due_after
 local now = core.now
+local type = type
+-- LuaJIT's core has no loop, so no connection there waits through blocking
+local isyieldable = coroutine.isyieldable or function() return false end
 
 ---@class duplex.WebSocket
 ---@field role "server"|"client"
@@ -60,7 +64,11 @@ local shared = {
   _slot = false, _next = false, _prev = false, -- the runtime's timer wheel
 }
 setmetatable(shared, { __index = defaults })
-setmetatable(WebSocket, { __index = shared })
+-- The class holds copies of both, not a chain to them: every message reads
+-- a few fields no connection has of its own (high_water, deflate, a
+-- _sending that is not there), and each link of a chain costs a lookup.
+for k, v in pairs(defaults) do WebSocket[k] = v end
+for k, v in pairs(shared) do WebSocket[k] = v end
 
 --- Wrap an engine attached to a socket. Used by duplex.server and
 --- duplex.client once the handshake is done; class is WebSocket (our loop)
@@ -215,11 +223,12 @@ end
 -- second after this burst ends.
 function WebSocket:_seen(t)
   self._last_seen = t
-  if self.watched and runtime.due_after(self, t + 1.25) then self:_arm(t) end
+  if self.watched and due_after(self, t + 1.25) then self:_arm(t) end
 end
 
 local function receive(self, timeout)
   local deadline = timeout and now() + timeout
+  local watched = self.watched
   self._reading = true
   while true do
     if self.state == "closed" then
@@ -229,7 +238,8 @@ local function receive(self, timeout)
     -- The next event, parsed from what was read before or from a new read.
     -- An idle connection's coroutine waits in this call, and its stack is
     -- as deep as the registers in use here: few locals above it.
-    local kind, data, a, b, c = self.sock:receive(self.engine, read_wait(self, deadline))
+    local kind, data, a, b, c = self.sock:receive(self.engine,
+      (deadline or not watched) and read_wait(self, deadline) or nil)
     if kind then
       self:_seen(now())
       if kind == "text" or kind == "binary" then -- the common case, first
@@ -261,7 +271,11 @@ end
 ---@return string|nil message, string kind_or_error, integer|boolean|nil, string|nil
 function WebSocket:receive(timeout)
   if self._reading then error("receive: another coroutine is already reading this connection", 2) end
-  return self._wait(receive, self, timeout)
+  -- In a coroutine, blocking would call receive at once: skip that detour,
+  -- taken once per message.
+  local wait = self._wait
+  if wait ~= blocking or isyieldable() then return receive(self, timeout) end
+  return wait(receive, self, timeout)
 end
 
 --- Iterate over messages until the connection closes:
@@ -336,7 +350,7 @@ end
 ---@return true|nil ok, string|nil err
 function WebSocket:send(data, kind, opts)
   kind = kind or "text"
-  check_kind(kind, 2)
+  if kind ~= "binary" and kind ~= "text" then check_kind(kind, 2) end
   if type(data) ~= "string" then error("send: message must be a string", 2) end
   if self._sending then error("send: a fragmented message is open; finish it with send_fragment", 2) end
   if self.state ~= "open" then return nil, "closed" end
