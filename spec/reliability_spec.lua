@@ -86,34 +86,38 @@ describe("many connections moving large messages at once", function()
   -- Every connection's reads go through one receive buffer, and each gets
   -- a share of every loop pass: whatever a connection has not parsed when
   -- its share runs out must be its own, not the shared buffer's.
-  it("echoes every message intact", function()
-    local srv = listen { host = "127.0.0.1", port = 0, handler = function(ws)
-      for m, k in ws:messages() do
-        if not ws:send(m, k) then break end
-      end
-    end }
-    local bad, done = {}, 0
-    run(function()
-      for c = 1, 24 do
-        core.spawn(function()
-          local ws = assert(duplex.connect(srv:url("/")))
-          for i = 1, 4 do
-            local n = (c * 7919 + i * 104729) % (320 << 10)
-            local msg = string.rep(string.char(65 + (c + i) % 26), n) .. tostring(c * 100 + i)
-            assert(ws:send(msg, i % 2 == 0 and "binary" or "text"))
-            local got = ws:receive(30)
-            if got ~= msg then bad[#bad + 1] = string.format("client %d message %d", c, i) end
+  for _, style in ipairs(STYLES) do
+    it("echoes every message intact (" .. style .. ")", function()
+      local srv = listen { host = "127.0.0.1", port = 0,
+        handler = style == "handler" and function(ws)
+          for m, k in ws:messages() do
+            if not ws:send(m, k) then break end
           end
-          ws:close()
-          done = done + 1
-        end)
-      end
-      local deadline = core.now() + 60
-      while done < 24 and core.now() < deadline do core.sleep(0.05) end
+        end or nil,
+        on_message = style == "callbacks" and function(ws, m, k) ws:send(m, k) end or nil }
+      local bad, done = {}, 0
+      run(function()
+        for c = 1, 24 do
+          core.spawn(function()
+            local ws = assert(duplex.connect(srv:url("/")))
+            for i = 1, 4 do
+              local n = (c * 7919 + i * 104729) % (320 << 10)
+              local msg = string.rep(string.char(65 + (c + i) % 26), n) .. tostring(c * 100 + i)
+              assert(ws:send(msg, i % 2 == 0 and "binary" or "text"))
+              local got = ws:receive(30)
+              if got ~= msg then bad[#bad + 1] = string.format("client %d message %d", c, i) end
+            end
+            ws:close()
+            done = done + 1
+          end)
+        end
+        local deadline = core.now() + 60
+        while done < 24 and core.now() < deadline do core.sleep(0.05) end
+      end)
+      assert.equal(24, done)
+      assert.same({}, bad)
     end)
-    assert.equal(24, done)
-    assert.same({}, bad)
-  end)
+  end
 end)
 
 for _, style in ipairs(STYLES) do

@@ -91,17 +91,6 @@ function Callback:_finish(code, reason, err)
   self.server:_ended(self)
 end
 
--- What the engine reported besides a message. Pings and pongs are answered
--- here; the closing handshake, a protocol error and an overflow may wait
--- (a flush, a linger), so they go on in a coroutine of their own, the
--- socket no longer watched.
-local function control(ws, kind, data, a, b, c)
-  if kind == "ping" or kind == "pong" then return call_nowait(ws._event, ws, kind, data, a, b, c) end
-  ws.sock:watch(nil)
-  core.spawn(ws._event, ws, kind, data, a, b, c)
-  return true
-end
-
 --- Deliver what ws's socket holds until it would have to wait: the
 --- dispatcher calls this for each socket its watcher names.
 ---@param ws duplex.CallbackWebSocket
@@ -118,10 +107,17 @@ function callbacks.pump(ws, log)
       ws:_seen(now())
       ok, err = call_nowait(on_message, ws, data, kind)
       if not ok then err = "on_message failed: " .. tostring(err) end
-    elseif kind then
+    elseif kind == "ping" or kind == "pong" then
       ws:_seen(now())
-      if kind ~= "ping" and kind ~= "pong" then return control(ws, kind, data, a, b, c) end
-      ok, err = control(ws, kind, data, a, b, c)
+      ok, err = call_nowait(ws._event, ws, kind, data, a, b, c) -- on_pong may raise
+    elseif kind then
+      -- the closing handshake, a protocol error, an overflow: they may
+      -- wait (a flush, a linger), so they go on in a coroutine of their
+      -- own, the socket no longer watched
+      ws:_seen(now())
+      sock:watch(nil)
+      core.spawn(ws._event, ws, kind, data, a, b, c)
+      return
     elseif data == "again" then
       return
     else
