@@ -80,6 +80,69 @@ describe("rooms on a Redis Cluster", function()
     return rooms, by_owner
   end
 
+  -- A room whose master still has a replica (the failover cases each kill
+  -- one): the room, its master's port and the replica's.
+  local function room_with_replica(prefix)
+    for k = 1, 200 do
+      local room = prefix .. k
+      local master = c:owner(redis.slot(room))
+      local replica = c:replica_of(master)
+      if replica then return room, master, replica end
+    end
+    error("no master with a replica left")
+  end
+
+  it("starts a new epoch when the promoted replica lacks the master's last writes, and skips nothing after", function()
+    local room, master, replica = room_with_replica("roomlost")
+    local watcher = client(room, "n2")
+    wait_until("n2 subscribed at the master", 10, function()
+      return services.shardnumsub(master, "cr:{" .. room .. "}" .. room) == 1
+    end)
+    for i = 1, 3 do nodes.n1.hub:publish(room, "m" .. i) end
+    local epoch
+    for i = 1, 3 do
+      local m = assert(watcher:receive(10))
+      epoch = m:match("^(%w+):" .. i .. " m" .. i .. "$")
+      assert(epoch, m)
+    end
+    assert.equal(1, services.redis_call(master, "WAIT", 1, 5000))
+    -- the replica falls behind: stopped, its link cut (else the bytes
+    -- would wait in its socket), m4 and m5 reach the watcher, not it
+    local pid = assert(services.redis_call(replica, "INFO", "server")):match("process_id:(%d+)")
+    assert(os.execute("kill -STOP " .. pid))
+    assert.equal(1, services.redis_call(master, "CLIENT", "KILL", "TYPE", "replica"))
+    nodes.n1.hub:publish(room, "m4")
+    nodes.n1.hub:publish(room, "m5")
+    assert.equal(epoch .. ":4 m4", assert(watcher:receive(10)))
+    assert.equal(epoch .. ":5 m5", assert(watcher:receive(10)))
+    c:kill(master)
+    assert(os.execute("kill -CONT " .. pid))
+    wait_until("the replica promoted", 20, function()
+      local role = services.redis_call(replica, "ROLE")
+      return type(role) == "table" and role[1] == "master"
+    end)
+    -- m6 gets offset 4 again, in a new epoch: delivered, not skipped
+    local got
+    run(function()
+      local deadline = core.now() + 20
+      while not got and core.now() < deadline do
+        nodes.n1.hub:publish(room, "m6")
+        got = watcher:receive(1)
+      end
+    end)
+    assert(got, "m6 never came")
+    local epoch2 = got:match("^(%w+):4 m6$")
+    assert(epoch2, got)
+    assert.not_equal(epoch, epoch2)
+    -- a client that saw m5 cannot recover; one at m2 can, on another node
+    local lost = client(room, "n3", epoch .. ":5")
+    assert.matches("^recovered false " .. epoch2 .. ":", assert(lost:receive(10)))
+    local back = client(room, "n3", epoch .. ":2")
+    assert.equal(epoch2 .. ":3 m3", assert(back:receive(10)))
+    assert.matches("^" .. epoch2 .. ":4 m6$", assert(back:receive(10)))
+    assert.matches("^recovered true ", assert(back:receive(10)))
+  end)
+
   it("carries rooms on different masters across three nodes, in one order, once", function()
     local rooms, by_owner = rooms_on_three_masters()
     local subs = {}
@@ -123,9 +186,7 @@ describe("rooms on a Redis Cluster", function()
   end)
 
   it("loses no message when a room's master is SIGKILLed mid-chat, and recovers a client on another node", function()
-    local room = "roomfail"
-    local master = c:owner(redis.slot(room))
-    local replica = assert(c:replica_of(master))
+    local room, master, replica = room_with_replica("roomfail")
     local watchers = { client(room, "n2"), client(room, "n3") }
     wait_until("both nodes subscribed at the master", 10, function()
       return services.shardnumsub(master, "cr:{" .. room .. "}" .. room) == 2
@@ -176,67 +237,6 @@ describe("rooms on a Redis Cluster", function()
     check(back, tonumber(text) + 1)
     assert.matches("^recovered true ", assert(back:receive(5)))
     assert.matches("up subscriber: shard channels at 127%.0%.0%.1:" .. replica, table.concat(reports.n2, "\n"))
-  end)
-
-  it("starts a new epoch when the promoted replica lacks the master's last writes, and skips nothing after", function()
-    -- a room on a master that still has a replica (a test above killed one)
-    local room, master, replica
-    for k = 1, 200 do
-      room = "roomlost" .. k
-      master = c:owner(redis.slot(room))
-      replica = c:replica_of(master)
-      if replica then break end
-    end
-    assert(replica, "no master with a replica left")
-    local watcher = client(room, "n2")
-    wait_until("n2 subscribed at the master", 10, function()
-      return services.shardnumsub(master, "cr:{" .. room .. "}" .. room) == 1
-    end)
-    for i = 1, 3 do nodes.n1.hub:publish(room, "m" .. i) end
-    local epoch
-    for i = 1, 3 do
-      -- n1's one worker may still be retrying the test above's
-      -- publications through its failover (slow under ASan): m1 waits
-      local m = assert(watcher:receive(30))
-      epoch = m:match("^(%w+):" .. i .. " m" .. i .. "$")
-      assert(epoch, m)
-    end
-    assert.equal(1, services.redis_call(master, "WAIT", 1, 5000))
-    -- the replica falls behind: stopped, its link cut (else the bytes
-    -- would wait in its socket), m4 and m5 reach the watcher, not it
-    local pid = assert(services.redis_call(replica, "INFO", "server")):match("process_id:(%d+)")
-    assert(os.execute("kill -STOP " .. pid))
-    assert.equal(1, services.redis_call(master, "CLIENT", "KILL", "TYPE", "replica"))
-    nodes.n1.hub:publish(room, "m4")
-    nodes.n1.hub:publish(room, "m5")
-    assert.equal(epoch .. ":4 m4", assert(watcher:receive(10)))
-    assert.equal(epoch .. ":5 m5", assert(watcher:receive(10)))
-    c:kill(master)
-    assert(os.execute("kill -CONT " .. pid))
-    wait_until("the replica promoted", 20, function()
-      local role = services.redis_call(replica, "ROLE")
-      return type(role) == "table" and role[1] == "master"
-    end)
-    -- m6 gets offset 4 again, in a new epoch: delivered, not skipped
-    local got
-    run(function()
-      local deadline = core.now() + 20
-      while not got and core.now() < deadline do
-        nodes.n1.hub:publish(room, "m6")
-        got = watcher:receive(1)
-      end
-    end)
-    assert(got, "m6 never came")
-    local epoch2 = got:match("^(%w+):4 m6$")
-    assert(epoch2, got)
-    assert.not_equal(epoch, epoch2)
-    -- a client that saw m5 cannot recover; one at m2 can, on another node
-    local lost = client(room, "n3", epoch .. ":5")
-    assert.matches("^recovered false " .. epoch2 .. ":", assert(lost:receive(10)))
-    local back = client(room, "n3", epoch .. ":2")
-    assert.equal(epoch2 .. ":3 m3", assert(back:receive(10)))
-    assert.matches("^" .. epoch2 .. ":4 m6$", assert(back:receive(10)))
-    assert.matches("^recovered true ", assert(back:receive(10)))
   end)
 
   it("lists the members of every node, and forgets a closed node's within the TTL", function()
