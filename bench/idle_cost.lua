@@ -186,6 +186,10 @@ local function breakdown(a, b)
   print(string.format("per-connection Lua objects found by walking (estimated sizes, without the allocator's 8-16 B " ..
     "each): %d objects, %d B", #rows, total))
   for _, r in ipairs(rows) do print(string.format("  %5d  %-8s %s", r[2], r[3], r[1])) end
+  if not co then
+    print("  coroutine: none (a callback connection waits in no coroutine)")
+    return
+  end
   local depth = 0
   while debug.getinfo(co, depth, "f") do depth = depth + 1 end
   print(string.format("  coroutine: %d frames deep (its stack and CallInfos are not in the sum)", depth))

@@ -197,6 +197,22 @@ function Cluster:replica_of(port)
   end
 end
 
+--- Until the replica on port replica has applied everything the master on
+--- port master had written when called. (WAIT cannot say so here: it
+--- counts the acks of the calling connection's own writes, and each
+--- redis_call is a new connection that wrote nothing.)
+function services.wait_replicated(master, replica, timeout)
+  local function offset(port, field)
+    local info = services.redis_call(port, "INFO", "replication")
+    return tonumber(type(info) == "string" and info:match(field .. ":(%d+)"))
+  end
+  local written = assert(offset(master, "master_repl_offset"), "no replication offset on the master")
+  services.wait_for("the replica on " .. replica .. " to apply offset " .. written, timeout or 10, function()
+    local applied = offset(replica, "slave_repl_offset")
+    return applied and applied >= written
+  end)
+end
+
 --- The port of the master serving slot, as that node's CLUSTER SLOTS says.
 function Cluster:owner(slot, asked)
   local ranges = assert(services.redis_call(asked or self:masters()[1], "CLUSTER", "SLOTS"))
@@ -216,7 +232,8 @@ function Cluster:stop()
 end
 
 -- Until every live node says cluster_state:ok and sees the same slot
--- owners, and every replica's link to its master is up.
+-- owners, every replica's link to its master is up, and every master sees
+-- its replicas online.
 function Cluster:wait_ok(timeout)
   services.wait_for("the cluster to be ok", timeout or 30, function()
     local masters = 0
@@ -226,7 +243,16 @@ function Cluster:wait_ok(timeout)
         if type(info) ~= "string" or not info:find("cluster_state:ok", 1, true) then return false end
         local role = services.redis_call(port, "ROLE")
         if type(role) ~= "table" then return false end
-        if role[1] == "master" then masters = masters + 1 end
+        if role[1] == "master" then
+          masters = masters + 1
+          -- each of its replicas online: past its first sync, streaming
+          -- (a replica still loading would come up with none of the writes)
+          local repl = services.redis_call(port, "INFO", "replication")
+          if type(repl) ~= "string" then return false end
+          for state in repl:gmatch("\nslave%d+:[^\n]*state=(%a+)") do
+            if state ~= "online" then return false end
+          end
+        end
         if role[1] == "slave" and role[4] ~= "connected" then return false end
       end
     end
@@ -261,6 +287,7 @@ function services.redis_cluster(opts)
     c.nodes[port] = service("redis-server", function(self)
       local argv = { "redis-server", "--port", tostring(port), "--cluster-port", tostring(bus),
         "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
+        "--repl-diskless-sync-delay", "0",
         "--cluster-config-file", self.dir .. "/nodes.conf", "--save", "", "--appendonly", "no", "--dir", self.dir }
       if tls_port then
         -- each node is a TLS client of the others on the bus: a certificate for both ends
