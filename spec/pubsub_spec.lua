@@ -24,7 +24,7 @@ local function topic_server(hubs, opts)
   opts = opts or {}
   local srv = assert(duplex.listen {
     host = "127.0.0.1", port = 0, ping_interval = 0,
-    max_buffered = opts.max_buffered,
+    max_buffered = opts.max_buffered, deflate = opts.deflate,
     handler = function(ws, req)
       local hub = hubs.publish and hubs or hubs[req.raw_query]
       if req.raw_query then connections[req.raw_query] = ws end
@@ -255,6 +255,74 @@ describe("pubsub in one process", function()
     assert.same({ "welcome back", "text" }, { fast[1]:receive(5) })
     slow:close()
     fast[1]:close()
+  end)
+
+  -- core.fan_out queues a broadcast on the plain server connections in one
+  -- call and hands back the rest (compressed, client side), which go one
+  -- by one: every subscriber must still see every message once, in order,
+  -- whichever way its copies went, small, compressed or shared by reference.
+  it("delivers every message once, in order, to a topic whose subscribers take every path", function()
+    local hub = pubsub.new { max_backlog = 8 << 20 }
+    local srv = topic_server(hub)
+    local dsrv = topic_server(hub, { deflate = true })
+    local cb = assert(duplex.listen { host = "127.0.0.1", port = 0, ping_interval = 0,
+      on_open = function(ws) hub:subscribe(ws, "mix") end,
+      on_message = function() end,
+      on_close = function(ws) hub:unsubscribe_all(ws) end })
+    local sunk = {}
+    local sink = assert(duplex.listen { host = "127.0.0.1", port = 0, ping_interval = 0,
+      handler = function(ws) for m, kind in ws:messages() do sunk[#sunk + 1] = { m, kind } end end })
+    servers[#servers + 1], servers[#servers + 2] = cb, sink
+    local clients = {}
+    for _ = 1, 6 do clients[#clients + 1] = connect(srv, "/mix") end
+    for _ = 1, 3 do
+      local ws = assert(duplex.connect(dsrv:url("/mix"), { ping_interval = 0, deflate = true }))
+      opened[#opened + 1] = ws
+      clients[#clients + 1] = ws
+    end
+    for _ = 1, 3 do clients[#clients + 1] = connect(cb, "/") end
+    local up = connect(sink, "/") -- a client-side subscriber: its frames are masked one by one
+    hub:subscribe(up, "mix")
+    wait_until("13 subscribers", 10, function() return hub:subscribers("mix") == 13 end)
+
+    local fan_out, queued, others = core.fan_out, 0, 0
+    core.fan_out = function(...)
+      local q, rest = fan_out(...)
+      queued, others = queued + q, others + (rest and #rest or 0)
+      return q, rest
+    end
+    local sent, rng = {}, 7
+    local ok, err = pcall(function()
+      for i = 1, 60 do
+        rng = (rng * 1103515245 + 12345) % 2147483648
+        local size = ({ 10, 300, 20000 })[i % 3 + 1] + rng % 50
+        local m = string.rep(string.char(97 + rng % 26), size) .. i
+        sent[i] = { m, i % 2 == 0 and "binary" or "text" }
+        assert.equal(13, hub:publish("mix", m, sent[i][2]))
+      end
+    end)
+    core.fan_out = fan_out
+    assert(ok, err)
+    -- 9 plain subscribers in C, 4 one by one, for each of the 60
+    assert.same({ 9 * 60, 4 * 60 }, { queued, others })
+    assert.equal(13 * 60, hub.stats.delivered)
+    assert.is_true(hub.stats.compressed > 0)
+    for _, ws in ipairs(clients) do
+      for i = 1, 60 do assert.same(sent[i], { ws:receive(10) }) end
+    end
+    wait_until("the client side's 60", 10, function() return #sunk == 60 end)
+    assert.same(sent, sunk)
+  end)
+
+  it("leaves to the caller every subscriber that is not a plain server connection", function()
+    local frame = core.encode_frame("x")
+    local q, rest = core.fan_out(frame, { a = true, b = core.engine { role = "server" } }, 0)
+    assert.equal(0, q)
+    table.sort(rest)
+    assert.same({ "a", "b" }, rest)
+    assert.same({ 0 }, { core.fan_out(frame, {}, 0) })
+    assert.has_error(function() core.fan_out(frame, nil, 0) end)
+    assert.has_error(function() core.fan_out(frame, {}, -1) end)
   end)
 
   it("refuses a bad overflow policy and non-string messages", function()

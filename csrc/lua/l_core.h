@@ -23,6 +23,7 @@ void dx_open_connect(lua_State *L);   /* l_connect.c: name resolution, connect *
 void dx_open_listen(lua_State *L);    /* l_listen.c: listeners */
 void dx_open_fd(lua_State *L);        /* l_fd.c: reading stdin and other fds */
 void dx_open_watch(lua_State *L);     /* l_watch.c: connections served by callbacks */
+void dx_open_fanout(lua_State *L);    /* l_fanout.c: one frame queued on many connections */
 void dx_open_pmd(lua_State *L);       /* l_pmd.c: permessage-deflate negotiation */
 
 /* The engine behind a duplex.engine userdata (raises a Lua error otherwise). */
@@ -30,6 +31,11 @@ dx_proto *dx_check_engine(lua_State *L, int idx);
 /* The same for an index already checked to hold an engine: NULL once the
  * engine is released (its connection ended while a coroutine waited). */
 dx_proto *dx_live_engine(lua_State *L, int idx);
+/* Queue the string at index frame, a server's whole encoded frame, on the
+ * live server engine at idx (by reference when large, kept alive in the
+ * engine's user value): what e:send_raw does, unchecked. Returns 0 or a
+ * DX_E_* code. */
+int dx_engine_send_raw(lua_State *L, int idx, int frame);
 
 /* Parse the next event of the engine at stack index idx and push its values (kind first, as
  * engine:next() returns them); returns how many, 0 when it needs more bytes.

@@ -252,18 +252,24 @@ static int l_close(lua_State *L) {
   return push_result(L, dx_proto_close(&e->p, (unsigned)code, reason, n));
 }
 
+int dx_engine_send_raw(lua_State *L, int idx, int frame) {
+  engine *e = lua_touserdata(L, idx);
+  size_t n;
+  const char *s = lua_tolstring(L, frame, &n);
+  drop_released(L, idx, e);
+  int referenced;
+  int rc = dx_proto_send_raw_ref(&e->p, s, n, ref_id_for(e, n), &referenced);
+  if (referenced) hold(L, idx, e, frame);
+  return rc;
+}
+
 /* e:send_raw(frame): a frame from core.encode_frame, e.g. one broadcast. */
 static int l_send_raw(lua_State *L) {
   engine *e = check(L, 1);
-  size_t n;
-  const char *s = luaL_checklstring(L, 2, &n);
+  luaL_checkstring(L, 2);
   if (e->p.cfg.role != DX_ROLE_SERVER)
     return luaL_error(L, "send_raw: client frames must be masked one by one");
-  drop_released(L, 1, e);
-  int referenced;
-  int rc = dx_proto_send_raw_ref(&e->p, s, n, ref_id_for(e, n), &referenced);
-  if (referenced) hold(L, 1, e, 2);
-  return push_result(L, rc);
+  return push_result(L, dx_engine_send_raw(L, 1, 2));
 }
 
 /* e:data_to_send() -> bytes to write to the peer (taken out of the engine) */

@@ -211,6 +211,10 @@ static void sock_engine_output(void *ud) {
   if (!s->closed) dx_dirty_mark(s->loop, &s->dirty);
 }
 
+lsock *dx_sock_writing(const dx_proto *p) {
+  return p->on_output == sock_engine_output ? p->on_output_ud : NULL;
+}
+
 /* ---- socket objects ---- */
 
 static const char SOCK_KEY = 0; /* its address keys the metatable (dx_checkudata) */

@@ -73,6 +73,9 @@ lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int nuv, int *err);
 void dx_sock_close(lsock *s, int abort, int with_engine);
 /* Bytes queued on the socket, its own and its engine's. */
 size_t dx_sock_buffered(const lsock *s);
+/* The socket that writes engine p's output (sock:attach), or NULL: p is
+ * detached, or a host's stream writes it. */
+lsock *dx_sock_writing(const dx_proto *p);
 
 /* Whether receive has used up s's share of this loop pass (l_socket.c). */
 int dx_sock_spent(lsock *s);

@@ -44,7 +44,7 @@ function pubsub.new(opts)
     error("pubsub.new: overflow must be \"close\" or \"drop\"", 2)
   end
   local hub = setmetatable({
-    topics = {},      -- topic -> { [ws] = true }
+    topics = {},      -- topic -> { [ws] = its engine }
     counts = {},      -- topic -> number of subscribers
     of = setmetatable({}, { __mode = "k" }), -- ws -> { [topic] = true }
     max_backlog = opts.max_backlog or 1048576,
@@ -71,7 +71,8 @@ function Hub:subscribe(ws, topic)
     if self.broker then self.broker:subscribe(topic) end
   end
   if subs[ws] then return end
-  subs[ws] = true
+  -- its engine: what core.fan_out queues a broadcast on
+  subs[ws] = ws.engine or true
   self.counts[topic] = self.counts[topic] + 1
   local mine = self.of[ws]
   if not mine then mine = {}; self.of[ws] = mine end
@@ -142,6 +143,14 @@ function Hub:_format(topic, message, position)
   return self.format(topic, message, position)
 end
 
+-- core.fan_out's stand-in where the loop's sockets are not built in (the
+-- LuaJIT build, inside nginx): every subscriber is left to the one by one.
+local function none_in_c(_, subs)
+  local all = {}
+  for ws in pairs(subs) do all[#all + 1] = ws end
+  return 0, all
+end
+
 --- Deliver to this process's subscribers only, not through the broker
 --- (what the broker calls with the other nodes' messages). Returns the
 --- number reached. With a position (a history topic's publication), each
@@ -155,48 +164,64 @@ function Hub:deliver(topic, message, kind, position)
   local subs = self.topics[topic]
   if not subs then return 0 end
   kind = kind or "text"
-  local sync
+  local out = { message = message, kind = kind, compressed = {} } -- window bits -> frame compressed once for all
   if position then
-    sync = self:_offsets(topic, position.epoch)
-    message = self:_format(topic, message, position)
+    out.position, out.sync = position, self:_offsets(topic, position.epoch)
+    out.message = self:_format(topic, message, position)
   end
-  local frame = core.encode_frame(message, kind)
-  local compressed = {} -- window bits -> frame compressed once for all
-  local limit, n = self.max_backlog, 0
-  for ws in pairs(subs) do
-    local last = sync and sync[ws]
-    if type(last) == "table" then -- recovering: sent once what it missed is
-      last[#last + 1] = { message = message, kind = kind, position = position }
-    elseif last and position.offset <= last then -- recovered already
-      n = n + 1
-    elseif ws.state ~= "open" then
-      self:unsubscribe(ws, topic)
-    elseif ws:buffered() > limit and ws:try_flush() > limit then
-      overflow(self, ws, topic)
-    else
-      if sync then sync[ws] = position.offset end
-      if ws.role == "server" then
-        local f = frame
-        local p = ws.deflate_params
-        -- Connections without server context takeover all accept the same
-        -- compressed bytes; the others get the plain frame (also valid).
-        if p and p.server_no_context_takeover and #message >= ws.compress_threshold then
-          local bits = p.server_max_window_bits
-          f = compressed[bits]
-          if not f then
-            f = core.encode_frame(message, kind, true, bits)
-            compressed[bits] = f
-            self.stats.compressed = self.stats.compressed + 1
-          end
-        end
-        if ws:send_frame(f) then n = n + 1 end
-      elseif ws:send(message, kind) then -- client frames are masked one by one
-        n = n + 1
-      end
+  out.frame = core.encode_frame(out.message, kind)
+  local n = 0
+  if position then
+    -- each subscriber's offset is its own: one by one
+    for ws in pairs(subs) do n = n + self:_deliver_one(ws, topic, out) end
+  else
+    -- the plain subscribers in C, in one call; the rest one by one
+    local others
+    n, others = (core.fan_out or none_in_c)(out.frame, subs, self.max_backlog)
+    if others then
+      for _, ws in ipairs(others) do n = n + self:_deliver_one(ws, topic, out) end
     end
   end
   self.stats.delivered = self.stats.delivered + n
   return n
+end
+
+-- One subscriber's share of a delivery (out: the frame, the message, its
+-- kind and position, the offsets, the frames compressed so far): 1 when
+-- it was sent the message (or had it already), else 0.
+function Hub:_deliver_one(ws, topic, out)
+  local sync, position = out.sync, out.position
+  local last = sync and sync[ws]
+  if type(last) == "table" then -- recovering: sent once what it missed is
+    last[#last + 1] = { message = out.message, kind = out.kind, position = position }
+    return 0
+  elseif last and position.offset <= last then -- recovered already
+    return 1
+  elseif ws.state ~= "open" then
+    self:unsubscribe(ws, topic)
+    return 0
+  elseif ws:buffered() > self.max_backlog and ws:try_flush() > self.max_backlog then
+    overflow(self, ws, topic)
+    return 0
+  end
+  if sync then sync[ws] = position.offset end
+  if ws.role ~= "server" then -- client frames are masked one by one
+    return ws:send(out.message, out.kind) and 1 or 0
+  end
+  local f = out.frame
+  local p = ws.deflate_params
+  -- Connections without server context takeover all accept the same
+  -- compressed bytes; the others get the plain frame (also valid).
+  if p and p.server_no_context_takeover and #out.message >= ws.compress_threshold then
+    local bits = p.server_max_window_bits
+    f = out.compressed[bits]
+    if not f then
+      f = core.encode_frame(out.message, out.kind, true, bits)
+      out.compressed[bits] = f
+      self.stats.compressed = self.stats.compressed + 1
+    end
+  end
+  return ws:send_frame(f) and 1 or 0
 end
 
 --- Publish to every subscriber of topic, here and, with a broker, on the

@@ -88,6 +88,19 @@ function core.engine(opts) end
 ---@return string
 function core.encode_frame(data, kind, fin, window_bits) end
 
+--- A frame from encode_frame (uncompressed) queued in one call on many
+--- connections: the engines that are the values of subscribers, where each
+--- is a live server engine written by a loop socket (sock:attach), without
+--- permessage-deflate, with at most limit bytes queued, that takes the
+--- frame. Returns how many took it and the keys of the rest (nil when
+--- none), not sent to: the caller sends to those one by one (duplex.pubsub).
+--- Only where the loop is built in (not in the LuaJIT build).
+---@param frame string
+---@param subscribers table<any, duplex.core.Engine|any>
+---@param limit integer
+---@return integer queued, any[]|nil others
+function core.fan_out(frame, subscribers, limit) end
+
 --- May code be sent in a close frame (1000-1003, 1007-1014, 3000-4999)?
 ---@param code integer
 ---@return boolean

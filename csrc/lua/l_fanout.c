@@ -1,0 +1,67 @@
+/*
+ * core.fan_out: one encoded frame queued on many connections in one call,
+ * what a broadcast to a room does. Done from Lua, each subscriber costs a
+ * round of method calls and field lookups on objects spread over the heap
+ * (with 10,000 subscribers, mostly cache misses); here it costs its engine
+ * and its socket. Only the plain case is decided here: every subscriber
+ * this cannot take is handed back, and the caller applies its own rules to
+ * those one by one (compression, a host's stream, the backlog verdict, a
+ * closed connection), so no rule of theirs has a second home in C.
+ */
+#include "l_socket.h"
+
+/* Queue the frame at index frame on the engine at index v when it is a
+ * live server engine written by a loop socket, without permessage-deflate,
+ * with no more than limit bytes queued, and it takes the frame. */
+static int queued_on(lua_State *L, int v, int engine_mt, int frame, size_t limit) {
+  if (!lua_getmetatable(L, v)) return 0;
+  int is_engine = lua_rawequal(L, -1, engine_mt);
+  lua_pop(L, 1);
+  if (!is_engine) return 0;
+  dx_proto *p = dx_live_engine(L, v);
+  if (!p || p->cfg.role != DX_ROLE_SERVER || p->pmd) return 0;
+  lsock *s = dx_sock_writing(p);
+  if (!s || s->closed || dx_sock_buffered(s) > limit) return 0;
+  return dx_engine_send_raw(L, v, frame) == 0;
+}
+
+/* core.fan_out(frame, subscribers, limit) -> queued, others
+ * frame: a whole frame from core.encode_frame (uncompressed); subscribers:
+ * a table whose values are the subscribers' engines (keys are the caller's:
+ * its connection objects); limit: bytes queued past which a subscriber is
+ * not sent to here. queued: how many took the frame; others: a list of the
+ * keys of the rest (nil when none), not sent to. */
+static int l_fan_out(lua_State *L) {
+  luaL_checkstring(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Integer limit = luaL_checkinteger(L, 3);
+  luaL_argcheck(L, limit >= 0, 3, "must not be negative");
+  lua_settop(L, 3);
+  luaL_getmetatable(L, DX_ENGINE_MT); /* 4 */
+  lua_Integer queued = 0, others = 0;
+  lua_pushnil(L);
+  while (lua_next(L, 2)) {
+    if (queued_on(L, 6, 4, 1, (size_t)limit)) {
+      queued++;
+    } else {
+      if (!others) {
+        lua_createtable(L, 8, 0);
+        lua_replace(L, 3); /* limit is read already: its slot holds the list */
+      }
+      lua_pushvalue(L, 5);
+      lua_rawseti(L, 3, ++others);
+    }
+    lua_pop(L, 1);
+  }
+  lua_pushinteger(L, queued);
+  if (others)
+    lua_pushvalue(L, 3);
+  else
+    lua_pushnil(L);
+  return 2;
+}
+
+void dx_open_fanout(lua_State *L) {
+  static const luaL_Reg funcs[] = {{"fan_out", l_fan_out}, {NULL, NULL}};
+  dx_setfuncs(L, funcs);
+}
