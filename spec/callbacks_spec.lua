@@ -102,6 +102,30 @@ describe("a callback route", function()
     assert.matches("on_message failed: .*kaboom", table.concat(log, "\n"))
   end)
 
+  -- The dispatcher pumps a run of sockets under one xpcall: a failure of
+  -- the pump itself (here a high_water the socket refuses) must end only
+  -- the connection it was pumping, and the run must go on for the others.
+  it("aborts the one connection whose pump fails, and goes on serving the others", function()
+    local srv, log, ends = recording_server { on_open = function(ws, req)
+      if req.query.broken then ws.high_water = 0.5 end
+    end }
+    local before = assert(connect(srv:url("/")))
+    local broken = assert(connect(srv:url("/?broken=1")))
+    assert(broken:send("x"))
+    local got = { broken:receive(5) }
+    assert.same({ nil, "closed", 1006 }, { got[1], got[2], got[3] })
+    for i = 1, 3 do
+      local late = assert(connect(srv:url("/")))
+      assert(late:send("served " .. i))
+      assert.equal("served " .. i, (late:receive(5)))
+    end
+    assert(before:send("still here"))
+    assert.equal("still here", (before:receive(5)))
+    assert.matches("pump.*no integer representation", table.concat(log, "\n"))
+    wait_for("the broken one's end", 5, function() return #ends >= 1 end)
+    assert.equal(1006, ends[1].code)
+  end)
+
   it("makes a callback that tries to wait fail, instead of stopping every connection", function()
     local srv, log = recording_server { on_message = function(ws, m)
       if m == "wait" then duplex.sleep(1) end

@@ -26,7 +26,10 @@ struct lwatch {
   int closed;
 };
 
-static lwatch *check_watch(lua_State *L, int idx) { return luaL_checkudata(L, idx, WATCH_MT); }
+static const char WATCH_KEY = 0; /* its address keys the metatable (dx_checkudata) */
+
+/* w:next() checks its watcher on every socket it hands out: no lookup by name */
+static lwatch *check_watch(lua_State *L, int idx) { return dx_checkudata(L, idx, &WATCH_KEY, WATCH_MT); }
 
 static void wake_waiter(lwatch *w) {
   if (!w->waiter) return;
@@ -174,6 +177,9 @@ void dx_open_watch(lua_State *L) {
       {"next", watch_next}, {"close", watch_close_m}, {"count", watch_count}, {NULL, NULL}};
   static const luaL_Reg meta[] = {{"__gc", watch_close_m}, {"__tostring", watch_tostring}, {NULL, NULL}};
   dx_lua_new_class(L, WATCH_MT, methods, meta);
+  luaL_getmetatable(L, WATCH_MT);
+  dx_register_mt(L, &WATCH_KEY);
+  lua_pop(L, 1);
   static const luaL_Reg funcs[] = {{"watcher", l_watcher}, {"call_nowait", l_call_nowait}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
 }

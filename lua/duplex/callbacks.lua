@@ -24,10 +24,7 @@ local now, call_nowait = core.now, core.call_nowait
 local callbacks = {}
 
 ---@class duplex.CallbackWebSocket: duplex.WebSocket
-local Callback = setmetatable({}, { __index = WebSocket })
-Callback.__index = Callback
-Callback.__tostring = WebSocket.__tostring
-Callback.__close = WebSocket.__close
+local Callback = WebSocket._subclass()
 callbacks.WebSocket = Callback
 
 -- Sending never waits: the peer that keeps more than high_water queued is

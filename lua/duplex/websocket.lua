@@ -592,14 +592,22 @@ function WebSocket:_arm(t)
   runtime.schedule(self, due and t + due)
 end
 
+-- A kind of connection that changes some of these methods (Hosted below,
+-- duplex.callbacks): a copy of the class, not a link to it, for the reason
+-- the class copies its defaults (each link of a chain is one more lookup,
+-- and every message reads fields no connection has of its own).
+function WebSocket._subclass()
+  local class = {}
+  for k, v in pairs(WebSocket) do class[k] = v end
+  class.__index = class
+  return class
+end
+
 --- A connection over a host's stream (duplex.transport): the host's own
 --- coroutines wait (cqueues, nginx cosockets), the reader keeps the
 --- heartbeat, and whoever queues a frame writes it out.
 ---@class duplex.HostedWebSocket: duplex.WebSocket
-local Hosted = setmetatable({}, { __index = WebSocket })
-Hosted.__index = Hosted
-Hosted.__tostring = WebSocket.__tostring
-Hosted.__close = WebSocket.__close
+local Hosted = WebSocket._subclass()
 Hosted.watched = false
 function Hosted._wait(fn, ...) return fn(...) end
 
