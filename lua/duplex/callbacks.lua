@@ -38,7 +38,7 @@ function Callback:_room()
       self._over = now()
       self:_arm(self._over)
     end
-  elseif buffered <= self.low_water then
+  elseif self._over and buffered <= self.low_water then
     self._over = nil
   end
   return true
