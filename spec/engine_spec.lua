@@ -403,6 +403,16 @@ describe("engine: sending", function()
     assert.has_error(function() core.engine { role = "peer" } end)
     assert.has_error(function() core.engine { role = "server", max_message = -1 } end)
     assert.has_error(function() core.engine() end)
+    -- a method called on something else (the fast self check falls back
+    -- to the named one): a clear error, not a misread object
+    local send, holding = e.send, e.holding
+    for _, other in ipairs { {}, "x", io.stdout, core.watcher() } do
+      assert.has_error(function() send(other, "x") end)
+      assert.has_error(function() holding(other) end)
+    end
+    assert.has_error(function() core.watcher().next(e) end)
+    e:release()
+    assert.has_error(function() e:send("x") end, "engine is released")
   end)
 
   it("encodes a broadcast frame once and queues it on many engines", function()

@@ -330,6 +330,32 @@ describe("duplex.core sockets", function()
     end)
   end)
 
+  -- receive and pump check their socket against the methods' own class and
+  -- their engine against the one attached: anything else still gets the
+  -- named check's error
+  it("checks what its methods are called on and with", function()
+    run(function()
+      local l = assert(core.listen{host = "127.0.0.1", port = 0})
+      local _, port = l:address()
+      local c = assert(core.connect{host = "127.0.0.1", port = port, timeout = 2})
+      local s = assert(l:accept(2))
+      local e, other = core.engine{role = "server"}, core.engine{role = "server"}
+      assert(s:attach(e))
+      for _, bad in ipairs{e, l, {}, "x"} do
+        assert.has_error(function() s.buffered(bad) end)
+        assert.has_error(function() s.pump(bad, e) end)
+        if bad ~= e then assert.has_error(function() s:pump(bad) end) end
+      end
+      assert.same({nil, "again"}, {s:pump(e)})
+      assert.same({nil, "again"}, {s:pump(other)}) -- another engine is still an engine
+      other:release()
+      assert.error_matches(function() s:pump(other) end, "engine is released")
+      e:release()
+      assert.error_matches(function() s:pump(e) end, "engine is released")
+      s:close(); c:close(); l:close()
+    end)
+  end)
+
   it("refuses blocking socket calls outside a loop coroutine", function()
     local l = assert(core.listen{host = "127.0.0.1", port = 0})
     assert.error_matches(function() l:accept() end, "must be called from a coroutine started by duplex.spawn")

@@ -64,6 +64,21 @@ static inline void *dx_checkudata(lua_State *L, int idx, const void *key, const 
   return luaL_checkudata(L, idx, tname); /* raises the usual error */
 }
 
+/* Argument 1 of a method of a class made with its metatable as the
+ * methods' upvalue 1 (dx_lua_new_class, the engine's): one comparison
+ * instead of dx_checkudata's registry lookup, on every call of a hot
+ * method. Only for such methods: another function's upvalue 1 would not
+ * name this class. */
+static inline void *dx_checkself(lua_State *L, const void *key, const char *tname) {
+  void *p = lua_touserdata(L, 1);
+  if (p && lua_getmetatable(L, 1)) {
+    int same = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+    if (same) return p;
+  }
+  return dx_checkudata(L, 1, key, tname);
+}
+
 /* Options tables: field of table t as an integer in lo..hi (dflt when nil),
  * or as a truth value (dflt when nil). Wrong values raise a Lua error that
  * names the field. */

@@ -38,6 +38,13 @@ static engine *check(lua_State *L, int idx) {
 
 dx_proto *dx_check_engine(lua_State *L, int idx) { return &check(L, idx)->p; }
 
+/* The engine a method is called on (dx_checkself), for the hot ones. */
+static engine *check_self(lua_State *L) {
+  engine *e = dx_checkself(L, &ENGINE_KEY, DX_ENGINE_MT);
+  if (!e->p.cfg.max_message) luaL_error(L, "engine is released");
+  return e;
+}
+
 dx_proto *dx_live_engine(lua_State *L, int idx) {
   engine *e = lua_touserdata(L, idx);
   return e && e->p.cfg.max_message ? &e->p : NULL;
@@ -216,7 +223,7 @@ static const int kind_opcodes[] = {DX_OP_TEXT, DX_OP_BINARY, DX_OP_CONT};
 /* e:send(data [, kind = "text" [, fin = true [, compress = false]]])
  * kind "continuation" continues a message started with fin = false. */
 static int l_send(lua_State *L) {
-  engine *e = check(L, 1);
+  engine *e = check_self(L);
   size_t n;
   const char *s = luaL_checklstring(L, 2, &n);
   int op = kind_opcodes[luaL_checkoption(L, 3, "text", kinds)];
@@ -265,7 +272,7 @@ int dx_engine_send_raw(lua_State *L, int idx, int frame) {
 
 /* e:send_raw(frame): a frame from core.encode_frame, e.g. one broadcast. */
 static int l_send_raw(lua_State *L) {
-  engine *e = check(L, 1);
+  engine *e = check_self(L);
   luaL_checkstring(L, 2);
   if (e->p.cfg.role != DX_ROLE_SERVER)
     return luaL_error(L, "send_raw: client frames must be masked one by one");
@@ -308,7 +315,7 @@ static int l_shrink(lua_State *L) {
  * an idle connection asks for a shrink only when there is something to
  * give back. */
 static int l_holding(lua_State *L) {
-  lua_pushboolean(L, dx_proto_holding(&check(L, 1)->p));
+  lua_pushboolean(L, dx_proto_holding(&check_self(L)->p));
   return 1;
 }
 
@@ -475,7 +482,9 @@ void dx_open_engine(lua_State *L) {
   luaL_newmetatable(L, DX_ENGINE_MT);
   dx_register_mt(L, &ENGINE_KEY);
   luaL_setfuncs(L, meta, 0);
-  luaL_newlib(L, methods);
+  luaL_newlibtable(L, methods);
+  lua_pushvalue(L, -2); /* the methods' upvalue: dx_checkself */
+  luaL_setfuncs(L, methods, 1);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);

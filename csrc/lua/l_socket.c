@@ -61,7 +61,8 @@ void dx_lua_new_class(lua_State *L, const char *name, const luaL_Reg *methods, c
   if (meta) luaL_setfuncs(L, meta, 0);
   if (methods) {
     lua_newtable(L);
-    luaL_setfuncs(L, methods, 0);
+    lua_pushvalue(L, -2); /* the methods' upvalue: dx_checkself */
+    luaL_setfuncs(L, methods, 1);
     lua_setfield(L, -2, "__index");
   }
   lua_pop(L, 1);
@@ -221,6 +222,23 @@ static const char SOCK_KEY = 0; /* its address keys the metatable (dx_checkudata
 
 lsock *dx_sock_check(lua_State *L, int idx) { return dx_checkudata(L, idx, &SOCK_KEY, DX_SOCK_MT); }
 
+/* The socket a method is called on (the hot ones: receive, pump, buffered). */
+static lsock *check_self(lua_State *L) { return dx_checkself(L, &SOCK_KEY, DX_SOCK_MT); }
+
+/* The engine argument at idx of a socket method: the engine attached to
+ * the socket at 1 (its type checked when it was attached) costs no
+ * metatable lookup. */
+static void check_own_engine(lua_State *L, int idx) {
+  lua_getiuservalue(L, 1, UV_ENGINE);
+  int own = lua_rawequal(L, -1, idx);
+  lua_pop(L, 1);
+  if (!own) {
+    dx_check_engine(L, idx);
+  } else if (!dx_live_engine(L, idx)) {
+    luaL_error(L, "engine is released");
+  }
+}
+
 static void detach_engine(lsock *s) {
   if (s->engine) s->engine->out_pinned = 0;
   if (s->engine && s->engine->on_output_ud == s) {
@@ -357,7 +375,7 @@ static int sock_setnodelay(lua_State *L) {
 }
 
 static int sock_buffered(lua_State *L) {
-  lua_pushinteger(L, (lua_Integer)dx_sock_buffered(dx_sock_check(L, 1)));
+  lua_pushinteger(L, (lua_Integer)dx_sock_buffered(check_self(L)));
   return 1;
 }
 
@@ -532,8 +550,8 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx) {
  * socket is queued again then). Never yields: what a watcher's callbacks
  * call, with no coroutine per connection. */
 static int sock_pump(lua_State *L) {
-  lsock *s = dx_sock_check(L, 1);
-  dx_check_engine(L, 2);
+  lsock *s = check_self(L);
+  check_own_engine(L, 2);
   lua_Integer high = luaL_optinteger(L, 3, -1), low = luaL_optinteger(L, 4, 0);
   luaL_argcheck(L, low >= 0 && low <= UINT32_MAX, 4, "must be 0..2^32-1");
   lua_settop(L, 2);
@@ -556,8 +574,8 @@ static int sock_pump(lua_State *L) {
 }
 
 static int sock_receive(lua_State *L) {
-  dx_sock_check(L, 1);
-  dx_check_engine(L, 2);
+  check_self(L);
+  check_own_engine(L, 2);
   lua_settop(L, 3);
   dx_task *t = dx_lua_begin(L, 3);
   return receive_k(L, LUA_OK, (lua_KContext)t);
