@@ -31,6 +31,8 @@ dx_proto *dx_check_engine(lua_State *L, int idx);
 /* The same for an index already checked to hold an engine: NULL once the
  * engine is released (its connection ended while a coroutine waited). */
 dx_proto *dx_live_engine(lua_State *L, int idx);
+/* The same, raising dx_check_engine's error once it is released. */
+dx_proto *dx_check_live_engine(lua_State *L, int idx);
 /* Queue the string at index frame, a server's whole encoded frame, on the
  * live server engine at idx (by reference when large, kept alive in the
  * engine's user value): what e:send_raw does, unchecked. Returns 0 or a

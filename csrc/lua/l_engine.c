@@ -30,20 +30,20 @@ typedef struct engine {
 
 static const char ENGINE_KEY = 0; /* its address keys the metatable */
 
-static engine *check(lua_State *L, int idx) {
-  engine *e = dx_checkudata(L, idx, &ENGINE_KEY, DX_ENGINE_MT);
+/* An engine whose type is checked: raises once it is released. */
+static engine *live(lua_State *L, engine *e) {
   if (!e->p.cfg.max_message) luaL_error(L, "engine is released");
   return e;
 }
+
+static engine *check(lua_State *L, int idx) { return live(L, dx_checkudata(L, idx, &ENGINE_KEY, DX_ENGINE_MT)); }
 
 dx_proto *dx_check_engine(lua_State *L, int idx) { return &check(L, idx)->p; }
 
+dx_proto *dx_check_live_engine(lua_State *L, int idx) { return &live(L, lua_touserdata(L, idx))->p; }
+
 /* The engine a method is called on (dx_checkself), for the hot ones. */
-static engine *check_self(lua_State *L) {
-  engine *e = dx_checkself(L, &ENGINE_KEY, DX_ENGINE_MT);
-  if (!e->p.cfg.max_message) luaL_error(L, "engine is released");
-  return e;
-}
+static engine *check_self(lua_State *L) { return live(L, dx_checkself(L, &ENGINE_KEY, DX_ENGINE_MT)); }
 
 dx_proto *dx_live_engine(lua_State *L, int idx) {
   engine *e = lua_touserdata(L, idx);

@@ -232,11 +232,10 @@ static void check_own_engine(lua_State *L, int idx) {
   lua_getiuservalue(L, 1, UV_ENGINE);
   int own = lua_rawequal(L, -1, idx);
   lua_pop(L, 1);
-  if (!own) {
+  if (own)
+    dx_check_live_engine(L, idx);
+  else
     dx_check_engine(L, idx);
-  } else if (!dx_live_engine(L, idx)) {
-    luaL_error(L, "engine is released");
-  }
 }
 
 static void detach_engine(lsock *s) {
