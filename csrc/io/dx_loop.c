@@ -88,6 +88,7 @@ static void fire_timers(dx_loop *loop) {
     dx_timer *t = loop->heap[0];
     if (t->when > now || t->seq >= limit) break;
     dx_timer_stop(loop, t);
+    loop->fired++;
     t->cb(loop, t);
   }
 }

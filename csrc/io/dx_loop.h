@@ -202,6 +202,7 @@ struct dx_loop {
   size_t nwait;    /* tasks waiting with a wake-up source besides timers */
   size_t nblocked; /* outputs waiting for the kernel to accept more */
   uint64_t pass;   /* loop passes so far */
+  uint64_t fired;  /* timers fired so far, for statistics */
   dx_link works;
   size_t nworks;
   dx_pool *pool;
@@ -252,6 +253,11 @@ int dx_lua_wait_io(lua_State *L, dx_task *t, dx_io *io, uint32_t events, size_t 
 int dx_lua_wait_work(lua_State *L, dx_task *t, lua_KFunction k);
 /* Let the other ready tasks run first; k runs on the next pass. */
 int dx_lua_yield(lua_State *L, dx_task *t, lua_KFunction k);
+/* Start a loop coroutine, as core.spawn does, running the function below
+ * nargs values on top of the stack of the loop's Lua state (dx_lua_state);
+ * pops them. */
+lua_State *dx_lua_state(dx_loop *loop);
+void dx_lua_spawn(dx_loop *loop, int nargs);
 /* In a continuation: the enum dx_wake reason. Raises an error when the
  * coroutine was resumed by something other than the loop. */
 int dx_lua_woken(lua_State *L, dx_task *t);

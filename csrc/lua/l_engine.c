@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dx_clock.h"
 #include "dx_utf8.h"
 #include "l_core.h"
 
@@ -152,10 +153,15 @@ static int push_event(lua_State *L, const dx_event *ev) {
     lua_pushboolean(L, ev->fin);
     return 5;
   case DX_EV_PING:
-  case DX_EV_PONG:
-    lua_pushstring(L, ev->type == DX_EV_PING ? "ping" : "pong");
+    lua_pushliteral(L, "ping");
     lua_pushlstring(L, (const char *)ev->data, ev->len);
     return 2;
+  case DX_EV_PONG:
+    lua_pushliteral(L, "pong");
+    lua_pushlstring(L, (const char *)ev->data, ev->len);
+    if (ev->latency < 0) return 2;
+    lua_pushnumber(L, ev->latency);
+    return 3;
   case DX_EV_CLOSE:
     lua_pushliteral(L, "close");
     lua_pushlstring(L, ev->data ? (const char *)ev->data : "", ev->len);
@@ -188,6 +194,7 @@ static int l_feed(lua_State *L) {
   engine *e = check(L, 1);
   size_t n;
   const char *s = luaL_checklstring(L, 2, &n);
+  dx_timing_seen(&e->p, dx_now());
   dx_proto_feed_copy(&e->p, (const uint8_t *)s, n);
   return 0;
 }
@@ -245,7 +252,14 @@ static int send_control(lua_State *L, int (*send)(dx_proto *, const void *, size
   return push_result(L, send(&e->p, s, n));
 }
 
-static int l_ping(lua_State *L) { return send_control(L, dx_proto_ping); }
+/* A ping the application sends is a heartbeat too: its pong gives the
+ * latency, and a peer that never answers it is dropped after ping_timeout. */
+static int l_ping(lua_State *L) {
+  int k = send_control(L, dx_proto_ping);
+  if (lua_toboolean(L, -k)) dx_timing_pinged(dx_check_live_engine(L, 1), dx_now());
+  return k;
+}
+
 static int l_pong(lua_State *L) { return send_control(L, dx_proto_pong); }
 
 /* e:close([code [, reason]]) starts the closing handshake. */
@@ -256,7 +270,50 @@ static int l_close(lua_State *L) {
   const char *reason = luaL_optlstring(L, 3, "", &n);
   const char *bad = dx_close_args_error((unsigned)code, reason, n);
   if (bad) return luaL_error(L, "close: %s", bad);
-  return push_result(L, dx_proto_close(&e->p, (unsigned)code, reason, n));
+  int rc = dx_proto_close(&e->p, (unsigned)code, reason, n);
+  if (rc == 0) dx_timing_closing(&e->p, dx_now());
+  return push_result(L, rc);
+}
+
+/* e:set_timing(ping_interval, ping_timeout, close_timeout): the engine
+ * keeps the connection's clocks from now on (dx_timing.h); ping_interval 0
+ * turns heartbeats off. */
+static int l_set_timing(lua_State *L) {
+  engine *e = check(L, 1);
+  double interval = luaL_checknumber(L, 2), timeout = luaL_checknumber(L, 3), close = luaL_checknumber(L, 4);
+  luaL_argcheck(L, timeout > 0, 3, "must be > 0");
+  luaL_argcheck(L, close >= 0, 4, "must be >= 0");
+  dx_timing_set(&e->p, interval, timeout, close, dx_now());
+  return 0;
+}
+
+/* e:due() -> when (core.now() seconds) e:tick() next has something to do,
+ * or nil */
+static int l_due(lua_State *L) {
+  double due = dx_timing_due(&check(L, 1)->p, dx_now());
+  if (due < 0) return 0;
+  lua_pushnumber(L, due);
+  return 1;
+}
+
+const char *dx_tick_name(int tick) {
+  switch (tick) {
+  case DX_TICK_PING_TIMEOUT: return "ping timeout";
+  case DX_TICK_CLOSE_TIMEOUT: return "close timeout";
+  case DX_TICK_OVERFLOW: return "overflow";
+  default: return NULL;
+  }
+}
+
+/* e:tick() -> nil, or what the host must do now: "ping timeout" and
+ * "close timeout" (drop the connection), "overflow" (the heartbeat's ping
+ * passed max_buffered). The heartbeat's ping and the quiet connection's
+ * shrink happen here. */
+static int l_tick(lua_State *L) {
+  const char *what = dx_tick_name(dx_timing_tick(&check(L, 1)->p, dx_now()));
+  if (!what) return 0;
+  lua_pushstring(L, what);
+  return 1;
 }
 
 int dx_engine_send_raw(lua_State *L, int idx, int frame) {
@@ -470,7 +527,8 @@ void dx_open_engine(lua_State *L) {
       {"close", l_close},     {"send_raw", l_send_raw}, {"data_to_send", l_data_to_send},
       {"pending", l_pending}, {"state", l_state},       {"role", l_role},
       {"stats", l_stats},     {"release", l_release},   {"shrink", l_shrink},
-      {"holding", l_holding},
+      {"holding", l_holding}, {"set_timing", l_set_timing}, {"due", l_due},
+      {"tick", l_tick},
       {NULL, NULL}};
   static const luaL_Reg meta[] = {
       {"__gc", l_release}, {"__close", l_release}, {"__tostring", l_tostring}, {NULL, NULL}};

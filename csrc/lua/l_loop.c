@@ -206,6 +206,14 @@ static ltask *spawn(lua_State *L, lloop *ll, int nargs) {
   return task;
 }
 
+lua_State *dx_lua_state(dx_loop *loop) { return dx_container_of(loop, lloop, loop)->L; }
+
+void dx_lua_spawn(dx_loop *loop, int nargs) {
+  lloop *ll = dx_container_of(loop, lloop, loop);
+  spawn(ll->L, ll, nargs);
+  lua_pop(ll->L, 1);
+}
+
 static void finish_task(lua_State *L, ltask *task) {
   dx_task_end(&task->ll->loop, &task->t);
   task->t.state = DX_TASK_DONE;
@@ -440,6 +448,8 @@ static int l_loop_stats(lua_State *L) {
   lua_setfield(L, -2, "sockets");
   lua_pushinteger(L, (lua_Integer)ll->loop.nheap);
   lua_setfield(L, -2, "timers");
+  lua_pushinteger(L, (lua_Integer)ll->loop.fired);
+  lua_setfield(L, -2, "timers_fired");
   lua_pushinteger(L, (lua_Integer)ll->loop.nios);
   lua_setfield(L, -2, "fds");
   lua_pushinteger(L, (lua_Integer)ll->loop.nready);

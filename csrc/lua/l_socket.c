@@ -15,6 +15,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "dx_clock.h"
 #include "l_socket.h"
 
 #define SOCK_MAX_OUTPUT (64u << 20) /* bytes a socket buffers before write fails */
@@ -212,6 +213,61 @@ static void sock_engine_output(void *ud) {
   if (!s->closed) dx_dirty_mark(s->loop, &s->dirty);
 }
 
+/* ---- the connection's clock (sock:clock) ----
+ * One loop timer per connection at its engine's next due time: nothing
+ * walks the connections, and an idle one costs nothing until its ping is
+ * due. Traffic only moves the due time later, so the timer is not moved
+ * on each message: when it fires early the engine says nothing is due yet
+ * and it is armed again for the new time. */
+
+static void clock_arm(lsock *s) {
+  double due = dx_timing_due(s->engine, dx_now());
+  if (due < 0 || dx_timer_start(s->loop, &s->clock, due) < 0) dx_timer_stop(s->loop, &s->clock);
+}
+
+/* A due time may be earlier than the timer's (engine->on_due, or input
+ * that left buffers to give back a quiet second from now). */
+static void clock_earlier(lsock *s) {
+  if (!s->clock_owner || s->closed || !s->engine) return;
+  double due = dx_timing_due(s->engine, dx_now());
+  if (due >= 0 && (!dx_timer_armed(&s->clock) || due < s->clock.when)) dx_timer_start(s->loop, &s->clock, due);
+}
+
+static void sock_engine_due(void *ud) { clock_earlier(ud); }
+
+/* Input arrived at now. The precheck keeps the due-time arithmetic off
+ * the path of every read: only a timer that is not armed, or armed for
+ * later than a quiet second (a ping's time), can be too late. */
+static void clock_seen(lsock *s, dx_proto *p) {
+  double now = dx_now();
+  dx_timing_seen(p, now);
+  if (s->clock_owner && (!dx_timer_armed(&s->clock) || s->clock.when > now + DX_TIMING_QUIET)) clock_earlier(s);
+}
+
+/* The engine's verdict ends the connection: the owner's _timeout(what)
+ * runs in a coroutine of its own (it may close, which may wait). */
+static void clock_fire(dx_loop *loop, dx_timer *timer) {
+  lsock *s = dx_container_of(timer, lsock, clock);
+  if (s->closed || !s->engine || !s->clock_owner) return;
+  const char *what = dx_tick_name(dx_timing_tick(s->engine, dx_now()));
+  if (!what) {
+    clock_arm(s);
+    return;
+  }
+  lua_State *L = dx_lua_state(loop);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->clock_owner);
+  lua_getfield(L, -1, "_timeout");
+  lua_insert(L, -2);
+  lua_pushstring(L, what);
+  dx_lua_spawn(loop, 2);
+}
+
+static void clock_stop(lua_State *L, lsock *s) {
+  dx_timer_stop(s->loop, &s->clock);
+  if (L && s->clock_owner) luaL_unref(L, LUA_REGISTRYINDEX, s->clock_owner);
+  if (L) s->clock_owner = 0;
+}
+
 lsock *dx_sock_writing(const dx_proto *p) {
   return p->on_output == sock_engine_output ? p->on_output_ud : NULL;
 }
@@ -242,9 +298,11 @@ static void detach_engine(lsock *s) {
   if (s->engine) s->engine->out_pinned = 0;
   if (s->engine && s->engine->on_output_ud == s) {
     s->engine->on_output = NULL;
+    s->engine->on_due = NULL;
     s->engine->on_output_ud = NULL;
   }
   s->engine = NULL;
+  dx_timer_stop(s->loop, &s->clock);
 }
 
 /* Push a socket for a connected fd (which it owns from now on), with nuv
@@ -257,6 +315,7 @@ lsock *dx_sock_push(lua_State *L, dx_loop *loop, int fd, int nuv, int *err) {
   dx_dirty_init(&s->dirty, sock_dirty_flush);
   dx_link_init(&s->ready);
   dx_link_init(&s->member);
+  dx_timer_init(&s->clock, clock_fire);
   s->loop = loop;
   s->closed = 1; /* until registered */
   luaL_setmetatable(L, DX_SOCK_MT);
@@ -307,6 +366,7 @@ static void clear_uservalues(lua_State *L, int idx) {
 
 static int sock_close_m(lua_State *L) {
   lsock *s = dx_sock_check(L, 1);
+  clock_stop(L, s);
   dx_sock_close(s, lua_toboolean(L, 2), 1);
   clear_uservalues(L, 1);
   lua_pushboolean(L, 1);
@@ -321,8 +381,10 @@ static int sock_close_tbc(lua_State *L) {
 }
 
 static int sock_gc(lua_State *L) {
+  lsock *s = dx_sock_check(L, 1);
+  clock_stop(L, s);
   /* The engine may have been finalized first: leave its buffer alone. */
-  dx_sock_close(dx_sock_check(L, 1), 0, 0);
+  dx_sock_close(s, 0, 0);
   return 0;
 }
 
@@ -521,6 +583,7 @@ static int next_event(lua_State *L, lsock *s, dx_proto *p, int *nres, uint32_t *
     if (n == RD_AGAIN) return EV_AGAIN;
     if (n < 0) return failed(L, err);
     s->pass_bytes += (size_t)n;
+    clock_seen(s, p);
     dx_proto_feed(p, buf, (size_t)n);
   }
 }
@@ -595,11 +658,27 @@ static int sock_attach(lua_State *L) {
     lua_setiuservalue(L, 1, UV_ENGINE);
     s->engine = p;
     p->on_output = sock_engine_output;
+    p->on_due = sock_engine_due;
     p->on_output_ud = s;
     if (dx_proto_pending(p)) dx_dirty_mark(s->loop, &s->dirty);
   }
   lua_pushboolean(L, 1);
   return 1;
+}
+
+/* sock:clock(owner): keep the attached engine's clocks (e:set_timing) on
+ * a loop timer from now on; when they say the connection is over, a new
+ * coroutine calls owner:_timeout(what) with e:tick()'s word. sock:clock(nil)
+ * stops. */
+static int sock_clock(lua_State *L) {
+  lsock *s = dx_sock_check(L, 1);
+  clock_stop(L, s);
+  if (lua_isnoneornil(L, 2)) return 0;
+  if (s->closed || !s->engine) return luaL_error(L, "clock: the socket has no engine attached");
+  lua_settop(L, 2);
+  s->clock_owner = luaL_ref(L, LUA_REGISTRYINDEX);
+  clock_arm(s);
+  return 0;
 }
 
 /* ---- flush, drain, shutdown ---- */
@@ -680,7 +759,7 @@ void dx_open_socket(lua_State *L) {
       {"close", sock_close_m},     {"peer", sock_peer},         {"local_address", sock_local_address},
       {"fd", sock_fd},             {"setnodelay", sock_setnodelay}, {"attach", sock_attach},
       {"receive", sock_receive},   {"starttls", dx_sock_starttls}, {"alpn", dx_sock_alpn},
-      {"pump", sock_pump},         {"watch", dx_sock_watch},
+      {"pump", sock_pump},         {"watch", dx_sock_watch},    {"clock", sock_clock},
       {NULL, NULL}};
   static const luaL_Reg sock_meta[] = {
       {"__gc", sock_gc}, {"__close", sock_close_tbc}, {"__tostring", sock_tostring}, {NULL, NULL}};

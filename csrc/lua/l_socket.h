@@ -59,6 +59,12 @@ typedef struct lsock {
    * place in the watcher's list of sockets to pump and of members */
   lwatch *watch;
   dx_link ready, member;
+  /* sock:clock (l_socket.c): a loop timer at the engine's next due time
+   * (dx_timing.h), and the registry reference of the owner whose
+   * _timeout(what) it calls when the engine says the connection is over;
+   * 0 when the socket keeps no clock. */
+  dx_timer clock;
+  int clock_owner;
 } lsock;
 
 /* The socket at idx (raises a Lua error otherwise). */

@@ -40,6 +40,7 @@ void dx_proto_release(dx_proto *p) {
   if (p->pmd) dx_pmd_free(p->pmd);
   p->pmd = NULL;
   p->on_output = NULL;
+  p->on_due = NULL;
   p->in = NULL;
   p->in_len = 0;
 }
@@ -52,7 +53,9 @@ void dx_proto_shrink(dx_proto *p) {
    * last event */
   if (!p->release_msg) dx_buf_shrink(&p->msg);
   if (!p->release_ctl) dx_buf_shrink(&p->ctl);
-  if (p->in_len == 0) dx_buf_shrink(&p->pend);
+  /* parsed to the end, pend holds nothing needed (its off is not kept
+   * up to date while the parser reads from it) */
+  if (p->in_len == 0) dx_buf_free(&p->pend);
 }
 
 int dx_proto_holding(const dx_proto *p) {
@@ -494,6 +497,11 @@ static int on_control(dx_proto *p, dx_event *ev, const uint8_t *data, size_t n) 
     break;
   case DX_OP_PONG:
     ev->type = DX_EV_PONG;
+    ev->latency = -1;
+    if (p->timing.ping_sent) {
+      dx_timing_pong(p);
+      ev->latency = p->timing.latency;
+    }
     break;
   default:
     return on_close(p, ev, data, n);

@@ -25,6 +25,7 @@
 #include "dx_frame.h"
 #include "dx_out.h"
 #include "dx_pmd.h"
+#include "dx_timing.h"
 
 enum dx_role { DX_ROLE_SERVER = 0, DX_ROLE_CLIENT = 1 };
 
@@ -79,6 +80,7 @@ typedef struct dx_event {
   int code;    /* CLOSE: the peer's code (1005 if it sent none);
                   ERROR: the code sent to the peer */
   int by_peer; /* CLOSE: 1 if the peer started the closing handshake */
+  double latency; /* PONG: round trip of the ping it answers; < 0: none */
 } dx_event;
 
 /* Send errors (negative returns of the dx_proto_send* family). */
@@ -115,6 +117,10 @@ struct dx_proto {
    * write without polling (the loop marks the socket for flushing). */
   void (*on_output)(void *ud);
   void *on_output_ud;
+  /* Called (with on_output_ud) when a deadline of timing may have moved
+   * earlier (we pinged, or started to close), so a host that keeps a timer
+   * at dx_timing_due re-arms it. */
+  void (*on_due)(void *ud);
   dx_pmd *pmd; /* permessage-deflate, when negotiated (owned) */
 
   /* --- receive side (private) --- */
@@ -163,6 +169,7 @@ struct dx_proto {
    * reads its pongs costs one pong, not a queue of them. */
   uint64_t pong_start, pong_end;
   dx_buf zout;     /* compressed payload of the frame being sent */
+  dx_timing timing; /* heartbeat and close deadlines (dx_timing.h) */
 };
 
 void dx_proto_init(dx_proto *p, const dx_config *cfg);
@@ -173,6 +180,9 @@ void dx_proto_release(dx_proto *p); /* frees buffers and the pmd */
  * whatever is left unparsed then is copied into the engine, so the host can
  * reuse one receive buffer for every connection. */
 void dx_proto_feed(dx_proto *p, uint8_t *data, size_t n);
+
+/* The host read input from the peer at now (dx_timing.h). */
+static inline void dx_timing_seen(dx_proto *p, double now) { p->timing.seen = now; }
 
 /* Next event, or DX_EV_NONE when the fed bytes are used up. Pointers in ev
  * stay valid until the next call to dx_proto_next, dx_proto_feed or

@@ -19,7 +19,7 @@
 local core = require "duplex.core"
 local WebSocket = require "duplex.websocket"
 
-local now, call_nowait = core.now, core.call_nowait
+local call_nowait = core.call_nowait
 
 local callbacks = {}
 
@@ -30,39 +30,28 @@ callbacks.WebSocket = Callback
 -- Sending never waits: the peer that keeps more than high_water queued is
 -- given send_timeout to get below low_water (as a waiting send would), and
 -- is then closed as a slow consumer; max_buffered, checked by the engine,
--- closes it at once.
+-- closes it at once. The send timeout is the transport's rule, not the
+-- protocol's: a loop timer of its own for the few connections over
+-- high_water (_over), none for the rest.
+local function send_timed_out(_, ws)
+  ws._over = nil
+  if ws.state ~= "open" then return end
+  if ws.sock:buffered() > ws.low_water then
+    return ws:close_slow_consumer("send timed out: the peer is not reading")
+  end
+end
+
 function Callback:_room()
   local buffered = self.sock:buffered()
   if buffered > self.high_water then
     if not self._over then
-      self._over = now()
-      self:_arm(self._over)
+      self._over = core.timer(self.send_timeout, function(timer) return send_timed_out(timer, self) end)
     end
   elseif self._over and buffered <= self.low_water then
+    self._over:cancel()
     self._over = nil
   end
   return true
-end
-
-function Callback:_sweep(t)
-  local over = self._over
-  if over and self.state == "open" then
-    if self.sock:buffered() <= self.low_water then
-      self._over = nil
-    elseif t - over >= self.send_timeout then
-      return self:close_slow_consumer("send timed out: the peer is not reading")
-    end
-  end
-  return WebSocket._sweep(self, t)
-end
-
-function Callback:_due(t)
-  local due = WebSocket._due(self, t)
-  if self._over and self.state == "open" then
-    local left = math.max(0, self._over + self.send_timeout - t)
-    if not due or left < due then due = left end
-  end
-  return due
 end
 
 --- Start the closing handshake and return: the peer's answer arrives like
@@ -84,6 +73,7 @@ Callback.messages = Callback.receive
 -- lets go of it.
 function Callback:_finish(code, reason, err)
   if self.state == "closed" then return end
+  if self._over then self._over:cancel() end
   WebSocket._finish(self, code, reason, err)
   self.server:_ended(self)
 end
@@ -101,17 +91,14 @@ function callbacks.pump(ws, log)
     local kind, data, a, b, c = sock:pump(engine, high, low)
     local ok, err
     if kind == "text" or kind == "binary" then
-      ws:_seen(now())
       ok, err = call_nowait(on_message, ws, data, kind)
       if not ok then err = "on_message failed: " .. tostring(err) end
     elseif kind == "ping" or kind == "pong" then
-      ws:_seen(now())
       ok, err = call_nowait(ws._event, ws, kind, data, a, b, c) -- on_pong may raise
     elseif kind then
       -- the closing handshake, a protocol error, an overflow: they may
       -- wait (a flush, a linger), so they go on in a coroutine of their
       -- own, the socket no longer watched
-      ws:_seen(now())
       sock:watch(nil)
       core.spawn(ws._event, ws, kind, data, a, b, c)
       return

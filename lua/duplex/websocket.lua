@@ -8,7 +8,6 @@ local core = require "duplex.core"
 local runtime = require "duplex.runtime"
 
 local blocking = runtime.blocking
-local due_after = runtime.due_after
 local now = core.now
 local type = type
 -- LuaJIT's core has no loop, so no connection there waits through blocking
@@ -36,9 +35,10 @@ local isyieldable = coroutine.isyieldable or function() return false end
 ---@field dropped integer|nil          messages duplex.pubsub dropped for it (overflow = "drop")
 local WebSocket = {}
 WebSocket.__index = WebSocket
--- Connections on our loop: a loop timer drives their heartbeats, waiting
--- goes through runtime.blocking, and the loop writes queued frames at the
--- end of each pass. WebSocket.Hosted (below) changes exactly these three.
+-- Connections on our loop: a loop timer of their socket keeps the engine's
+-- clocks (heartbeats, the close deadline: sock:clock), waiting goes through
+-- runtime.blocking, and the loop writes queued frames at the end of each
+-- pass. WebSocket.Hosted (below) changes exactly these three.
 WebSocket.watched = true
 WebSocket._wait = blocking
 function WebSocket._kick(_) return true end
@@ -60,8 +60,7 @@ WebSocket._defaults = defaults
 -- the class from here (ten thousand idle connections each keep a hash part
 -- of 16 entries instead of 32).
 local shared = {
-  role = "server", streaming = false, deflate = false,
-  _slot = false, _next = false, _prev = false, -- the runtime's timer wheel
+  role = "server", state = "open", streaming = false, deflate = false,
 }
 setmetatable(shared, { __index = defaults })
 -- The class holds copies of both, not a chain to them: every message reads
@@ -81,13 +80,7 @@ for k, v in pairs(shared) do WebSocket[k] = v end
 ---@return duplex.WebSocket
 function WebSocket.new(sock, engine, opts, info, class)
   class = class or WebSocket
-  local self = setmetatable({
-    sock = sock,
-    engine = engine,
-    state = "open",
-    data = {},
-    _last_seen = now(),
-  }, class)
+  local self = setmetatable({ sock = sock, engine = engine, data = {} }, class)
   local role = engine:role()
   if role ~= shared.role then self.role = role end
   if opts.streaming then self.streaming = true end
@@ -99,7 +92,10 @@ function WebSocket.new(sock, engine, opts, info, class)
     if v ~= shared[k] then self[k] = v end
   end
   if self.low_water > self.high_water then self.low_water = self.high_water end
-  if class.watched then self:_arm(self._last_seen) end
+  -- the engine owns the rules of time (heartbeat, close deadline), here and
+  -- on every host; on our loop the socket keeps its clock
+  engine:set_timing(self.ping_interval, self.ping_timeout, self.close_timeout)
+  if class.watched then sock:clock(self) end
   return self
 end
 
@@ -115,7 +111,6 @@ function WebSocket:_finish(code, reason, err)
   self.close_code = self.close_code or code
   self.close_reason = self.close_reason or reason or ""
   self.error = self.error or err
-  runtime.schedule(self, nil)
   self.sock:close(err ~= nil)
   self.engine:release()
 end
@@ -172,10 +167,7 @@ function WebSocket:_event(kind, data, a, b, c)
     self:_kick() -- the engine queued the pong: on a host's stream, write it now
     return false
   elseif kind == "pong" then
-    if self._ping_sent then
-      self.latency = now() - self._ping_sent
-      self._ping_sent = nil
-    end
+    if a then self.latency = a end -- it answered our ping
     if self.on_pong then
       -- the callback's error goes to receive's caller, and the connection
       -- stays usable: it is not left marked as being read
@@ -199,7 +191,6 @@ function WebSocket:_event(kind, data, a, b, c)
     self.close_code, self.close_reason = a, data
     self.error = "protocol error: " .. data
     self.state = "closing"
-    self._close_deadline = now() + self.close_timeout
     self:_linger()
     self:_finish(a, data, self.error)
     return true, nil, "closed", a, data
@@ -207,23 +198,16 @@ function WebSocket:_event(kind, data, a, b, c)
 end
 
 -- How long the next read may wait: until the caller's deadline, and on a
--- connection no loop timer watches, until its heartbeat is due (the reader
--- keeps it then, between reads).
+-- connection no loop timer watches, until its engine's clock is due (the
+-- reader keeps it then, between reads).
 local function read_wait(self, deadline)
-  local wait = deadline and math.max(0, deadline - now())
+  local t = now()
+  local wait = deadline and math.max(0, deadline - t)
   if not self.watched then
-    local due = self:_due(now())
-    if due and (not wait or due < wait) then wait = due end
+    local due = self.engine:due()
+    if due and (not wait or due - t < wait) then wait = math.max(0, due - t) end
   end
   return wait
-end
-
--- Traffic at time t: it proves the peer alive. After a quiet spell the
--- timer waits for a ping due much later: it must give the buffers back a
--- second after this burst ends.
-function WebSocket:_seen(t)
-  self._last_seen = t
-  if self.watched and due_after(self, t + 1.25) then self:_arm(t) end
 end
 
 local function receive(self, timeout)
@@ -241,7 +225,6 @@ local function receive(self, timeout)
     local kind, data, a, b, c = self.sock:receive(self.engine,
       (deadline or not watched) and read_wait(self, deadline) or nil)
     if kind then
-      self:_seen(now())
       if kind == "text" or kind == "binary" then -- the common case, first
         self._reading = false
         return data, kind
@@ -252,7 +235,7 @@ local function receive(self, timeout)
         return r1, r2, r3, r4
       end
     elseif data == "timeout" and not (deadline and now() >= deadline) then
-      self:_sweep(now()) -- the heartbeat's turn (read_wait)
+      self:_tick() -- the clock's turn (read_wait)
     elseif data == "timeout" then
       self._reading = false
       return nil, "timeout"
@@ -401,7 +384,6 @@ function WebSocket:ping(data)
   if self.state ~= "open" then return nil, "closed" end
   local ok, err = self.engine:ping(data or "")
   if not ok then return self:_refused(err) end
-  self._ping_sent = self._ping_sent or now()
   return self:_kick()
 end
 
@@ -425,8 +407,9 @@ end
 WebSocket._check_close = check_close
 
 --- Send our close frame without waiting for the answer: whoever reads the
---- connection sees the peer's reply; the sweep drops the connection if none
---- comes within close_timeout. Used for graceful shutdown of many at once.
+--- connection sees the peer's reply; the engine's clock drops the
+--- connection if none comes within close_timeout. Used for graceful
+--- shutdown of many at once.
 ---@param code integer|nil default 1000
 ---@param reason string|nil
 ---@return true
@@ -434,8 +417,6 @@ function WebSocket:start_close(code, reason)
   check_close(code, reason, 2)
   if self.state ~= "open" then return true end
   self.state = "closing"
-  self._close_deadline = now() + self.close_timeout
-  if self.watched then self:_arm(now()) end
   -- This fails only when the engine has already read the peer's close frame
   -- and answered it; the event waits in its queue for the next reader.
   self.engine:close(code or 1000, reason or "")
@@ -446,14 +427,9 @@ end
 local function close(self, code, reason)
   self:start_close(code, reason)
   if self._reading then return true end -- the reader sees the reply
-  -- Nobody reads: wait for the peer's close frame ourselves.
-  while self.state ~= "closed" do
-    local m, err2 = receive(self, math.max(0, self._close_deadline - now()))
-    if m == nil and err2 == "timeout" then
-      self._abort_reason = "close timeout"
-      self:_finish(1006, "close timeout", "close timeout")
-    end
-  end
+  -- Nobody reads: wait for the peer's close frame ourselves (the engine's
+  -- clock ends the wait after close_timeout).
+  while self.state ~= "closed" do receive(self) end
   return true
 end
 
@@ -536,60 +512,22 @@ function WebSocket:try_flush()
   return self.sock:try_flush()
 end
 
---- Heartbeat and close deadline: what the connection's timer (or, for a
---- hosted connection, its reader) does when something is due.
-function WebSocket:_sweep(t)
-  if self.state == "closing" and self._close_deadline and t > self._close_deadline then
-    self:abort("close timeout")
-    return
+--- The engine's clock says the connection is over (e:tick()'s word): on
+--- our loop the socket's timer calls this, on a host's stream the reader.
+---@param what "ping timeout"|"close timeout"|"overflow"
+function WebSocket:_timeout(what)
+  if what == "overflow" then -- the heartbeat's ping passed max_buffered
+    return self:close_slow_consumer("send buffer over max_buffered: the peer is not reading")
   end
-  if self.state ~= "open" then return end
-  -- Buffers keep their memory while traffic flows; a connection quiet for
-  -- a second gives it back.
-  if t - self._last_seen > 1 and self.engine:pending() == 0 then self.engine:shrink() end
-  if self.ping_interval <= 0 then return end
-  local sent = self._ping_sent
-  if sent then
-    if t - sent > self.ping_timeout then
-      -- Traffic since the ping proves life even if the pong is late.
-      if self._last_seen > sent then self._ping_sent = nil else self:abort("ping timeout") end
-    end
-  elseif t - self._last_seen >= self.ping_interval then
-    self:ping()
-  end
+  self:abort(what)
 end
 
---- Seconds until _sweep has something to do (a ping to send, a pong or a
---- close reply overdue), or nil when nothing is scheduled.
-function WebSocket:_due(t)
-  local due
-  if self.state == "closing" then
-    due = self._close_deadline
-  elseif self.state == "open" and self.ping_interval > 0 then
-    due = self._ping_sent and self._ping_sent + self.ping_timeout or self._last_seen + self.ping_interval
-  end
-  return due and math.max(0, due - t)
-end
-
--- A connection on our loop is scheduled on the runtime's timer wheel for
--- the next thing its clock must do (_sweep): give its buffers back after a
--- quiet second, ping after ping_interval of silence, drop a peer whose pong
--- is overdue, end a closing handshake that takes too long. Traffic only
--- moves those times later, so a message does not reschedule it: one looked
--- at early looks again and takes its new time.
-function WebSocket:_on_due(t)
-  self:_sweep(t)
-  if self.state ~= "closed" then self:_arm(t) end
-end
-
-function WebSocket:_arm(t)
-  local due = self.state ~= "closed" and self:_due(t)
-  if self.state == "open" and self.engine:holding() then
-    local quiet = math.max(self._last_seen + 1.001 - t, 0)
-    if quiet == 0 then quiet = 1 end -- a queue kept it from shrinking: try again later
-    if not due or quiet < due then due = quiet end
-  end
-  runtime.schedule(self, due and t + due)
+--- A reader's turn at the clock (a connection no loop timer watches): the
+--- heartbeat's ping, a quiet connection's shrink, or the verdict.
+function WebSocket:_tick()
+  local what = self.engine:tick()
+  if what then return self:_timeout(what) end
+  self:_kick() -- the heartbeat's ping: on a host's stream, write it now
 end
 
 -- A kind of connection that changes some of these methods (Hosted below,

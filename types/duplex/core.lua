@@ -233,8 +233,8 @@ function core.on_error(fn) end
 ---@param fn fun(name: string)|nil
 function core.signal(name, fn) end
 
---- Counts of the loop's coroutines, sockets, timers, fds, ready and waiting tasks.
----@return {coroutines: integer, sockets: integer, timers: integer, fds: integer, ready: integer, waiting: integer}
+--- Counts of the loop's coroutines, sockets, timers (armed), timers fired so far, fds, ready and waiting tasks.
+---@return {coroutines: integer, sockets: integer, timers: integer, timers_fired: integer, fds: integer, ready: integer, waiting: integer}
 function core.loop_stats() end
 
 --- fork(2); the child gets a new event loop. 0 in the child.
@@ -312,7 +312,8 @@ function Engine:feed(data) end
 
 --- The next event, parsed now, or nil when more bytes are needed:
 --- "text"|"binary", data; "fragment", data, kind, first, last;
---- "ping"|"pong", data; "close", reason, code, by_peer; "error", reason, code.
+--- "ping", data; "pong", data, latency (seconds, when it answers our ping);
+--- "close", reason, code, by_peer; "error", reason, code.
 ---@return string|nil kind, string|nil data, any, any, any
 function Engine:next() end
 
@@ -373,6 +374,21 @@ function Engine:shrink() end
 --- Whether the engine's buffers hold memory (in use, or for shrink to free).
 ---@return boolean
 function Engine:holding() end
+
+--- Keep the connection's clocks from now on (ping_interval 0: no heartbeat).
+---@param ping_interval number seconds of silence before a ping
+---@param ping_timeout number seconds to wait for traffic after a ping
+---@param close_timeout number seconds to wait for the reply to our close frame
+function Engine:set_timing(ping_interval, ping_timeout, close_timeout) end
+
+--- When (core.now() time) tick() next has something to do, or nil.
+---@return number|nil
+function Engine:due() end
+
+--- Do what is due (the heartbeat's ping, a quiet second's shrink); a word
+--- when the connection must be dropped.
+---@return "ping timeout"|"close timeout"|"overflow"|nil
+function Engine:tick() end
 
 ---@class duplex.core.Socket
 local Socket = {}
@@ -452,6 +468,12 @@ function Socket:pump(engine) end
 ---@param watcher duplex.core.Watcher|nil
 ---@return true|nil ok, string|nil err
 function Socket:watch(watcher) end
+
+--- Keep the attached engine's clocks (Engine:set_timing) on a loop timer;
+--- when they say the connection is over, owner:_timeout(what) runs in a new
+--- coroutine with tick()'s word. nil stops.
+---@param owner {_timeout: fun(self: any, what: string)}|nil
+function Socket:clock(owner) end
 
 --- The TLS handshake on this connection.
 ---@param ctx duplex.core.TLSContext
