@@ -77,7 +77,7 @@ end
 -- what only the handshake needs (the answer, the response's bytes) dies
 -- with this frame instead of staying on the stack of every idle
 -- connection's coroutine.
-local function open(self, sock, req, hs, route)
+local function open(sock, req, hs, route)
   local answer = handshake.accept(route, req)
   if not answer.response then return respond(sock, answer.status, answer.headers, answer.body) end
   local engine, info = answer.engine, answer.info
@@ -85,8 +85,8 @@ local function open(self, sock, req, hs, route)
   sock:attach(engine)
   local rest = hs:rest()
   if #rest > 0 then engine:feed(rest) end
-  info.remote_address, info.remote_port, info.server = req.remote_address, req.peer_port, self
-  return WebSocket.new(sock, engine, route, info, route.on_message and callbacks.WebSocket or nil)
+  info.remote_address, info.remote_port = req.remote_address, req.peer_port
+  return WebSocket.new(sock, engine, route, info, route.class)
 end
 
 -- What serve returns for a connection that lives on in the dispatcher.
@@ -97,7 +97,6 @@ local ADOPTED = {}
 -- coroutine ends. From here the connection's end (Callback:_finish)
 -- releases it, not handle.
 local function adopt(self, ws, route, req)
-  ws._route = route
   if route.on_open then
     local ok, err = xpcall(route.on_open, debug.traceback, ws, req)
     if not ok then
@@ -123,7 +122,7 @@ local function serve(self, sock)
   local route = self.routes[req.path] or self.routes["*"]
   if not req.websocket then return serve_http(self, sock, req, route) end
   if not route then return respond(sock, 404, nil, "not found") end
-  local ws = open(self, sock, req, hs, route)
+  local ws = open(sock, req, hs, route)
   if not ws then return end
   -- the connection owns its socket from here: one entry for it, not two
   -- (handle removes it)
@@ -259,6 +258,9 @@ function server.listen(opts)
   self.listener = listener
   self.host, self.port = listener:address()
   for _, route in pairs(self.routes) do
+    -- ws.server and ws._route, and the route's settings, live in the class
+    route.class = WebSocket._route_class(route.on_message and callbacks.WebSocket or WebSocket, route,
+      { server = self, _route = route })
     if route.on_message and not self.watcher then
       self.watcher = core.watcher()
       core.spawn(dispatch, self)
