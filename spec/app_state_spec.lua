@@ -109,6 +109,32 @@ describe("on_close", function()
     assert.equal(1011, closes[1].code)
     assert.equal("bob", closes[1].nick)
     assert.matches("handler failed: .*game state corrupt", logged[1])
+    assert.matches("stack traceback:", logged[1], 1, true)
+  end)
+
+  it("follows a handler that is its coroutine's bottom frame, in the same coroutine", function()
+    -- nothing of the handshake stays below an idle connection's handler
+    -- (core.at_end), so its stack is the handler's size
+    local depth, handler_co, closed_co
+    local srv = listen {
+      handler = function(ws)
+        handler_co = coroutine.running()
+        depth = 0
+        while debug.getinfo(depth + 1, "l") do depth = depth + 1 end
+        ws:receive(5)
+      end,
+      on_close = function(ws, code) closed_co = { coroutine.running(), code } end,
+    }
+    run(function()
+      local ws = assert(duplex.connect(srv:url("/")))
+      ws:send("bye")
+      assert.equal(1000, select(3, ws:receive(5)))
+      eventually(function() return closed_co ~= nil end, "on_close")
+    end)
+    assert.equal(1, depth)
+    assert.equal(handler_co, closed_co[1])
+    assert.equal(1000, closed_co[2])
+    assert.equal(0, srv.count)
   end)
 
   it("runs when the peer vanishes without a closing handshake (1006)", function()

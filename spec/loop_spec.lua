@@ -151,6 +151,100 @@ describe("duplex.core loop", function()
     assert.is_true(closed)
   end)
 
+  describe("at_end", function()
+    it("goes on with its function in the same coroutine, with the argument and how the first ended", function()
+      local log, co1, co2 = {}, nil, nil
+      local task = core.spawn(function()
+        co1 = coroutine.running()
+        core.at_end(function(arg, ok, err)
+          co2 = coroutine.running()
+          log[#log + 1] = { arg, ok, err }
+          core.sleep(0.01) -- may wait like any loop coroutine
+          log[#log + 1] = "slept"
+        end, "arg")
+        core.sleep(0)
+        return "ignored"
+      end)
+      assert.is_true(core.run())
+      assert.same({ { "arg", true }, "slept" }, log)
+      assert.equal(task, co1)
+      assert.equal(co1, co2)
+      assert.equal(0, core.loop_stats().coroutines)
+    end)
+
+    it("takes the error, with the failed function's traceback, instead of on_error", function()
+      local reported, got = false, nil
+      core.on_error(function() reported = true end)
+      local function fails_here() error("boom") end
+      core.spawn(function()
+        core.at_end(function(_, ok, err) got = { ok, err } end)
+        fails_here()
+      end)
+      core.run()
+      assert.is_false(reported)
+      assert.is_false(got[1])
+      assert.matches("boom", got[2])
+      assert.matches("stack traceback:", got[2], 1, true)
+      assert.matches("fails_here", got[2], 1, true)
+      -- an error that is not a string comes as it was raised
+      local raised = {}
+      core.spawn(function()
+        core.at_end(function(_, ok, err) got = { ok, err } end)
+        error(raised)
+      end)
+      core.run()
+      assert.equal(raised, got[2])
+    end)
+
+    it("starts its function on an empty stack: frames unwound, to-be-closed variables closed", function()
+      local closed, depth_at_end
+      local function deep(n)
+        if n == 0 then
+          local _ <close> = setmetatable({}, { __close = function() closed = true end })
+          core.sleep(0)
+          error("deep")
+        end
+        return deep(n - 1) + 1 -- not a tail call: 200 frames
+      end
+      core.spawn(function()
+        core.at_end(function()
+          assert.is_true(closed)
+          depth_at_end = 0
+          while debug.getinfo(depth_at_end + 1, "l") do depth_at_end = depth_at_end + 1 end
+        end)
+        return deep(200)
+      end)
+      core.run()
+      assert.is_true(closed)
+      assert.is_true(depth_at_end < 5, "frames below at_end's function: " .. tostring(depth_at_end))
+    end)
+
+    it("chains: its function may set the next one; nil takes it back", function()
+      local log = {}
+      core.spawn(function()
+        core.at_end(function(n)
+          log[#log + 1] = n
+          core.at_end(function(m) log[#log + 1] = m end, n + 1)
+        end, 1)
+      end)
+      core.spawn(function()
+        core.at_end(function() log[#log + 1] = "not run" end)
+        core.at_end(nil)
+      end)
+      core.run()
+      assert.same({ 1, 2 }, log)
+      assert.equal(0, core.loop_stats().coroutines)
+    end)
+
+    it("is for loop coroutines and takes a function", function()
+      assert.error_matches(function() core.at_end(print) end, "must be called from a coroutine started by duplex.spawn")
+      local err
+      core.spawn(function() err = select(2, pcall(core.at_end, "not a function")) end)
+      core.run()
+      assert.matches("function expected", err)
+    end)
+  end)
+
   it("survives an error in the on_error handler", function()
     core.on_error(function() error("handler broke") end)
     local after = false

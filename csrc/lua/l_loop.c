@@ -56,6 +56,11 @@ struct ltask {
   lloop *ll;
   int ref;   /* anchors co while a wake-up source exists */
   int nargs; /* values on co's stack for the next resume */
+  /* core.at_end set a function (and its first argument) for the task to
+   * go on with when co's function ends: the task userdata's user values
+   * 1 and 2, not registry refs, which would grow the registry by two
+   * slots per connection at the peak */
+  int has_end;
 };
 
 typedef struct ltimer {
@@ -86,6 +91,16 @@ static ltask *find_task(lua_State *L, int idx) {
   ltask *task = luaL_testudata(L, -1, TASK_MT);
   lua_pop(L, 2);
   return task;
+}
+
+/* Push the userdata of co's task (whose user values hold core.at_end's
+ * function and argument). */
+static void push_task(lua_State *L, lua_State *co) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &TASKS_KEY);
+  lua_pushthread(co);
+  lua_xmove(co, L, 1);
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
 }
 
 /* Every blocking call asks this, once per message on a busy connection:
@@ -188,12 +203,13 @@ static ltask *spawn(lua_State *L, lloop *ll, int nargs) {
   lua_State *co = lua_newthread(L);
   lua_rotate(L, -(nargs + 2), 1); /* co below the function */
   lua_xmove(L, co, nargs + 1);
-  ltask *task = lua_newuserdatauv(L, sizeof *task, 0);
+  ltask *task = lua_newuserdatauv(L, sizeof *task, 2);
   dx_task_init(&task->t);
   task->co = co;
   task->ll = ll;
   task->ref = LUA_NOREF;
   task->nargs = nargs;
+  task->has_end = 0;
   luaL_setmetatable(L, TASK_MT);
   lua_rawgetp(L, LUA_REGISTRYINDEX, &TASKS_KEY);
   lua_pushvalue(L, -3);
@@ -230,7 +246,9 @@ static void finish_task(lua_State *L, ltask *task) {
 static int task_gc(lua_State *L) {
   ltask *task = luaL_checkudata(L, 1, TASK_MT);
   if (task->t.state != DX_TASK_DONE) {
-    if (!task->ll->dead) dx_task_end(&task->ll->loop, &task->t);
+    if (!task->ll->dead) {
+      dx_task_end(&task->ll->loop, &task->t);
+    }
     task->t.state = DX_TASK_DONE;
     task->ll->ntasks--;
   }
@@ -259,6 +277,52 @@ static void report_error(lua_State *L, lua_State *co) {
   lua_settop(L, base);
 }
 
+/* Empty co for a new start: its frames unwound, pending to-be-closed
+ * variables closed, and its stack back to its first size (a stack only
+ * shrinks once it is three times what is in use). */
+static void reset_thread(lua_State *L, lua_State *co) {
+#if LUA_VERSION_RELEASE_NUM >= 50406
+  lua_closethread(co, L);
+#else
+  (void)L;
+  lua_resetthread(co);
+#endif
+  lua_settop(co, 0);
+}
+
+/* core.at_end's function, run by the task that ended, in the same
+ * coroutine started anew: fn(arg, true) after a return, fn(arg, false,
+ * err) after an error, err with co's traceback when it is a string, as
+ * xpcall(f, debug.traceback) gives it. Reusing co, not a new coroutine,
+ * leaves no hole in the heap where the old one was. */
+static void restart_at_end(lua_State *L, ltask *task, int status) {
+  lua_State *co = task->co;
+  int base = lua_gettop(L);
+  push_task(L, co);
+  lua_getiuservalue(L, base + 1, 1);
+  lua_getiuservalue(L, base + 1, 2);
+  lua_pushnil(L);
+  lua_setiuservalue(L, base + 1, 1);
+  lua_pushnil(L);
+  lua_setiuservalue(L, base + 1, 2);
+  task->has_end = 0;
+  lua_pushboolean(L, status == LUA_OK);
+  if (status != LUA_OK) {
+    lua_xmove(co, L, 1);
+    if (lua_type(L, -1) == LUA_TSTRING) {
+      luaL_traceback(L, co, lua_tostring(L, -1), 0);
+      lua_remove(L, -2);
+    }
+  }
+  reset_thread(L, co);
+  dx_task_end(&task->ll->loop, &task->t);
+  task->t.deadline = DX_NO_DEADLINE;
+  task->nargs = lua_gettop(L) - base - 2;
+  lua_xmove(L, co, task->nargs + 1);
+  lua_settop(L, base);
+  dx_task_ready(&task->ll->loop, &task->t, DX_WAKE_START);
+}
+
 static void resume_task(lua_State *L, ltask *task) {
   lua_State *co = task->co;
   int nres, nargs = task->nargs;
@@ -276,14 +340,10 @@ static void resume_task(lua_State *L, ltask *task) {
       unanchor(L, task);
     return;
   }
+  if (task->has_end) return restart_at_end(L, task, status);
   if (status != LUA_OK) {
     report_error(L, co);
-    /* close pending to-be-closed variables (sockets...) */
-#if LUA_VERSION_RELEASE_NUM >= 50406
-    lua_closethread(co, L);
-#else
-    lua_resetthread(co);
-#endif
+    reset_thread(L, co); /* closes pending to-be-closed variables (sockets...) */
   }
   lua_settop(co, 0);
   finish_task(L, task);
@@ -367,6 +427,22 @@ static int l_run(lua_State *L) {
 
 static int l_stop(lua_State *L) {
   get_lloop(L)->stop = 1;
+  return 0;
+}
+
+/* core.at_end(fn, arg): when the running task's function ends, the task
+ * goes on with fn(arg, ok, err) (restart_at_end); nil fn takes it back.
+ * The task's error goes to fn instead of core.on_error. */
+static int l_at_end(lua_State *L) {
+  ltask *task = running_task(L);
+  if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 2);
+  push_task(L, L);
+  lua_pushvalue(L, 1);
+  lua_setiuservalue(L, -2, 1);
+  lua_pushvalue(L, 2);
+  lua_setiuservalue(L, -2, 2);
+  task->has_end = !lua_isnil(L, 1);
   return 0;
 }
 
@@ -741,6 +817,7 @@ static void new_metatable(lua_State *L, const char *name, const luaL_Reg *method
 void dx_open_loop(lua_State *L) {
   static const luaL_Reg timer_methods[] = {{"cancel", timer_cancel}, {"active", timer_active}, {NULL, NULL}};
   static const luaL_Reg funcs[] = {
+      {"at_end", l_at_end},
       {"run", l_run},         {"step", l_step},         {"stop", l_stop},         {"spawn", l_spawn},
       {"sleep", l_sleep},     {"park", l_park},         {"wake", l_wake},       {"timer", l_timer},
       {"on_error", l_on_error}, {"signal", l_signal},   {"loop_stats", l_loop_stats},

@@ -89,13 +89,10 @@ local function open(sock, req, hs, route)
   return WebSocket.new(sock, engine, route, info, route.class)
 end
 
--- What serve returns for a connection that lives on in the dispatcher.
-local ADOPTED = {}
-
 -- A callback route's connection: on_open here, in the connection's first
 -- coroutine (it may wait), then the dispatcher pumps its socket and this
 -- coroutine ends. From here the connection's end (Callback:_finish)
--- releases it, not handle.
+-- releases it, not task_ended.
 local function adopt(self, ws, route, req)
   if route.on_open then
     local ok, err = xpcall(route.on_open, debug.traceback, ws, req)
@@ -105,7 +102,7 @@ local function adopt(self, ws, route, req)
     end
   end
   if ws.state ~= "closed" and not ws.sock:watch(self.watcher) then ws:abort("the server is shutting down") end
-  return ADOPTED
+  core.at_end(nil) -- Callback:_finish releases it
 end
 
 local function serve(self, sock)
@@ -128,9 +125,10 @@ local function serve(self, sock)
   -- (handle removes it)
   self.sockets[sock], self.connections[sock] = nil, ws
   if route.on_message then return adopt(self, ws, route, req) end
-  -- a tail call: serve's frame (the parser among its locals) is gone
-  -- while the connection lives
-  return ws:serve(route, req, self._log_error)
+  -- the handler runs in a coroutine of its own (start_handler): the
+  -- handshake's deepest call grew this one's stack, and a stack keeps its
+  -- size until it is three times what is in use
+  core.at_end(self._start_handler, sock)
 end
 
 -- Nothing is left: the dispatcher of a server that stopped accepting ends.
@@ -148,11 +146,33 @@ local function release(self, sock)
   if self.count == 0 then idle(self) end
 end
 
+-- A connection's coroutine has ended (core.at_end): its handler's end
+-- (the close, on_close), or the handshake's; then the server lets go.
+local function task_ended(self, sock, ok, err)
+  local ws = self.connections[sock]
+  if ws then
+    ws:_served(ws._route, ok, err, self._log_error)
+  elseif not ok then
+    self.log("error", tostring(err))
+  end
+  release(self, sock)
+end
+
+-- The handler's coroutine: a tail call, so that the handler is its bottom
+-- frame and an idle connection's stack stays at its first size (what
+-- follows the handler is task_ended's).
+local function start_handler(self, sock)
+  local ws = self.connections[sock]
+  core.at_end(self._task_ended, sock)
+  local handler = ws._route.handler
+  return handler(ws, ws.request)
+end
+
+-- The handshake's coroutine.
 local function handle(self, sock)
   self.sockets[sock] = true
-  local ok, err = xpcall(serve, debug.traceback, self, sock)
-  if not ok then self.log("error", tostring(err)) end
-  if err ~= ADOPTED then release(self, sock) end
+  core.at_end(self._task_ended, sock)
+  return serve(self, sock)
 end
 
 -- Counted from here, not when its coroutine first runs, so that a burst of
@@ -238,6 +258,8 @@ function server.listen(opts)
     connections = {},
   }, Server)
   self._log_error = function(msg) self.log("error", msg) end
+  self._task_ended = function(sock, ok, err) return task_ended(self, sock, ok, err) end
+  self._start_handler = function(sock) return start_handler(self, sock) end
   for k, v in pairs(defaults) do
     if opts[k] == nil then self[k] = v else self[k] = opts[k] end
   end

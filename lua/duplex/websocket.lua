@@ -469,6 +469,17 @@ function WebSocket:serve(spec, req, log)
   else
     ok, err = xpcall(run_callbacks, debug.traceback, self, spec, req)
   end
+  return self:_served(spec, ok, err, log)
+end
+
+--- What follows a handler (serve above; on our loop, duplex.server runs
+--- it once the handler's coroutine has ended: core.at_end): ok and err
+--- as xpcall with debug.traceback gives them.
+---@param spec duplex.RouteOptions
+---@param ok boolean
+---@param err any
+---@param log fun(message: string)
+function WebSocket:_served(spec, ok, err, log)
   if not ok then
     log("handler failed: " .. tostring(err))
     self:close(1011, "internal error")

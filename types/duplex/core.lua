@@ -202,6 +202,12 @@ function core.stop() end
 ---@return thread
 function core.spawn(fn, ...) end
 
+--- When the running loop coroutine's function ends, go on in the same
+--- coroutine, on an emptied stack, with fn(arg, ok, err); nil fn takes it back.
+---@param fn fun(arg: any, ok: boolean, err: any)|nil
+---@param arg any
+function core.at_end(fn, arg) end
+
 --- Wait, in a loop coroutine.
 ---@param seconds number
 function core.sleep(seconds) end
