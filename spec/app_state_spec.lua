@@ -123,7 +123,7 @@ describe("on_close", function()
         while debug.getinfo(depth + 1, "l") do depth = depth + 1 end
         ws:receive(5)
       end,
-      on_close = function(ws, code) closed_co = { coroutine.running(), code } end,
+      on_close = function(_, code) closed_co = { coroutine.running(), code } end,
     }
     run(function()
       local ws = assert(duplex.connect(srv:url("/")))

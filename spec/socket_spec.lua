@@ -330,15 +330,20 @@ describe("duplex.core sockets", function()
     end)
   end)
 
+  -- a listener, a client socket and the server's end of it
+  local function connected_pair()
+    local l = assert(core.listen{host = "127.0.0.1", port = 0})
+    local _, port = l:address()
+    local c = assert(core.connect{host = "127.0.0.1", port = port, timeout = 2})
+    return l, c, assert(l:accept(2))
+  end
+
   -- receive and pump check their socket against the methods' own class and
   -- their engine against the one attached: anything else still gets the
   -- named check's error
   it("checks what its methods are called on and with", function()
     run(function()
-      local l = assert(core.listen{host = "127.0.0.1", port = 0})
-      local _, port = l:address()
-      local c = assert(core.connect{host = "127.0.0.1", port = port, timeout = 2})
-      local s = assert(l:accept(2))
+      local l, c, s = connected_pair()
       local e, other = core.engine{role = "server"}, core.engine{role = "server"}
       assert(s:attach(e))
       for _, bad in ipairs{e, l, {}, "x"} do
@@ -352,6 +357,53 @@ describe("duplex.core sockets", function()
       assert.error_matches(function() s:pump(other) end, "engine is released")
       e:release()
       assert.error_matches(function() s:pump(e) end, "engine is released")
+      s:close(); c:close(); l:close()
+    end)
+  end)
+
+  it("pump with on_message delivers every message it can in one call, then the first other event", function()
+    run(function()
+      local l, c, s = connected_pair()
+      local e, peer = core.engine{role = "server"}, core.engine{role = "client"}
+      assert(s:attach(e))
+      local function write(...)
+        for _, f in ipairs{...} do f() end
+        assert(c:write(peer:data_to_send()))
+        core.sleep(0.05)
+      end
+      local got = {}
+      local function on_message(ws, data, kind) got[#got + 1] = { ws, data, kind } end
+      write(function() peer:send("one", "text", true) end, function() peer:send("\0two", "binary", true) end,
+        function() peer:ping("p") end, function() peer:send("three", "text", true) end)
+      local me = {}
+      assert.same({"ping", "p"}, {s:pump(e, nil, nil, on_message, me)})
+      assert.same({ { me, "one", "text" }, { me, "\0two", "binary" } }, got)
+      assert.same({nil, "again"}, {s:pump(e, nil, nil, on_message, me)})
+      assert.equal(3, #got)
+      assert.equal("three", got[3][2])
+      -- an error in on_message ends this call with false and a traceback;
+      -- what is left is delivered by the next call
+      got = {}
+      write(function() peer:send("bad", "text", true) end, function() peer:send("after", "text", true) end)
+      local function fails_on_bad(_, data)
+        if data == "bad" then error("no good") end
+        got[#got + 1] = data
+      end
+      local ok, err = s:pump(e, nil, nil, fails_on_bad, me)
+      assert.is_false(ok)
+      assert.matches("no good", err)
+      assert.matches("stack traceback:", err, 1, true)
+      assert.same({nil, "again"}, {s:pump(e, nil, nil, fails_on_bad, me)})
+      assert.same({ "after" }, got)
+      assert.error_matches(function() s:pump(e, nil, nil, "not a function") end, "function expected")
+      -- a callback that ends the connection ends the pumping
+      write(function() peer:send("last", "text", true) end, function() peer:send("never", "text", true) end)
+      got = {}
+      assert.same({nil, "closed"}, {s:pump(e, nil, nil, function(_, data)
+        got[#got + 1] = data
+        e:release()
+      end, me)})
+      assert.same({ "last" }, got)
       s:close(); c:close(); l:close()
     end)
   end)

@@ -23,6 +23,8 @@ void dx_open_connect(lua_State *L);   /* l_connect.c: name resolution, connect *
 void dx_open_listen(lua_State *L);    /* l_listen.c: listeners */
 void dx_open_fd(lua_State *L);        /* l_fd.c: reading stdin and other fds */
 void dx_open_watch(lua_State *L);     /* l_watch.c: connections served by callbacks */
+/* l_watch.c: a message handler for lua_pcall, the message with a traceback */
+int dx_lua_traceback(lua_State *L);
 void dx_open_fanout(lua_State *L);    /* l_fanout.c: one frame queued on many connections */
 void dx_open_pmd(lua_State *L);       /* l_pmd.c: permessage-deflate negotiation */
 

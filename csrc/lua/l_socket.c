@@ -604,24 +604,14 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx) {
   }
 }
 
-/* sock:pump(engine, high, low) -> the engine's next event, as receive
- * returns it, or nil, "again" when it would have to wait: for more input,
- * for the next loop pass (a watched socket is then queued again for its
- * watcher, since no new input may come to say so), or, with more than high
- * bytes queued for the peer, for the output to drain to low (a watched
- * socket is queued again then). Never yields: what a watcher's callbacks
- * call, with no coroutine per connection. */
-static int sock_pump(lua_State *L) {
-  lsock *s = check_self(L);
-  check_own_engine(L, 2);
-  lua_Integer high = luaL_optinteger(L, 3, -1), low = luaL_optinteger(L, 4, 0);
-  luaL_argcheck(L, low >= 0 && low <= UINT32_MAX, 4, "must be 0..2^32-1");
-  lua_settop(L, 2);
+/* One event for sock:pump, its values pushed (the count returned), or nil
+ * and "again" / an error. stack: sock, engine, high, low, ... */
+static int pump_one(lua_State *L, lsock *s, lua_Integer high, uint32_t low) {
   dx_proto *p = dx_live_engine(L, 2);
   if (!p) return dx_lua_fail(L, "closed");
   if (high >= 0 && !s->closed && dx_sock_buffered(s) > (size_t)high) {
     s->pump_full = 1;
-    s->pump_low = (uint32_t)low;
+    s->pump_low = low;
     return dx_lua_fail(L, "again");
   }
   int nres = 2;
@@ -632,6 +622,50 @@ static int sock_pump(lua_State *L) {
     return dx_lua_fail(L, "again");
   case EV_AGAIN: s->pump_out = want == EPOLLOUT; return dx_lua_fail(L, "again");
   default: return nres;
+  }
+}
+
+/* The nres values on top are a text or binary message (kind, data). */
+static int is_message(lua_State *L, int nres) {
+  size_t n;
+  const char *kind = lua_tolstring(L, -nres, &n);
+  return nres == 2 && kind && ((n == 4 && memcmp(kind, "text", 4) == 0) || (n == 6 && memcmp(kind, "binary", 6) == 0));
+}
+
+/* sock:pump(engine, high, low[, on_message, ws]) -> the engine's next
+ * event, as receive returns it, or nil, "again" when it would have to
+ * wait: for more input, for the next loop pass (a watched socket is then
+ * queued again for its watcher, since no new input may come to say so), or,
+ * with more than high bytes queued for the peer, for the output to drain
+ * to low (a watched socket is queued again then). Never yields: what a
+ * watcher's callbacks call, with no coroutine per connection.
+ * With on_message, messages go to on_message(ws, data, kind) here, each in
+ * a protected call that cannot wait, and pumping goes on to the first
+ * other event (or "again"): one call per socket with input, not two per
+ * message. false and the error, with its traceback, when on_message
+ * raised. */
+static int sock_pump(lua_State *L) {
+  lsock *s = check_self(L);
+  check_own_engine(L, 2);
+  lua_Integer high = luaL_optinteger(L, 3, -1), low = luaL_optinteger(L, 4, 0);
+  luaL_argcheck(L, low >= 0 && low <= UINT32_MAX, 4, "must be 0..2^32-1");
+  int deliver = !lua_isnoneornil(L, 5);
+  if (deliver) luaL_checktype(L, 5, LUA_TFUNCTION);
+  lua_settop(L, 6);
+  for (;;) {
+    int nres = pump_one(L, s, high, (uint32_t)low);
+    if (!deliver || !is_message(L, nres)) return nres;
+    lua_pushcfunction(L, dx_lua_traceback);
+    lua_pushvalue(L, 5);
+    lua_pushvalue(L, 6);
+    lua_pushvalue(L, 8); /* data */
+    lua_pushvalue(L, 7); /* kind */
+    if (lua_pcall(L, 3, 0, 9) != LUA_OK) {
+      lua_pushboolean(L, 0);
+      lua_insert(L, -2);
+      return 2;
+    }
+    lua_settop(L, 6);
   }
 }
 

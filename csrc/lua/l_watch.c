@@ -151,7 +151,7 @@ static int watch_tostring(lua_State *L) {
   return 1;
 }
 
-static int traceback(lua_State *L) {
+int dx_lua_traceback(lua_State *L) {
   const char *msg = luaL_tolstring(L, 1, NULL);
   luaL_traceback(L, L, msg, 1);
   return 1;
@@ -164,7 +164,7 @@ static int traceback(lua_State *L) {
 static int l_call_nowait(lua_State *L) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
   int n = lua_gettop(L);
-  lua_pushcfunction(L, traceback);
+  lua_pushcfunction(L, dx_lua_traceback);
   lua_insert(L, 1);
   int ok = lua_pcall(L, n - 1, LUA_MULTRET, 1) == LUA_OK;
   lua_pushboolean(L, ok);

@@ -88,11 +88,12 @@ function callbacks.pump(ws, log)
   -- low_water (what a handler's waiting send does to the peer too).
   local high, low = ws.high_water, ws.low_water
   while ws.state ~= "closed" do
-    local kind, data, a, b, c = sock:pump(engine, high, low)
+    -- messages go to on_message inside pump, in C: one call per socket
+    -- with input, the rest of the events come here
+    local kind, data, a, b, c = sock:pump(engine, high, low, on_message, ws)
     local ok, err
-    if kind == "text" or kind == "binary" then
-      ok, err = call_nowait(on_message, ws, data, kind)
-      if not ok then err = "on_message failed: " .. tostring(err) end
+    if kind == false then
+      err = "on_message failed: " .. tostring(data)
     elseif kind == "ping" or kind == "pong" then
       ok, err = call_nowait(ws._event, ws, kind, data, a, b, c) -- on_pong may raise
     elseif kind then
