@@ -466,9 +466,15 @@ function Socket:receive(engine, timeout) end
 
 --- The engine's next event as receive returns it, or nil, "again" where
 --- receive would wait; never yields (what a watcher's callbacks call).
+--- With on_message, messages go to on_message(ws, data, kind) here (false,
+--- err when it raised) and the first other event is returned.
 ---@param engine duplex.core.Engine
----@return string|nil kind, any, any, any, any
-function Socket:pump(engine) end
+---@param high integer|nil   with more queued for the peer: "again" until low
+---@param low integer|nil
+---@param on_message fun(ws: any, data: string, kind: string)|nil
+---@param ws any             on_message's first argument
+---@return string|false|nil kind, any, any, any, any
+function Socket:pump(engine, high, low, on_message, ws) end
 
 --- Have watcher name this socket whenever it has input to pump (nil stops).
 ---@param watcher duplex.core.Watcher|nil
