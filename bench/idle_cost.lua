@@ -30,6 +30,15 @@ while i <= #arg do
   i = i + 1
 end
 
+do
+  local f = io.open(BENCH .. "/loadgen")
+  if not f then
+    io.stderr:write("idle_cost: " .. BENCH .. "/loadgen is not built: make -C bench loadgen\n")
+    os.exit(2)
+  end
+  f:close()
+end
+
 local function rss_kb()
   local f = assert(io.open("/proc/self/status"))
   local s = f:read("a")
