@@ -25,6 +25,9 @@ struct dx_pmd {
   size_t rx_in;  /* compressed bytes of the message being inflated */
   size_t rx_out; /* inflated bytes of that message */
   int rx_ended;  /* that message's deflate stream ended (a BFINAL block) */
+  /* The owning engine's scratch (dx_pmd_scratch): here, so that an engine
+   * without compression does not carry two empty buffers. */
+  dx_buf inflated, deflated;
 };
 
 /* --- allocation, counted ------------------------------------------------ */
@@ -98,8 +101,12 @@ void dx_pmd_free(dx_pmd *z) {
   if (!z) return;
   tx_close(z);
   rx_close(z);
+  dx_buf_free(&z->inflated);
+  dx_buf_free(&z->deflated);
   free(z);
 }
+
+dx_buf *dx_pmd_scratch(dx_pmd *z, int which) { return which == DX_PMD_INFLATED ? &z->inflated : &z->deflated; }
 
 size_t dx_pmd_memory(const dx_pmd *z) { return z ? z->mem : 0; }
 

@@ -50,6 +50,12 @@ int dx_pmd_inflate(dx_pmd *z, const uint8_t *in, size_t n, int fin, dx_buf *out,
  * trailing 00 00 ff ff is removed. */
 int dx_pmd_deflate(dx_pmd *z, const uint8_t *in, size_t n, int fin, dx_buf *out);
 
+/* Buffers an engine keeps with its compression, freed with it: the
+ * inflated piece of a message being received (DX_PMD_INFLATED), the
+ * compressed payload of a frame being sent (DX_PMD_DEFLATED). */
+enum { DX_PMD_INFLATED, DX_PMD_DEFLATED };
+dx_buf *dx_pmd_scratch(dx_pmd *z, int which);
+
 /* Bytes of zlib state currently held (for tests and for the memory docs). */
 size_t dx_pmd_memory(const dx_pmd *z);
 

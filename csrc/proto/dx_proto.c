@@ -34,9 +34,7 @@ void dx_proto_release(dx_proto *p) {
   dx_out_free(&p->out);
   dx_buf_free(&p->msg);
   dx_buf_free(&p->ctl);
-  dx_buf_free(&p->zin);
   dx_buf_free(&p->pend);
-  dx_buf_free(&p->zout);
   if (p->pmd) dx_pmd_free(p->pmd);
   p->pmd = NULL;
   p->on_output = NULL;
@@ -47,8 +45,10 @@ void dx_proto_release(dx_proto *p) {
 
 void dx_proto_shrink(dx_proto *p) {
   dx_out_shrink(&p->out);
-  dx_buf_shrink(&p->zin);
-  dx_buf_shrink(&p->zout);
+  if (p->pmd) {
+    dx_buf_shrink(dx_pmd_scratch(p->pmd, DX_PMD_INFLATED));
+    dx_buf_shrink(dx_pmd_scratch(p->pmd, DX_PMD_DEFLATED));
+  }
   /* msg and ctl may hold a message being reassembled, or the bytes of the
    * last event */
   if (!p->release_msg) dx_buf_shrink(&p->msg);
@@ -59,8 +59,9 @@ void dx_proto_shrink(dx_proto *p) {
 }
 
 int dx_proto_holding(const dx_proto *p) {
-  return p->out.bytes.data || p->out.refs || p->zin.data || p->zout.data || p->msg.data || p->ctl.data ||
-         p->pend.data;
+  if (p->pmd && (dx_pmd_scratch(p->pmd, DX_PMD_INFLATED)->data || dx_pmd_scratch(p->pmd, DX_PMD_DEFLATED)->data))
+    return 1;
+  return p->out.bytes.data || p->out.refs || p->msg.data || p->ctl.data || p->pend.data;
 }
 
 int dx_random(uint8_t *out, size_t n) { return RAND_bytes(out, (int)n) == 1 ? 0 : -1; }
@@ -169,16 +170,17 @@ int dx_proto_send_ref(dx_proto *p, int opcode, const void *data, size_t n, int f
   if (text && (dx_utf8_feed(&utf8, data, n) != 0 || (fin && !dx_utf8_complete(utf8)))) return DX_E_UTF8;
   const uint8_t *payload = data;
   int rsv = 0;
-  if (compressed) {
-    dx_buf_clear(&p->zout);
-    if (dx_pmd_deflate(p->pmd, data, n, fin, &p->zout) != DX_PMD_OK) return DX_E_NOMEM;
-    payload = dx_buf_head(&p->zout);
-    n = dx_buf_size(&p->zout);
+  dx_buf *zout = compressed ? dx_pmd_scratch(p->pmd, DX_PMD_DEFLATED) : NULL;
+  if (zout) {
+    dx_buf_clear(zout);
+    if (dx_pmd_deflate(p->pmd, data, n, fin, zout) != DX_PMD_OK) return DX_E_NOMEM;
+    payload = dx_buf_head(zout);
+    n = dx_buf_size(zout);
     if (opcode != DX_OP_CONT) rsv = DX_RSV1;
   }
-  /* a compressed payload lives in zout: always copied */
-  int rc = queue_frame_ref(p, fin, rsv, opcode, payload, n, compressed ? 0 : ref_id, referenced);
-  if (compressed) dx_buf_consume(&p->zout, dx_buf_size(&p->zout));
+  /* a compressed payload lives in the pmd's scratch: always copied */
+  int rc = queue_frame_ref(p, fin, rsv, opcode, payload, n, zout ? 0 : ref_id, referenced);
+  if (zout) dx_buf_consume(zout, dx_buf_size(zout));
   if (rc) return rc;
   p->send_utf8 = utf8;
   if (opcode != DX_OP_CONT) {
@@ -556,11 +558,12 @@ static void message_done(dx_proto *p) {
 static int read_data_streaming(dx_proto *p, dx_event *ev, uint8_t *chunk, size_t n, int last) {
   const uint8_t *data = chunk;
   if (p->msg_compressed) {
-    dx_buf_clear(&p->zin);
-    int rc = dx_pmd_inflate(p->pmd, chunk, n, last, &p->zin, p->cfg.max_message);
+    dx_buf *zin = dx_pmd_scratch(p->pmd, DX_PMD_INFLATED);
+    dx_buf_clear(zin);
+    int rc = dx_pmd_inflate(p->pmd, chunk, n, last, zin, p->cfg.max_message);
     if (rc) return inflate_error(p, ev, rc);
-    data = dx_buf_head(&p->zin);
-    n = dx_buf_size(&p->zin);
+    data = dx_buf_head(zin);
+    n = dx_buf_size(zin);
   }
   if (n == 0 && !last) return DX_EV_NONE;
   if (check_data(p, ev, data, n, last)) return DX_EV_ERROR;

@@ -161,14 +161,12 @@ struct dx_proto {
    * with thousands of connections reads each engine from memory, and
    * these fields kept apart cost it two cache lines fewer per message. */
   dx_buf ctl;         /* control frame payload split across reads */
-  dx_buf zin;         /* inflated piece of a compressed message (streaming) */
   /* Our automatic pong still waiting in out, as stream positions
    * [pong_start, pong_end); pong_end == 0 when none. A ping that arrives
    * while it is unwritten and last in out replaces it (RFC 6455 §5.5.3:
    * answering only the latest ping is allowed), so a ping flood that never
    * reads its pongs costs one pong, not a queue of them. */
   uint64_t pong_start, pong_end;
-  dx_buf zout;     /* compressed payload of the frame being sent */
   dx_timing timing; /* heartbeat and close deadlines (dx_timing.h) */
 };
 
