@@ -291,10 +291,11 @@ static void reset_thread(lua_State *L, lua_State *co) {
 }
 
 /* core.at_end's function, run by the task that ended, in the same
- * coroutine started anew: fn(arg, true) after a return, fn(arg, false,
- * err) after an error, err with co's traceback when it is a string, as
- * xpcall(f, debug.traceback) gives it. Reusing co, not a new coroutine,
- * leaves no hole in the heap where the old one was. */
+ * coroutine started anew (resume_task resumes it at once): fn(arg, true)
+ * after a return, fn(arg, false, err) after an error, err with co's
+ * traceback when it is a string, as xpcall(f, debug.traceback) gives it.
+ * Reusing co, not a new coroutine, leaves no hole in the heap where the
+ * old one was. */
 static void restart_at_end(lua_State *L, ltask *task, int status) {
   lua_State *co = task->co;
   int base = lua_gettop(L);
@@ -320,16 +321,23 @@ static void restart_at_end(lua_State *L, ltask *task, int status) {
   task->nargs = lua_gettop(L) - base - 2;
   lua_xmove(L, co, task->nargs + 1);
   lua_settop(L, base);
-  dx_task_ready(&task->ll->loop, &task->t, DX_WAKE_START);
+  task->t.wake = DX_WAKE_START;
 }
 
 static void resume_task(lua_State *L, ltask *task) {
   lua_State *co = task->co;
-  int nres, nargs = task->nargs;
-  task->nargs = 0;
-  task->ll->current = task;
-  int status = lua_resume(co, L, nargs, &nres);
-  task->ll->current = NULL;
+  int nres, status;
+  /* an at_end function goes on at once, as a tail call would: a server
+   * connection's handler starts in the pass its handshake ended in */
+  for (;;) {
+    int nargs = task->nargs;
+    task->nargs = 0;
+    task->ll->current = task;
+    status = lua_resume(co, L, nargs, &nres);
+    task->ll->current = NULL;
+    if (status == LUA_YIELD || !task->has_end) break;
+    restart_at_end(L, task, status);
+  }
   if (status == LUA_YIELD) {
     lua_pop(co, nres);
     if (task->t.state == DX_TASK_RUNNING) /* coroutine.yield(): run again next pass */
@@ -340,7 +348,6 @@ static void resume_task(lua_State *L, ltask *task) {
       unanchor(L, task);
     return;
   }
-  if (task->has_end) return restart_at_end(L, task, status);
   if (status != LUA_OK) {
     report_error(L, co);
     reset_thread(L, co); /* closes pending to-be-closed variables (sockets...) */
