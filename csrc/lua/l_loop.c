@@ -246,9 +246,7 @@ static void finish_task(lua_State *L, ltask *task) {
 static int task_gc(lua_State *L) {
   ltask *task = luaL_checkudata(L, 1, TASK_MT);
   if (task->t.state != DX_TASK_DONE) {
-    if (!task->ll->dead) {
-      dx_task_end(&task->ll->loop, &task->t);
-    }
+    if (!task->ll->dead) dx_task_end(&task->ll->loop, &task->t);
     task->t.state = DX_TASK_DONE;
     task->ll->ntasks--;
   }

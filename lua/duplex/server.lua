@@ -125,9 +125,9 @@ local function serve(self, sock)
   -- (handle removes it)
   self.sockets[sock], self.connections[sock] = nil, ws
   if route.on_message then return adopt(self, ws, route, req) end
-  -- the handler runs in a coroutine of its own (start_handler): the
-  -- handshake's deepest call grew this one's stack, and a stack keeps its
-  -- size until it is three times what is in use
+  -- the handler starts on this coroutine emptied (start_handler): the
+  -- handshake's deepest call grew its stack, and a stack keeps its size
+  -- until it is three times what is in use
   core.at_end(self._start_handler, sock)
 end
 
