@@ -62,7 +62,6 @@ WebSocket._defaults = defaults
 local shared = {
   role = "server", state = "open", streaming = false, deflate = false,
 }
-setmetatable(shared, { __index = defaults })
 -- The class holds copies of both, not a chain to them: every message reads
 -- a few fields no connection has of its own (high_water, deflate, a
 -- _sending that is not there), and each link of a chain costs a lookup.
