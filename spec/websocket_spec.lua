@@ -106,6 +106,45 @@ describe("duplex client and server", function()
     ws:close()
   end)
 
+  -- send and the messages() step run in C on our loop (core.fast_send,
+  -- core.fast_next) and hand every other case to the Lua methods: each
+  -- hand-off here, interleaved with plain messages.
+  it("hands pings, fragments, a second reader, bad arguments and the close from the C path to Lua", function()
+    local seen = {}
+    local srv = listen { deflate = true, handler = function(ws)
+      seen.kind_error = select(2, pcall(function() ws:send("x", "bogus") end))
+      seen.type_error = select(2, pcall(function() ws:send(12) end))
+      duplex.spawn(function() seen.second = select(2, pcall(ws.receive, ws, 1)) end)
+      for m, kind in ws:messages() do
+        assert(ws:send(m, kind, #m > 3 and { compress = false } or nil))
+      end
+      seen.code, seen.state = ws.close_code, ws.state
+    end }
+    local ws = assert(duplex.connect(srv:url("/"), { deflate = true }))
+    local pongs = {}
+    ws.on_pong = function(_, payload) pongs[#pongs + 1] = payload end
+    assert(ws:send("one"))
+    assert(ws:ping("p1"))
+    assert(ws:send(string.rep("b", 300), "binary"))
+    assert(ws:send_fragment("fr", "text", false))
+    assert(ws:ping("p2"))
+    assert(ws:send_fragment("ag", nil, true))
+    assert(ws:send(""))
+    assert.same({ "one", "text" }, { ws:receive(5) })
+    assert.same({ string.rep("b", 300), "binary" }, { ws:receive(5) })
+    assert.same({ "frag", "text" }, { ws:receive(5) })
+    assert.same({ "", "text" }, { ws:receive(5) })
+    assert.same({ "p1", "p2" }, pongs)
+    ws:close(1000, "bye")
+    assert.equal(1000, ws.close_code)
+    local deadline = core.now() + 5
+    while seen.state == nil and core.now() < deadline do run(core.sleep, 0.01) end
+    assert.matches("websocket_spec.lua:%d+: message kind must be \"text\" or \"binary\", got bogus", seen.kind_error)
+    assert.matches("websocket_spec.lua:%d+: send: message must be a string", seen.type_error)
+    assert.matches("another coroutine is already reading", seen.second)
+    assert.same({ 1000, "closed" }, { seen.code, seen.state })
+  end)
+
   it("stays usable when on_pong raises: the error reaches receive's caller, once", function()
     local srv = listen { handler = echo }
     local ws = assert(duplex.connect(srv:url("/")))

@@ -64,6 +64,7 @@ int luaopen_duplex_core(lua_State *L) {
   dx_open_listen(L);
   dx_open_fd(L);
   dx_open_watch(L);
+  dx_open_conn(L);
   dx_open_fanout(L);
 #endif
   lua_pushliteral(L, DX_VERSION);

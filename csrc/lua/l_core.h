@@ -25,6 +25,7 @@ void dx_open_fd(lua_State *L);        /* l_fd.c: reading stdin and other fds */
 void dx_open_watch(lua_State *L);     /* l_watch.c: connections served by callbacks */
 /* l_watch.c: a message handler for lua_pcall, the message with a traceback */
 int dx_lua_traceback(lua_State *L);
+void dx_open_conn(lua_State *L);     /* l_conn.c: a connection's send and messages() step */
 void dx_open_fanout(lua_State *L);    /* l_fanout.c: one frame queued on many connections */
 void dx_open_pmd(lua_State *L);       /* l_pmd.c: permessage-deflate negotiation */
 
@@ -42,6 +43,14 @@ const char *dx_tick_name(int tick);
  * engine's user value): what e:send_raw does, unchecked. Returns 0 or a
  * DX_E_* code. */
 int dx_engine_send_raw(lua_State *L, int idx, int frame);
+/* Queue the string at index data as one whole text (binary 0) or binary
+ * message on the engine at idx (checked by the caller, and live), what
+ * e:send does. Returns 0 or a DX_E_* code. */
+int dx_engine_send(lua_State *L, int idx, int data, int binary, int compress);
+/* What e:send and its kin return for rc: true; fail and why (the word
+ * "overflow" past max_buffered); or a raised error for the caller's
+ * mistakes (DX_E_ARG, DX_E_UTF8). */
+int dx_engine_push_result(lua_State *L, int rc);
 
 /* Parse the next event of the engine at stack index idx and push its values (kind first, as
  * engine:next() returns them); returns how many, 0 when it needs more bytes.

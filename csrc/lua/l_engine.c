@@ -211,7 +211,7 @@ static int l_has_input(lua_State *L) {
   return 1;
 }
 
-static int push_result(lua_State *L, int rc) {
+int dx_engine_push_result(lua_State *L, int rc) {
   if (rc == 0) {
     lua_pushboolean(L, 1);
     return 1;
@@ -229,18 +229,29 @@ static const int kind_opcodes[] = {DX_OP_TEXT, DX_OP_BINARY, DX_OP_CONT};
 
 /* e:send(data [, kind = "text" [, fin = true [, compress = false]]])
  * kind "continuation" continues a message started with fin = false. */
+/* Queue the string at index data as a frame of opcode op on the engine at
+ * idx: by reference when large, held in the engine's user value. */
+static int send_at(lua_State *L, engine *e, int idx, int data, int op, int fin, int compress) {
+  size_t n;
+  const char *s = lua_tolstring(L, data, &n);
+  drop_released(L, idx, e);
+  int referenced;
+  int rc = dx_proto_send_ref(&e->p, op, s, n, fin, compress, ref_id_for(e, n), &referenced);
+  if (referenced) hold(L, idx, e, data);
+  return rc;
+}
+
+int dx_engine_send(lua_State *L, int idx, int data, int binary, int compress) {
+  return send_at(L, lua_touserdata(L, idx), idx, data, binary ? DX_OP_BINARY : DX_OP_TEXT, 1, compress);
+}
+
 static int l_send(lua_State *L) {
   engine *e = check_self(L);
-  size_t n;
-  const char *s = luaL_checklstring(L, 2, &n);
+  luaL_checkstring(L, 2);
   int op = kind_opcodes[luaL_checkoption(L, 3, "text", kinds)];
   int fin = lua_isnoneornil(L, 4) ? 1 : lua_toboolean(L, 4);
   int compress = lua_toboolean(L, 5);
-  drop_released(L, 1, e);
-  int referenced;
-  int rc = dx_proto_send_ref(&e->p, op, s, n, fin, compress, ref_id_for(e, n), &referenced);
-  if (referenced) hold(L, 1, e, 2);
-  return push_result(L, rc);
+  return dx_engine_push_result(L, send_at(L, e, 1, 2, op, fin, compress));
 }
 
 /* e:ping([data]) and e:pong([data]): a control frame of at most 125 bytes */
@@ -249,7 +260,7 @@ static int send_control(lua_State *L, int (*send)(dx_proto *, const void *, size
   size_t n;
   const char *s = luaL_optlstring(L, 2, "", &n);
   if (n > DX_CONTROL_MAX) return luaL_argerror(L, 2, "control frame payload longer than 125 bytes");
-  return push_result(L, send(&e->p, s, n));
+  return dx_engine_push_result(L, send(&e->p, s, n));
 }
 
 /* A ping the application sends is a heartbeat too: its pong gives the
@@ -272,7 +283,7 @@ static int l_close(lua_State *L) {
   if (bad) return luaL_error(L, "close: %s", bad);
   int rc = dx_proto_close(&e->p, (unsigned)code, reason, n);
   if (rc == 0) dx_timing_closing(&e->p, dx_now());
-  return push_result(L, rc);
+  return dx_engine_push_result(L, rc);
 }
 
 /* e:set_timing(ping_interval, ping_timeout, close_timeout): the engine
@@ -333,7 +344,7 @@ static int l_send_raw(lua_State *L) {
   luaL_checkstring(L, 2);
   if (e->p.cfg.role != DX_ROLE_SERVER)
     return luaL_error(L, "send_raw: client frames must be masked one by one");
-  return push_result(L, dx_engine_send_raw(L, 1, 2));
+  return dx_engine_push_result(L, dx_engine_send_raw(L, 1, 2));
 }
 
 /* e:data_to_send() -> bytes to write to the peer (taken out of the engine) */

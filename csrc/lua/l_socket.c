@@ -588,20 +588,23 @@ static int next_event(lua_State *L, lsock *s, dx_proto *p, int *nres, uint32_t *
   }
 }
 
-/* The engine's next event, reading as needed. stack: sock, engine, timeout */
-static int receive_k(lua_State *L, int status, lua_KContext ctx) {
-  dx_task *t = (dx_task *)ctx;
-  lsock *s = lua_touserdata(L, 1); /* checked by sock_receive; a yield keeps the stack */
+int dx_sock_receive_step(lua_State *L, int status, dx_task *t, lua_KFunction k) {
+  lsock *s = lua_touserdata(L, 1); /* checked by the caller; a yield keeps the stack */
   if (status == LUA_YIELD && dx_lua_woken(L, t) == DX_WAKE_TIMEOUT) return dx_lua_fail(L, "timeout");
   dx_proto *p = dx_live_engine(L, 2);
   if (!p) return dx_lua_fail(L, "closed");
   int nres = 2;
   uint32_t want = 0;
   switch (next_event(L, s, p, &nres, &want)) {
-  case EV_LATER: return dx_lua_yield(L, t, receive_k);
-  case EV_AGAIN: return dx_lua_wait_io(L, t, &s->io, want, 0, receive_k);
+  case EV_LATER: return dx_lua_yield(L, t, k);
+  case EV_AGAIN: return dx_lua_wait_io(L, t, &s->io, want, 0, k);
   default: return nres;
   }
+}
+
+/* The engine's next event, reading as needed. stack: sock, engine, timeout */
+static int receive_k(lua_State *L, int status, lua_KContext ctx) {
+  return dx_sock_receive_step(L, status, (dx_task *)ctx, receive_k);
 }
 
 /* One event for sock:pump, its values pushed (the count returned), or nil

@@ -83,6 +83,13 @@ size_t dx_sock_buffered(const lsock *s);
  * detached, or a host's stream writes it. */
 lsock *dx_sock_writing(const dx_proto *p);
 
+/* One try of sock:receive for the socket at stack index 1 and its engine
+ * at 2 (both checked), a timeout at 3: the event's values, or fail and why,
+ * pushed (their count returned); or, when it has to wait, the yield (the
+ * task's continuation k calls this again with the status it resumes with).
+ * What receive and the step of ws:messages() (l_conn.c) share. */
+int dx_sock_receive_step(lua_State *L, int status, dx_task *t, lua_KFunction k);
+
 /* Whether receive has used up s's share of this loop pass (l_socket.c). */
 int dx_sock_spent(lsock *s);
 

@@ -269,7 +269,20 @@ end
 
 -- The iterator without a closure per connection: the generic for hands it
 -- the connection, and receive's nil at the end stops the loop.
-function WebSocket._next_message(self)
+local function next_message(self)
+  return self:receive()
+end
+WebSocket._next_message = next_message
+
+-- The rest of a step of messages() whose read core.fast_next made (on our
+-- loop): what receive does with an event that is not a whole message, or
+-- (kind nil) with a failed read, data saying why.
+local function after_event(self, kind, data, a, b, c)
+  if not kind then return self:_lost(data) end
+  self._reading = true
+  local deliver, r1, r2, r3, r4 = self:_event(kind, data, a, b, c)
+  self._reading = false
+  if deliver then return r1, r2, r3, r4 end
   return self:receive()
 end
 
@@ -323,6 +336,12 @@ function WebSocket:_room()
   return self._wait(wait_for_room, self)
 end
 
+-- send's error level for its caller's mistakes: the caller's own, also
+-- when it called through core.fast_send (below), a C frame in between.
+local function caller_level()
+  return debug.getinfo(3, "S").what == "C" and 3 or 2
+end
+
 --- Send a whole message. kind is "text" (the default) or "binary"; text must
 --- be valid UTF-8. Waits (yields) while the peer is too slow to take more.
 --- opts.compress forces permessage-deflate on or off for this message.
@@ -332,9 +351,9 @@ end
 ---@return true|nil ok, string|nil err
 function WebSocket:send(data, kind, opts)
   kind = kind or "text"
-  if kind ~= "binary" and kind ~= "text" then check_kind(kind, 2) end
-  if type(data) ~= "string" then error("send: message must be a string", 2) end
-  if self._sending then error("send: a fragmented message is open; finish it with send_fragment", 2) end
+  if kind ~= "binary" and kind ~= "text" then check_kind(kind, caller_level()) end
+  if type(data) ~= "string" then error("send: message must be a string", caller_level()) end
+  if self._sending then error("send: a fragmented message is open; finish it with send_fragment", caller_level()) end
   if self.state ~= "open" then return nil, "closed" end
   local compress = false
   if self.deflate then
@@ -344,6 +363,16 @@ function WebSocket:send(data, kind, opts)
   local ok, err = self.engine:send(data, kind, true, compress)
   if not ok then return self:_refused(err) end
   return self:_room()
+end
+
+-- On our loop, the common case of both is C's (core.fast_send,
+-- core.fast_next: no Lua frame per message), the rest these functions'.
+-- Hosted keeps the Lua ones (its _room writes every frame out), and so
+-- does LuaJIT's core, which has no loop.
+local lua_send = WebSocket.send
+if core.fast_send then
+  WebSocket.send = core.fast_send(lua_send)
+  WebSocket._next_message = core.fast_next(next_message, after_event)
 end
 
 --- Send a message in pieces: the first call gives the kind, the last one
@@ -578,6 +607,7 @@ end
 ---@class duplex.HostedWebSocket: duplex.WebSocket
 local Hosted = WebSocket._subclass()
 Hosted.watched = false
+Hosted.send, Hosted._next_message = lua_send, next_message
 function Hosted._wait(fn, ...) return fn(...) end
 
 function Hosted:_room()

@@ -54,6 +54,23 @@ function core.watcher() end
 ---@return boolean ok, any ...
 function core.call_nowait(fn, ...) end
 
+--- ws:send for connections on our loop (duplex.websocket): the common
+--- case in C, lua_send(ws, data, kind, opts) for the rest (the caller's
+--- mistakes, a closing connection, a refusal, waiting for room).
+---@param lua_send function
+---@return fun(ws: duplex.WebSocket, data: string, kind: string|nil, opts: table|nil): true|nil, string|nil
+function core.fast_send(lua_send) end
+
+--- The step of ws:messages() for connections on our loop: the next whole
+--- message in C; lua_next(ws) when it cannot start (not in a coroutine of
+--- the loop, a connection being read or closed), after_event(ws, kind,
+--- data, ...) with any other event, or with nil and why when the read
+--- failed.
+---@param lua_next function
+---@param after_event function
+---@return fun(ws: duplex.WebSocket): string|nil, string|nil, integer|boolean|nil, string|nil
+function core.fast_next(lua_next, after_event) end
+
 --- CRC16-CCITT (XMODEM) of s: what Redis Cluster hashes a key's slot with.
 ---@param s string
 ---@return integer
