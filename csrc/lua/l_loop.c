@@ -346,11 +346,13 @@ static void resume_task(lua_State *L, ltask *task) {
       unanchor(L, task);
     return;
   }
-  if (status != LUA_OK) {
-    report_error(L, co);
-    reset_thread(L, co); /* closes pending to-be-closed variables (sockets...) */
-  }
-  lua_settop(co, 0);
+  if (status != LUA_OK) report_error(L, co);
+  /* closes pending to-be-closed variables (sockets...) after an error; and
+   * gives the stack back now, not when the collector gets to the dead
+   * coroutine: a handshake's coroutine (a callback route's ends with it)
+   * would otherwise leave its grown stack as garbage, and ten thousand
+   * opening at once pile up a hole in the heap per connection */
+  reset_thread(L, co);
   finish_task(L, task);
 }
 
