@@ -152,10 +152,15 @@ int dx_sock_connect_result(int fd) {
   return -err;
 }
 
-int dx_sock_accept(int lfd) {
+int dx_sock_accept(int lfd, dx_addr *peer) {
   for (;;) {
-    int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd >= 0) return fd;
+    if (peer) peer->len = sizeof peer->sa;
+    int fd = accept4(lfd, peer ? (struct sockaddr *)&peer->sa : NULL, peer ? &peer->len : NULL,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0) {
+      if (peer) peer->family = peer->sa.ss_family;
+      return fd;
+    }
     /* A connection reset while queued is not the listener's failure. */
     if (errno == EINTR || errno == ECONNABORTED) continue;
     return -errno;

@@ -42,8 +42,10 @@ int dx_sock_listen(const dx_addr *a, int backlog, int reuseport, int ipv6only);
  * dx_sock_connect_result). */
 int dx_sock_connect(const dx_addr *a, const dx_addr *bind, int *pending);
 int dx_sock_connect_result(int fd); /* 0 or -errno (the SO_ERROR) */
-/* accept4, non-blocking and close-on-exec. fd or -errno. */
-int dx_sock_accept(int lfd);
+/* accept4, non-blocking and close-on-exec, with the peer's address in
+ * *peer unless NULL (what a getpeername would cost a system call for). fd
+ * or -errno. */
+int dx_sock_accept(int lfd, dx_addr *peer);
 ssize_t dx_sock_recv(int fd, void *buf, size_t n);                 /* n or -errno */
 ssize_t dx_sock_sendv(int fd, const struct iovec *iov, int iovcnt); /* n or -errno; no SIGPIPE */
 int dx_sock_nodelay(int fd, int on);

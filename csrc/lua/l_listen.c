@@ -82,14 +82,21 @@ static int accept_k(lua_State *L, int status, lua_KContext ctx) {
   }
   /* a full accept queue must not starve the connections already accepted */
   if (l->burst >= ACCEPT_BURST) return dx_lua_yield(L, t, accept_k);
-  int fd = dx_sock_accept(l->io.fd);
+  dx_addr peer;
+  int fd = dx_sock_accept(l->io.fd, &peer);
   if (fd == -EAGAIN || fd == -EWOULDBLOCK) return dx_lua_wait_io(L, t, &l->io, EPOLLIN, 0, accept_k);
   if (fd < 0) return dx_lua_fail_errno(L, fd);
   l->burst++;
   int err;
   lsock *s = dx_sock_push(L, l->loop, fd, UV_SERVER, &err);
   if (!s) return dx_lua_fail_errno(L, err);
-  return 1; /* TCP_NODELAY comes from the listener (dx_sock_listen) */
+  /* TCP_NODELAY comes from the listener (dx_sock_listen) */
+  char ip[DX_IPSTR_MAX];
+  int port;
+  dx_addr_text(&peer, ip, &port);
+  lua_pushstring(L, ip);
+  lua_pushinteger(L, port);
+  return 3;
 }
 
 static int listener_accept(lua_State *L) {
@@ -109,7 +116,7 @@ static int listener_drain(lua_State *L) {
   lua_newtable(L);
   if (l->io.fd < 0) return 1;
   for (lua_Integer n = 1;; n++) {
-    int fd = dx_sock_accept(l->io.fd);
+    int fd = dx_sock_accept(l->io.fd, NULL);
     if (fd < 0) break;
     int err;
     if (!dx_sock_push(L, l->loop, fd, UV_SERVER, &err)) continue;

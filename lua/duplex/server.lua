@@ -105,10 +105,10 @@ local function adopt(self, ws, route, req)
   core.at_end(nil) -- Callback:_finish releases it
 end
 
-local function serve(self, sock)
+local function serve(self, sock, ip, port)
   local req, hs = read_request(self, sock)
   if not req then return end
-  local ip, port = sock:peer()
+  if not ip then ip, port = sock:peer() end -- listener:drain() gives none
   req.peer_address, req.peer_port = ip, port
   -- X-Forwarded-For counts only from a trusted proxy: asked for otherwise,
   -- request.headers would be made for every connection (it waits as
@@ -169,21 +169,21 @@ local function start_handler(self, sock)
 end
 
 -- The handshake's coroutine.
-local function handle(self, sock)
+local function handle(self, sock, ip, port)
   self.sockets[sock] = true
   core.at_end(self._task_ended, sock)
-  return serve(self, sock)
+  return serve(self, sock, ip, port)
 end
 
 -- Counted from here, not when its coroutine first runs, so that a burst of
 -- accepts cannot pass max_connections, and so that a server that stops
 -- accepting knows what is still to come.
-local function admit(self, sock)
+local function admit(self, sock, ip, port)
   if self.count >= self.max_connections then
     core.spawn(respond, sock, 503, { ["Retry-After"] = "1" }, "too many connections")
   else
     self.count = self.count + 1
-    core.spawn(handle, self, sock)
+    core.spawn(handle, self, sock, ip, port)
   end
 end
 
@@ -229,14 +229,14 @@ end
 
 local function accept_loop(self)
   while not self.closing do
-    local sock, err = self.listener:accept()
+    local sock, ip_or_err, port = self.listener:accept()
     if sock then
-      admit(self, sock)
-    elseif self.closing or err == "closed" then
+      admit(self, sock, ip_or_err, port)
+    elseif self.closing or ip_or_err == "closed" then
       break
     else
       -- Out of file descriptors and the like: back off instead of spinning.
-      self.log("warn", "accept failed: " .. tostring(err))
+      self.log("warn", "accept failed: " .. tostring(ip_or_err))
       core.sleep(0.1)
     end
   end

@@ -518,9 +518,10 @@ function Socket:alpn() end
 ---@class duplex.core.Listener
 local Listener = {}
 
---- The next connection, waiting up to timeout.
+--- The next connection, waiting up to timeout, with its peer's address
+--- and port (what sock:peer() would ask the kernel for again).
 ---@param timeout number|nil
----@return duplex.core.Socket|nil sock, string|nil err
+---@return duplex.core.Socket|nil sock, string|nil ip_or_err, integer|nil port
 function Listener:accept(timeout) end
 
 --- The connections in the accept queue, without waiting (before a close).
