@@ -82,10 +82,13 @@ function WebSocket.new(sock, engine, opts, info, class)
   local self = setmetatable({ sock = sock, engine = engine, data = {} }, class)
   local role = engine:role()
   if role ~= class.role then self.role = role end
-  if opts.streaming and not class.streaming then self.streaming = true end
-  for k in pairs(defaults) do
-    local o = opts[k]
-    if o ~= nil and o ~= class[k] then self[k] = o end
+  -- a route's class holds the route's settings already (_route_class)
+  if opts ~= class._route then
+    if opts.streaming and not class.streaming then self.streaming = true end
+    for k in pairs(defaults) do
+      local o = opts[k]
+      if o ~= nil and o ~= class[k] then self[k] = o end
+    end
   end
   for k, v in pairs(info) do
     if v ~= class[k] then self[k] = v end
