@@ -67,12 +67,14 @@ static int field_is(lua_State *L, int up, int word) {
   return v;
 }
 
-/* The integer field (0 when it is not one: the slow path decides). */
-static lua_Integer field_integer(lua_State *L, int up) {
+/* The integer field in *v; 0 when it is not one (the slow path decides
+ * what a float or a wrong value means). */
+static int field_integer(lua_State *L, int up, lua_Integer *v) {
   field(L, up);
-  lua_Integer v = lua_tointeger(L, -1);
+  int is = lua_isinteger(L, -1);
+  *v = lua_tointeger(L, -1);
   lua_pop(L, 1);
-  return v;
+  return is;
 }
 
 static void set_reading(lua_State *L, int ws, int on) {
@@ -128,7 +130,12 @@ static int conn_send(lua_State *L) {
   else return fallback(L);
   if (field_true(L, UP_SENDING) || !field_is(L, UP_STATE, UP_OPEN)) return fallback(L);
   int compress = 0;
-  if (field_true(L, UP_DEFLATE)) compress = (lua_Integer)lua_rawlen(L, 2) >= field_integer(L, UP_THRESHOLD);
+  lua_Integer threshold, high;
+  if (field_true(L, UP_DEFLATE)) {
+    if (!field_integer(L, UP_THRESHOLD, &threshold)) return fallback(L);
+    compress = (lua_Integer)lua_rawlen(L, 2) >= threshold;
+  }
+  if (!field_integer(L, UP_HIGH_WATER, &high)) return fallback(L);
   lua_settop(L, 2);
   lsock *s = push_attached(L);
   if (!s) return fallback(L);
@@ -141,7 +148,7 @@ static int conn_send(lua_State *L) {
   }
   /* under high water, with no send timer running (duplex.callbacks'):
    * there is nothing for _room to do */
-  if ((lua_Integer)dx_sock_buffered(s) <= field_integer(L, UP_HIGH_WATER) && !field_true(L, UP_OVER)) {
+  if ((lua_Integer)dx_sock_buffered(s) <= high && !field_true(L, UP_OVER)) {
     lua_pushboolean(L, 1);
     return 1;
   }
