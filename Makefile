@@ -137,13 +137,14 @@ FUZZ_CPU ?= 3600
 fuzz-long: fuzz-build
 	@for b in $(FUZZ_BIN); do scripts/fuzz-cpu $$(basename $$b) $(FUZZ_CPU) || exit 1; done
 
-# The differential oracle of fuzz/fuzz_roundtrip.c on fixed seeds, without
-# libFuzzer (gcc is enough), under ASan and UBSan: spec/roundtrip_spec.lua.
-SEEDS_BIN := build/fuzz/roundtrip_seeds
+# The differential oracles of fuzz/fuzz_roundtrip.c and fuzz/fuzz_heartbeat.c
+# on fixed seeds, without libFuzzer (gcc is enough), under ASan and UBSan:
+# spec/roundtrip_spec.lua.
+SEEDS_BIN := build/fuzz/roundtrip_seeds build/fuzz/heartbeat_seeds
 seeds: $(SEEDS_BIN)
 
-$(SEEDS_BIN): fuzz/roundtrip_seeds.c fuzz/fuzz_roundtrip.c $(PROTO_SRC) $(HDR) | build/fuzz
-	$(CC) -g -O1 -std=gnu11 $(SAN) -Icsrc/proto -o $@ fuzz/roundtrip_seeds.c fuzz/fuzz_roundtrip.c $(PROTO_SRC) -lcrypto -lz
+build/fuzz/%_seeds: fuzz/roundtrip_seeds.c fuzz/fuzz_%.c $(PROTO_SRC) $(HDR) | build/fuzz
+	$(CC) -g -O1 -std=gnu11 $(SAN) -Icsrc/proto -o $@ fuzz/roundtrip_seeds.c fuzz/fuzz_$*.c $(PROTO_SRC) -lcrypto -lz
 
 # A missing package only costs its peer (bench/run skips it and says why),
 # so deps failing as non-root is not fatal here.

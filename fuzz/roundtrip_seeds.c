@@ -1,8 +1,9 @@
 /*
- * Runs fuzz_roundtrip's oracle outside libFuzzer on fixed seeds, for
- * `make check` (spec/roundtrip_spec.lua): each seed makes a random input of
- * random length, so every run is a full scenario and a failure names the
- * seed that reproduces it.
+ * Runs a differential harness's oracle outside libFuzzer on fixed seeds,
+ * for `make check` (spec/roundtrip_spec.lua): linked with fuzz_roundtrip.c
+ * (roundtrip_seeds) or fuzz_heartbeat.c (heartbeat_seeds). Each seed makes
+ * a random input of random length, so every run is a full scenario and a
+ * failure names the seed that reproduces it.
  *   roundtrip_seeds FIRST COUNT
  */
 #include <stdint.h>
