@@ -124,7 +124,7 @@ fuzz-build: $(FUZZ_BIN)
 
 # fuzz_url and fuzz_resp embed Lua 5.4 to fuzz the parsers written in Lua.
 LUA_LIB   ?= -llua5.4
-build/fuzz/%: fuzz/%.c fuzz/lua_harness.h fuzz/fuzz_check.h $(PROTO_SRC) $(HDR) | build/fuzz
+build/fuzz/%: fuzz/%.c fuzz/lua_harness.h fuzz/fuzz_check.h fuzz/fuzz_choice.h $(PROTO_SRC) $(HDR) | build/fuzz
 	$(FUZZ_CC) -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
 	  -Icsrc/proto $(LUA_INC) -o $@ $< $(PROTO_SRC) -lcrypto -lz $(LUA_LIB) -lm -ldl
 
@@ -143,7 +143,7 @@ fuzz-long: fuzz-build
 SEEDS_BIN := build/fuzz/roundtrip_seeds build/fuzz/heartbeat_seeds
 seeds: $(SEEDS_BIN)
 
-build/fuzz/%_seeds: fuzz/roundtrip_seeds.c fuzz/fuzz_%.c $(PROTO_SRC) $(HDR) | build/fuzz
+build/fuzz/%_seeds: fuzz/roundtrip_seeds.c fuzz/fuzz_%.c fuzz/fuzz_choice.h $(PROTO_SRC) $(HDR) | build/fuzz
 	$(CC) -g -O1 -std=gnu11 $(SAN) -Icsrc/proto -o $@ fuzz/roundtrip_seeds.c fuzz/fuzz_$*.c $(PROTO_SRC) -lcrypto -lz
 
 # A missing package only costs its peer (bench/run skips it and says why),

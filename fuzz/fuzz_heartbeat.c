@@ -32,40 +32,13 @@
 
 #include "dx_proto.h"
 #include "dx_timing.h"
+#include "fuzz_choice.h"
 
 #define MAX_MSGS 48
 #define MAX_LEN 300
 #define MAX_CHUNKS 1024
 #define HORIZON 400.0 /* virtual seconds a scenario may last */
 #define EPS 1e-6
-
-typedef struct src {
-  const uint8_t *p;
-  size_t n;
-  uint64_t rng;
-} src;
-
-static uint64_t rng_next(uint64_t *s) {
-  uint64_t x = *s;
-  x ^= x << 13;
-  x ^= x >> 7;
-  x ^= x << 17;
-  return *s = x;
-}
-
-/* A choice in [0, bound): from the input while it lasts, then the PRNG. */
-static unsigned pick(src *s, unsigned bound) {
-  if (bound <= 1) return 0;
-  uint32_t v;
-  if (s->n >= 2) {
-    v = (uint32_t)s->p[0] | (uint32_t)s->p[1] << 8;
-    s->p += 2;
-    s->n -= 2;
-  } else {
-    v = (uint32_t)rng_next(&s->rng);
-  }
-  return v % bound;
-}
 
 /* A duration in [lo, hi), in steps of a millisecond. */
 static double pick_time(src *s, double lo, double hi) {
@@ -212,10 +185,8 @@ static void send_message(src *s, side *x, double now, double lat) {
 static double sooner(double t, double due) { return due >= 0 && (t < 0 || due < t) ? due : t; }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  src s = {data, size, 0x9e3779b97f4a7c15u};
+  src s = src_of(data, size, 0x9e3779b97f4a7c15u);
   trace = getenv("HB_TRACE") != NULL;
-  for (size_t i = 0; i < size && i < 16; i++) s.rng = (s.rng ^ data[i]) * 0x100000001b3u;
-  if (!s.rng) s.rng = 1;
 
   static side sv, cl;
   static wire to_client, to_server;

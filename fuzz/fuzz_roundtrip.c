@@ -29,39 +29,11 @@
 #include <string.h>
 
 #include "dx_proto.h"
+#include "fuzz_choice.h"
 
 #define MAX_MSGS 12
 #define MAX_ITEMS 256
 #define BIG (1u << 20)
-
-typedef struct src {
-  const uint8_t *p;
-  size_t n;
-  uint64_t rng;
-} src;
-
-static uint64_t rng_next(uint64_t *s) {
-  uint64_t x = *s;
-  x ^= x << 13;
-  x ^= x >> 7;
-  x ^= x << 17;
-  return *s = x;
-}
-
-/* A choice in [0, bound): from the input while it lasts, then the PRNG. */
-static unsigned pick(src *s, unsigned bound) {
-  if (bound <= 1) return 0;
-  uint32_t v;
-  if (s->n >= 2) {
-    v = (uint32_t)s->p[0] | (uint32_t)s->p[1] << 8;
-    s->p += 2;
-    s->n -= 2;
-    if (bound > 65536) v = v << 16 | (uint32_t)(rng_next(&s->rng) & 0xffff);
-  } else {
-    v = (uint32_t)rng_next(&s->rng);
-  }
-  return v % bound;
-}
 
 #define CHECK(cond, ...)                                                                           \
   do {                                                                                             \
@@ -332,9 +304,7 @@ static void take_output(src *s, dx_proto *p, dx_buf *wire) {
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  src s = {data, size, 0x2545f4914f6cdd1du};
-  for (size_t i = 0; i < size && i < 16; i++) s.rng = (s.rng ^ data[i]) * 0x100000001b3u;
-  if (!s.rng) s.rng = 1;
+  src s = src_of(data, size, 0x2545f4914f6cdd1du);
   static scenario sc;
   memset(&sc, 0, sizeof sc);
 

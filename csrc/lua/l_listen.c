@@ -91,12 +91,7 @@ static int accept_k(lua_State *L, int status, lua_KContext ctx) {
   lsock *s = dx_sock_push(L, l->loop, fd, UV_SERVER, &err);
   if (!s) return dx_lua_fail_errno(L, err);
   /* TCP_NODELAY comes from the listener (dx_sock_listen) */
-  char ip[DX_IPSTR_MAX];
-  int port;
-  dx_addr_text(&peer, ip, &port);
-  lua_pushstring(L, ip);
-  lua_pushinteger(L, port);
-  return 3;
+  return 1 + dx_lua_push_addr(L, &peer);
 }
 
 static int listener_accept(lua_State *L) {

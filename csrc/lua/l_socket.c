@@ -404,16 +404,19 @@ static int sock_fd(lua_State *L) {
   return 1;
 }
 
-int dx_lua_push_address(lua_State *L, int fd, int peer) {
-  dx_addr a;
-  int rc = dx_addr_of(fd, peer, &a);
-  if (rc < 0) return dx_lua_fail_errno(L, rc);
+int dx_lua_push_addr(lua_State *L, const dx_addr *a) {
   char ip[DX_IPSTR_MAX];
   int port;
-  dx_addr_text(&a, ip, &port);
+  dx_addr_text(a, ip, &port);
   lua_pushstring(L, ip);
   lua_pushinteger(L, port);
   return 2;
+}
+
+int dx_lua_push_address(lua_State *L, int fd, int peer) {
+  dx_addr a;
+  int rc = dx_addr_of(fd, peer, &a);
+  return rc < 0 ? dx_lua_fail_errno(L, rc) : dx_lua_push_addr(L, &a);
 }
 
 static int sock_peer(lua_State *L) {

@@ -109,6 +109,8 @@ int dx_lua_fail_errno(lua_State *L, int err);
 /* Push the local (peer 0) or remote address of fd and its port: 2 values,
  * or fail and a message. */
 int dx_lua_push_address(lua_State *L, int fd, int peer);
+/* Push a's IP text and port: 2 values. */
+int dx_lua_push_addr(lua_State *L, const dx_addr *a);
 /* Stack value idx as a port 0..65535 (raises an error naming `what`). */
 int dx_lua_check_port(lua_State *L, int idx, const char *what);
 /* Field key of the options table at t: a string, or NULL when nil (the
