@@ -256,8 +256,9 @@ static ssize_t read_small_file(const char *path, char *out, size_t cap) {
   return (ssize_t)n;
 }
 
-/* utime + stime of every thread of the process, in seconds; NAN if gone. */
-static double proc_cpu(pid_t pid) {
+/* utime + stime of every thread of the process, in seconds, and the stime
+ * part of it in *sys; NAN if gone. */
+static double proc_cpu(pid_t pid, double *sys) {
   char path[64], text[2048];
   snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
   if (read_small_file(path, text, sizeof text) < 0) return NAN;
@@ -271,6 +272,7 @@ static double proc_cpu(pid_t pid) {
   }
   unsigned long long ut, st;
   if (sscanf(p, " %llu %llu", &ut, &st) != 2) return NAN;
+  *sys = (double)st / (double)sysconf(_SC_CLK_TCK);
   return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
@@ -366,7 +368,8 @@ static void parse_pids(struct opts *o, const char *s) {
   for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
     if (o->npids == MAX_PIDS) die("--pid: at most %d processes", MAX_PIDS);
     pid_t pid = (pid_t)parse_num("--pid", t, 1, 4194304);
-    if (isnan(proc_cpu(pid))) die("--pid: cannot read /proc/%d/stat", (int)pid);
+    double sys;
+    if (isnan(proc_cpu(pid, &sys))) die("--pid: cannot read /proc/%d/stat", (int)pid);
     o->pids[o->npids++] = pid;
   }
   free(copy);
@@ -534,7 +537,7 @@ struct conn {
 /* Server/client CPU and server RSS at one instant. */
 struct snap {
   uint64_t t;
-  double srv_cpu, self_cpu;
+  double srv_cpu, srv_sys, self_cpu; /* srv_sys: the server's in the kernel */
   long rss_kb;
 };
 enum { SNAP_START, SNAP_M0, SNAP_M1, SNAP_N };
@@ -586,11 +589,13 @@ static uint64_t timeout_ns(const struct lg *lg) { return (uint64_t)(lg->o.timeou
 
 static void take_snap(const struct lg *lg, struct snap *s) {
   s->t = now_ns();
-  s->srv_cpu = lg->o.npids ? 0 : NAN;
+  s->srv_cpu = s->srv_sys = lg->o.npids ? 0 : NAN;
   s->rss_kb = lg->o.npids ? 0 : -1;
   for (int i = 0; i < lg->o.npids; i++) {
     long rss = proc_rss_kb(lg->o.pids[i]);
-    s->srv_cpu += proc_cpu(lg->o.pids[i]);
+    double sys = NAN;
+    s->srv_cpu += proc_cpu(lg->o.pids[i], &sys);
+    s->srv_sys += sys;
     s->rss_kb = (rss < 0 || s->rss_kb < 0) ? -1 : s->rss_kb + rss;
   }
   s->self_cpu = self_cpu();
@@ -1675,12 +1680,15 @@ static void add_latency(struct report *r, const struct hist *h, const char *what
 /* CPU of server and loadgen between two snapshots, per operation. */
 static void add_cpu(struct report *r, const struct snap *a, const struct snap *b, double ops, const char *per,
                     const char *key_srv, const char *key_self) {
-  static char labels[2][64];
-  double srv = b->srv_cpu - a->srv_cpu, self = b->self_cpu - a->self_cpu;
+  static char labels[3][64];
+  double srv = b->srv_cpu - a->srv_cpu, self = b->self_cpu - a->self_cpu, sys = b->srv_sys - a->srv_sys;
   snprintf(labels[0], sizeof labels[0], "server cpu per %s", per);
   snprintf(labels[1], sizeof labels[1], "loadgen cpu per %s", per);
+  snprintf(labels[2], sizeof labels[2], "  of it in the kernel");
   add(r, "server_cpu_s", "server cpu", srv, 3, "s");
   add(r, key_srv, labels[0], ratio(srv * 1e6, ops), 2, "us");
+  /* where the server's time goes: its own code, or system calls */
+  add(r, "server_sys_us_per_op", labels[2], ratio(sys * 1e6, ops), 2, "us");
   add(r, "loadgen_cpu_s", "loadgen cpu", self, 3, "s");
   add(r, key_self, labels[1], ratio(self * 1e6, ops), 2, "us");
 }
@@ -1691,7 +1699,7 @@ static double span(const struct snap *a, const struct snap *b) {
 }
 
 static void build_report(const struct lg *lg, struct report *r) {
-  static const struct snap none = {0, NAN, NAN, -1};
+  static const struct snap none = {0, NAN, NAN, NAN, -1};
   const struct snap *s0 = lg->snaps[SNAP_M0].t ? &lg->snaps[SNAP_M0] : &none;
   const struct snap *s1 = lg->snaps[SNAP_M1].t ? &lg->snaps[SNAP_M1] : &none;
   double secs = span(s0, s1), ops = (double)lg->cnt.ops;
