@@ -94,30 +94,34 @@ typedef struct side {
 
 static int over(const side *x) { return x->verdict || x->closed || x->p.state == DX_STATE_CLOSED; }
 
-/* Everything x queued goes on its wire now, arriving lat later (after
- * what is in flight: TCP keeps the order). */
+/* A copy of n bytes on w (unless it is cut), arriving lat after now but
+ * not before what is in flight: TCP keeps the order. */
+static void wire_push(wire *w, double now, double lat, const uint8_t *p, size_t n) {
+  if (w->cut) return;
+  CHECK(w->n < MAX_CHUNKS, "wire full");
+  chunk *c = &w->q[(w->head + w->n) % MAX_CHUNKS];
+  double at = now + lat;
+  if (w->n) {
+    const chunk *last = &w->q[(w->head + w->n - 1) % MAX_CHUNKS];
+    if (at < last->at) at = last->at;
+  }
+  TRACE("%.3f queued %zu B arriving %.3f%s\n", now, n, at, w->n ? " (behind others)" : "");
+  c->at = at;
+  c->len = n;
+  c->data = malloc(n ? n : 1);
+  CHECK(c->data, "out of memory");
+  memcpy(c->data, p, n);
+  w->n++;
+}
+
+/* Everything x queued goes on its wire now. */
 static void flush(side *x, double now, double lat) {
   while (dx_proto_pending(&x->p)) {
     dx_span sp[4];
     size_t k = dx_out_spans(&x->p.out, sp, 4), took = 0;
+    CHECK(k > 0, "%s: output pending but no span of it", x->name);
     for (size_t i = 0; i < k; i++) {
-      wire *w = x->out;
-      if (!w->cut) {
-        CHECK(w->n < MAX_CHUNKS, "wire full");
-        chunk *c = &w->q[(w->head + w->n) % MAX_CHUNKS];
-        double at = now + lat;
-        if (w->n) {
-          const chunk *last = &w->q[(w->head + w->n - 1) % MAX_CHUNKS];
-          if (at < last->at) at = last->at;
-        }
-        c->at = at;
-        TRACE("%.3f %s queues %zu B arriving %.3f%s\n", now, x->name, sp[i].n, at, w->n ? " (behind others)" : "");
-        c->len = sp[i].n;
-        c->data = malloc(sp[i].n ? sp[i].n : 1);
-        CHECK(c->data, "out of memory");
-        memcpy(c->data, sp[i].p, sp[i].n);
-        w->n++;
-      }
+      wire_push(x->out, now, lat, sp[i].p, sp[i].n);
       took += sp[i].n;
     }
     dx_out_consume(&x->p.out, took);

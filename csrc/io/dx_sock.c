@@ -176,13 +176,10 @@ ssize_t dx_sock_recv(int fd, void *buf, size_t n) {
 }
 
 ssize_t dx_sock_sendv(int fd, const struct iovec *iov, int iovcnt) {
-  struct msghdr msg;
-  memset(&msg, 0, sizeof msg);
-  msg.msg_iov = (struct iovec *)iov;
-  msg.msg_iovlen = (size_t)iovcnt;
+  /* one run of bytes, the usual case: send spares the kernel the message
+   * header and the iovec to copy in */
+  struct msghdr msg = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt};
   for (;;) {
-    /* one run of bytes, the usual case: send spares the kernel the
-     * message header and the iovec to copy in */
     ssize_t r = iovcnt == 1 ? send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL) : sendmsg(fd, &msg, MSG_NOSIGNAL);
     if (r >= 0) return r;
     if (errno != EINTR) return -errno;

@@ -227,8 +227,6 @@ int dx_engine_push_result(lua_State *L, int rc) {
 static const char *const kinds[] = {"text", "binary", "continuation", NULL};
 static const int kind_opcodes[] = {DX_OP_TEXT, DX_OP_BINARY, DX_OP_CONT};
 
-/* e:send(data [, kind = "text" [, fin = true [, compress = false]]])
- * kind "continuation" continues a message started with fin = false. */
 /* Queue the string at index data as a frame of opcode op on the engine at
  * idx: by reference when large, held in the engine's user value. */
 static int send_at(lua_State *L, engine *e, int idx, int data, int op, int fin, int compress) {
@@ -245,6 +243,8 @@ int dx_engine_send(lua_State *L, int idx, int data, int binary, int compress) {
   return send_at(L, lua_touserdata(L, idx), idx, data, binary ? DX_OP_BINARY : DX_OP_TEXT, 1, compress);
 }
 
+/* e:send(data [, kind = "text" [, fin = true [, compress = false]]])
+ * kind "continuation" continues a message started with fin = false. */
 static int l_send(lua_State *L) {
   engine *e = check_self(L);
   luaL_checkstring(L, 2);
