@@ -17,7 +17,7 @@
  * for the step. */
 #define WORDS(X)                                                                \
   X(TEXT, "text") X(BINARY, "binary") X(OPEN, "open") X(CLOSED, "closed")        \
-  X(SOCK, "sock") X(ENGINE, "engine") X(STATE, "state") X(SENDING, "_sending")    \
+  X(SOCK, "sock") X(STATE, "state") X(SENDING, "_sending")    \
   X(READING, "_reading") X(DEFLATE, "deflate") X(THRESHOLD, "compress_threshold") \
   X(HIGH_WATER, "high_water") X(OVER, "_over") X(REFUSED, "_refused") X(ROOM, "_room")
 #define UP_ENUM(name, word) UP_##name,
@@ -101,22 +101,20 @@ static lsock *to_sock(lua_State *L, int idx) {
   return same ? s : NULL;
 }
 
-/* Push ws.sock and ws.engine when ws.sock is a socket and ws.engine the
- * live engine attached to it, and return the socket; else NULL, with
- * nothing more on the stack. */
+/* Push ws.sock and its engine when ws.sock is a socket with a live engine
+ * attached, and return the socket; else NULL, with nothing more on the
+ * stack. The attached engine is ws.engine: a connection on our loop is
+ * made from a socket and the engine attached to it (server.lua, client.lua),
+ * so the socket's reference is read instead of the field (a lookup less,
+ * and a cache line of the connection's table fewer, per call). */
 static lsock *push_attached(lua_State *L) {
   int top = lua_gettop(L);
   field(L, UP_SOCK);
   lsock *s = to_sock(L, top + 1);
-  if (!s) {
-    lua_settop(L, top);
-    return NULL;
+  if (s && !s->closed && s->engine && s->engine->cfg.max_message) {
+    lua_getiuservalue(L, top + 1, UV_ENGINE);
+    return s;
   }
-  field(L, UP_ENGINE);
-  lua_getiuservalue(L, top + 1, UV_ENGINE);
-  int own = lua_rawequal(L, -1, -2);
-  lua_pop(L, 1);
-  if (own && !s->closed && dx_live_engine(L, top + 2)) return s;
   lua_settop(L, top);
   return NULL;
 }
