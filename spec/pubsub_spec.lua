@@ -261,7 +261,8 @@ describe("pubsub in one process", function()
   -- call and hands back the rest (compressed, client side), which go one
   -- by one: every subscriber must still see every message once, in order,
   -- whichever way its copies went, small, compressed or shared by reference.
-  it("delivers every message once, in order, to a topic whose subscribers take every path", function()
+  -- n: how many subscribers of each server kind (plain, deflate, callbacks).
+  local function every_path(n)
     local hub = pubsub.new { max_backlog = 8 << 20 }
     local srv = topic_server(hub)
     local dsrv = topic_server(hub, { deflate = true })
@@ -274,16 +275,17 @@ describe("pubsub in one process", function()
       handler = function(ws) for m, kind in ws:messages() do sunk[#sunk + 1] = { m, kind } end end })
     servers[#servers + 1], servers[#servers + 2] = cb, sink
     local clients = {}
-    for _ = 1, 6 do clients[#clients + 1] = connect(srv, "/mix") end
-    for _ = 1, 3 do
+    for _ = 1, n.plain do clients[#clients + 1] = connect(srv, "/mix") end
+    for _ = 1, n.deflate do
       local ws = assert(duplex.connect(dsrv:url("/mix"), { ping_interval = 0, deflate = true }))
       opened[#opened + 1] = ws
       clients[#clients + 1] = ws
     end
-    for _ = 1, 3 do clients[#clients + 1] = connect(cb, "/") end
+    for _ = 1, n.callbacks do clients[#clients + 1] = connect(cb, "/") end
     local up = connect(sink, "/") -- a client-side subscriber: its frames are masked one by one
     hub:subscribe(up, "mix")
-    wait_until("13 subscribers", 10, function() return hub:subscribers("mix") == 13 end)
+    local all = #clients + 1
+    wait_until(all .. " subscribers", 10, function() return hub:subscribers("mix") == all end)
 
     local fan_out, queued, others = core.fan_out, 0, 0
     core.fan_out = function(...)
@@ -298,20 +300,32 @@ describe("pubsub in one process", function()
         local size = ({ 10, 300, 20000 })[i % 3 + 1] + rng % 50
         local m = string.rep(string.char(97 + rng % 26), size) .. i
         sent[i] = { m, i % 2 == 0 and "binary" or "text" }
-        assert.equal(13, hub:publish("mix", m, sent[i][2]))
+        assert.equal(all, hub:publish("mix", m, sent[i][2]))
       end
     end)
     core.fan_out = fan_out
     assert(ok, err)
-    -- 9 plain subscribers in C, 4 one by one, for each of the 60
-    assert.same({ 9 * 60, 4 * 60 }, { queued, others })
-    assert.equal(13 * 60, hub.stats.delivered)
+    -- the plain ones in C, the deflate ones and the client side one by one,
+    -- for each of the 60
+    local plain = n.plain + n.callbacks
+    assert.same({ plain * 60, (all - plain) * 60 }, { queued, others })
+    assert.equal(all * 60, hub.stats.delivered)
     assert.is_true(hub.stats.compressed > 0)
     for _, ws in ipairs(clients) do
       for i = 1, 60 do assert.same(sent[i], { ws:receive(10) }) end
     end
     wait_until("the client side's 60", 10, function() return #sunk == 60 end)
     assert.same(sent, sunk)
+  end
+
+  it("delivers every message once, in order, to a topic whose subscribers take every path", function()
+    every_path { plain = 6, deflate = 3, callbacks = 3 }
+  end)
+
+  -- fan_out takes the subscribers a batch at a time (l_fanout.c): several
+  -- batches, and one left over, with the others among them
+  it("delivers every message once, in order, to more subscribers than one of fan_out's batches", function()
+    every_path { plain = 50, deflate = 7, callbacks = 20 }
   end)
 
   it("leaves to the caller every subscriber that is not a plain server connection", function()

@@ -36,6 +36,9 @@ dx_proto *dx_check_engine(lua_State *L, int idx);
 dx_proto *dx_live_engine(lua_State *L, int idx);
 /* The same, raising dx_check_engine's error once it is released. */
 dx_proto *dx_check_live_engine(lua_State *L, int idx);
+/* The protocol state of the engine at idx (its type checked by the caller),
+ * live or released, without reading it (core.fan_out prefetches it). */
+dx_proto *dx_engine_at(lua_State *L, int idx);
 /* What e:tick() says for a DX_TICK_* code (NULL for DX_TICK_NONE). */
 const char *dx_tick_name(int tick);
 /* Queue the string at index frame, a server's whole encoded frame, on the

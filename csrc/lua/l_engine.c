@@ -46,6 +46,8 @@ dx_proto *dx_check_live_engine(lua_State *L, int idx) { return &live(L, lua_tous
 /* The engine a method is called on (dx_checkself), for the hot ones. */
 static engine *check_self(lua_State *L) { return live(L, dx_checkself(L, &ENGINE_KEY, DX_ENGINE_MT)); }
 
+dx_proto *dx_engine_at(lua_State *L, int idx) { return &((engine *)lua_touserdata(L, idx))->p; }
+
 dx_proto *dx_live_engine(lua_State *L, int idx) {
   engine *e = lua_touserdata(L, idx);
   return e && e->p.cfg.max_message ? &e->p : NULL;

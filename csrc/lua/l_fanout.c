@@ -10,16 +10,41 @@
  */
 #include "l_socket.h"
 
-/* Queue the frame at index frame on the engine at index v when it is a
- * live server engine written by a loop socket, without permessage-deflate,
- * with no more than limit bytes queued, and it takes the frame. */
-static int queued_on(lua_State *L, int v, int engine_mt, int frame, size_t limit) {
-  if (!lua_getmetatable(L, v)) return 0;
+/* With 10,000 subscribers each one's engine and socket are cache misses,
+ * and one after another they cost a miss's latency each: so the
+ * subscribers are taken BATCH at a time, their engines' lines prefetched as
+ * they are found, then each one's socket a few places ahead of its turn. */
+#define BATCH 32
+#define AHEAD 8
+
+static void prefetch_engine(const dx_proto *p) {
+  __builtin_prefetch(p);
+  __builtin_prefetch(&p->out);
+  __builtin_prefetch(&p->on_output_ud);
+}
+
+static void prefetch_sock(const dx_proto *p) {
+  const lsock *s = p ? dx_sock_writing(p) : NULL;
+  if (s) {
+    __builtin_prefetch(&s->closed);
+    __builtin_prefetch(&s->out);
+  }
+}
+
+/* The engine at index v when it is an engine (its memory not read yet:
+ * that is prefetched), else NULL. */
+static dx_proto *engine_at(lua_State *L, int v, int engine_mt) {
+  if (!lua_getmetatable(L, v)) return NULL;
   int is_engine = lua_rawequal(L, -1, engine_mt);
   lua_pop(L, 1);
-  if (!is_engine) return 0;
-  dx_proto *p = dx_live_engine(L, v);
-  if (!p || p->cfg.role != DX_ROLE_SERVER || p->pmd) return 0;
+  return is_engine ? dx_engine_at(L, v) : NULL;
+}
+
+/* Queue the frame at index frame on engine p (at index v) when it is a
+ * live server engine written by a loop socket, without permessage-deflate,
+ * with no more than limit bytes queued, and it takes the frame. */
+static int queued_on(lua_State *L, dx_proto *p, int v, int frame, size_t limit) {
+  if (!p || !p->cfg.max_message || p->cfg.role != DX_ROLE_SERVER || p->pmd) return 0;
   lsock *s = dx_sock_writing(p);
   if (!s || s->closed || dx_sock_buffered(s) > limit) return 0;
   return dx_engine_send_raw(L, v, frame) == 0;
@@ -38,20 +63,41 @@ static int l_fan_out(lua_State *L) {
   luaL_argcheck(L, limit >= 0, 3, "must not be negative");
   lua_settop(L, 3);
   luaL_getmetatable(L, DX_ENGINE_MT); /* 4 */
+  luaL_checkstack(L, 2 * BATCH + 4, "fan_out");
   lua_Integer queued = 0, others = 0;
-  lua_pushnil(L);
-  while (lua_next(L, 2)) {
-    if (queued_on(L, 6, 4, 1, (size_t)limit)) {
-      queued++;
-    } else {
-      if (!others) {
-        lua_createtable(L, 8, 0);
-        lua_replace(L, 3); /* limit is read already: its slot holds the list */
+  lua_pushnil(L); /* 5: the key the traversal goes on from */
+  int more = 1;
+  while (more) {
+    /* a batch of key, value pairs above slot 5 */
+    dx_proto *batch[BATCH];
+    int n = 0;
+    while (n < BATCH) {
+      lua_pushvalue(L, n ? -2 : 5);
+      if (!lua_next(L, 2)) {
+        more = 0;
+        break;
       }
-      lua_pushvalue(L, 5);
-      lua_rawseti(L, 3, ++others);
+      batch[n] = engine_at(L, -1, 4);
+      if (batch[n]) prefetch_engine(batch[n]);
+      n++;
     }
-    lua_pop(L, 1);
+    for (int i = 0; i < n && i < AHEAD; i++) prefetch_sock(batch[i]);
+    for (int i = 0; i < n; i++) {
+      if (i + AHEAD < n) prefetch_sock(batch[i + AHEAD]);
+      int key = 6 + 2 * i;
+      if (queued_on(L, batch[i], key + 1, 1, (size_t)limit)) {
+        queued++;
+      } else {
+        if (!others) {
+          lua_createtable(L, 8, 0);
+          lua_replace(L, 3); /* limit is read already: its slot holds the list */
+        }
+        lua_pushvalue(L, key);
+        lua_rawseti(L, 3, ++others);
+      }
+    }
+    if (n) lua_copy(L, 6 + 2 * (n - 1), 5);
+    lua_settop(L, 5);
   }
   lua_pushinteger(L, queued);
   if (others)
