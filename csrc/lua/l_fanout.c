@@ -12,8 +12,10 @@
 
 /* With 10,000 subscribers each one's engine and socket are cache misses,
  * and one after another they cost a miss's latency each: so the
- * subscribers are taken BATCH at a time, their engines' lines prefetched as
- * they are found, then each one's socket a few places ahead of its turn. */
+ * subscribers are taken BATCH at a time: first the batch's keys and
+ * values, then each value's type (its header's misses overlap), its
+ * engine's lines prefetched, then each one's socket a few places ahead of
+ * its turn. */
 #define BATCH 32
 #define AHEAD 8
 
@@ -77,9 +79,13 @@ static int l_fan_out(lua_State *L) {
         more = 0;
         break;
       }
-      batch[n] = engine_at(L, -1, 4);
-      if (batch[n]) prefetch_engine(batch[n]);
       n++;
+    }
+    /* apart from the traversal, so that the userdata headers' misses
+     * overlap each other */
+    for (int i = 0; i < n; i++) {
+      batch[i] = engine_at(L, 7 + 2 * i, 4);
+      if (batch[i]) prefetch_engine(batch[i]);
     }
     for (int i = 0; i < n && i < AHEAD; i++) prefetch_sock(batch[i]);
     for (int i = 0; i < n; i++) {
