@@ -75,6 +75,27 @@ describe("duplex.core sockets", function()
     stats_before = core.loop_stats()
   end)
 
+  -- the IPv4 text is ours (not inet_ntop): octets of one, two and three
+  -- digits, zeros among them, from both ends of a connection
+  it("names IPv4 addresses of every width", function()
+    run(function()
+      for _, host in ipairs({"127.0.0.1", "127.10.200.9", "127.254.99.100", "127.0.10.0"}) do
+        local l = assert(core.listen{host = host, port = 0})
+        local lhost, port = l:address()
+        assert.equal(host, lhost)
+        local c = assert(core.connect{host = host, port = port, timeout = 5})
+        local s, ip = assert(l:accept())
+        assert.equal(host, (c:peer()))
+        assert.equal(host, (s:local_address()))
+        assert.equal(select(2, c:local_address()), select(2, s:peer()))
+        assert.equal(c:local_address(), ip)
+        s:close()
+        c:close()
+        l:close()
+      end
+    end)
+  end)
+
   for _, host in ipairs({"127.0.0.1", "::1"}) do
     it("echoes over " .. host, function()
       run(function()

@@ -259,7 +259,14 @@ static void push_extensions(lua_State *L, const dx_http_msg *m) {
 }
 
 static void push_version(lua_State *L, const dx_http_msg *m) {
-  lua_pushfstring(L, "%d.%d", m->version_major, m->version_minor);
+  /* the parser takes only HTTP/1.x, nearly always 1.1: literals, without
+   * pushfstring's two conversions of an integer */
+  if (m->version_major == 1 && m->version_minor == 1)
+    lua_pushliteral(L, "1.1");
+  else if (m->version_major == 1 && m->version_minor == 0)
+    lua_pushliteral(L, "1.0");
+  else
+    lua_pushfstring(L, "%d.%d", m->version_major, m->version_minor);
 }
 
 /* Store bytes after the header block: they belong to the WebSocket stream. */
