@@ -237,7 +237,7 @@ local function report(before_rss, before_heap)
   print(string.format("  the rest   %7.0f B/conn (C malloc outside Lua, allocator overhead)", d_rss - d_heap))
   local ws = server:clients()[1]
   -- rawget: reading request.headers would make the table it is waiting as
-  local req = rawget(ws, "request") or {}
+  local req = ws.request or {}
   print(string.format("one connection: ws %d fields, ws.request %d, request.headers %s",
     count_fields(ws), count_fields(req), rawget(req, "headers") and count_fields(req.headers) or "not made"))
   local names = {}

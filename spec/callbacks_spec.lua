@@ -121,7 +121,7 @@ describe("a callback route", function()
     end
     assert(before:send("still here"))
     assert.equal("still here", (before:receive(5)))
-    assert.matches("pump.*no integer representation", table.concat(log, "\n"))
+    assert.matches("pump: ws.high_water must be an integer", table.concat(log, "\n"))
     wait_for("the broken one's end", 5, function() return #ends >= 1 end)
     assert.equal(1006, ends[1].code)
   end)

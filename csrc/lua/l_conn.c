@@ -1,25 +1,298 @@
 /*
- * The per-message path of a WebSocket connection on our loop, in C:
- * ws:send and the step of ws:messages() for the common case, so that an
- * echoed message costs no Lua frame of the library's. Everything else --
- * the caller's mistakes, a connection that is closing or closed, any
- * event but a whole message, a refusal, waiting for room -- goes to the
- * Lua functions these were made with (websocket.lua), which stay the one
- * home of those rules. The connection is the Lua table of websocket.lua:
- * these read its fields as its methods do.
+ * The WebSocket connection object of websocket.lua, and its per-message
+ * path on our loop.
+ *
+ * The object (core.connection) is a userdata: what every connection has
+ * -- its socket, engine, request, address -- in its user values, the flags
+ * read on every message (state, _reading, _sending) in its struct, and
+ * whatever else it is given in a table made only then (most server
+ * connections never have one). Fields it does not have are its class's,
+ * as for a table whose metatable is the class. An idle connection costs
+ * one object instead of a table with a hash part of 8 and its data table,
+ * which is made when first read.
+ *
+ * The per-message path: ws:send and the step of ws:messages() for the
+ * common case, so that an echoed message costs no Lua frame of the
+ * library's. Everything else -- the caller's mistakes, a connection that
+ * is closing or closed, any event but a whole message, a refusal, waiting
+ * for room -- goes to the Lua functions these were made with
+ * (websocket.lua), which stay the one home of those rules.
  */
 #include "l_socket.h"
+
+/* ---- the connection object ---- */
+
+/* User values: the fields every connection has, then the table of the
+ * others. CV_DATA is the application's table, made when first read. */
+#define SLOTS(X)                                                                   \
+  X(SOCK, "sock") X(ENGINE, "engine") X(REQUEST, "request") X(DATA, "data")       \
+  X(REMOTE_ADDRESS, "remote_address") X(REMOTE_PORT, "remote_port")
+#define SLOT_ENUM(name, word) CV_##name,
+enum { CV_NONE, SLOTS(SLOT_ENUM) CV_FIELDS, CV_COUNT = CV_FIELDS };
+#define NSLOTS (CV_COUNT - 1)
+
+/* The flags, bytes of the struct; state is one of the words below. */
+#define FLAGS(X) X(STATE, "state") X(READING, "_reading") X(SENDING, "_sending")
+#define FLAG_ENUM(name, word) CF_##name,
+enum { FLAGS(FLAG_ENUM) NFLAGS };
+enum { STATE_OPEN, STATE_CLOSING, STATE_CLOSED, NSTATES };
+static const char *const state_words[NSTATES] = {"open", "closing", "closed"};
+
+#define CONN_MAGIC 0x64786377u /* "dxcw": an object of this struct */
+
+typedef struct conn {
+  uint32_t magic;
+  uint8_t flag[NFLAGS];
+  uint8_t has_fields; /* CV_FIELDS holds a table: a read of a field no
+                         connection has needs not look there */
+} conn;
+
+/* The names above as the Lua strings they are interned as: a key is one of
+ * them when its characters are at the same address (short strings are
+ * interned), one comparison per name instead of a lookup. The strings are
+ * kept alive by the user value of this block, which every function of the
+ * object has as an upvalue. */
+typedef struct conn_names {
+  const char *slot[NSLOTS];
+  const char *flag[NFLAGS];
+  const char *state[NSTATES];
+} conn_names;
+
+static const char CLASS_KEY = 0; /* in a connection's metatable: its class */
+static const char MTS_KEY = 0;   /* registry: class -> metatable, weak keys */
+
+/* Upvalues of the object's metamethods: the names, the class. */
+enum { CU_NAMES = 1, CU_CLASS };
+
+static conn *to_conn(lua_State *L, int idx) {
+  conn *c = lua_touserdata(L, idx);
+  if (!c || lua_type(L, idx) != LUA_TUSERDATA || lua_rawlen(L, idx) != sizeof(conn) || c->magic != CONN_MAGIC)
+    return NULL;
+  return c;
+}
+
+static conn *check_conn(lua_State *L, int idx) {
+  conn *c = to_conn(L, idx);
+  if (!c) luaL_typeerror(L, idx, "duplex.websocket");
+  return c;
+}
+
+/* The slot (CV_*) or flag (NSLOTS + 1 + CF_*) that key k names, else 0. */
+static int name_of(const conn_names *nm, lua_State *L, int k) {
+  if (lua_type(L, k) != LUA_TSTRING) return 0;
+  const char *s = lua_tostring(L, k);
+  for (int i = 0; i < NSLOTS; i++)
+    if (s == nm->slot[i]) return i + 1;
+  for (int i = 0; i < NFLAGS; i++)
+    if (s == nm->flag[i]) return NSLOTS + 1 + i;
+  return 0;
+}
+
+/* Push field k of the connection c at idx that is no slot and no flag:
+ * its own, else its class's (cls: the class's index). */
+static void push_other(lua_State *L, const conn *c, int idx, int k, int cls) {
+  if (c->has_fields) { /* a table: only conn_newindex sets CV_FIELDS */
+    lua_getiuservalue(L, idx, CV_FIELDS);
+    lua_pushvalue(L, k);
+    if (lua_rawget(L, -2) != LUA_TNIL) {
+      lua_remove(L, -2);
+      return;
+    }
+    lua_pop(L, 2);
+  }
+  lua_pushvalue(L, k);
+  lua_gettable(L, cls);
+}
+
+static const conn_names *names_up(lua_State *L) { return lua_touserdata(L, lua_upvalueindex(CU_NAMES)); }
+
+/* __index(ws, k) */
+static int conn_index(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  const conn_names *nm = names_up(L);
+  int n = name_of(nm, L, 2);
+  if (n > NSLOTS) {
+    int f = n - NSLOTS - 1;
+    if (f == CF_STATE)
+      lua_pushstring(L, nm->state[c->flag[CF_STATE]]);
+    else
+      lua_pushboolean(L, c->flag[f]);
+  } else if (n) {
+    if (lua_getiuservalue(L, 1, n) == LUA_TNIL && n == CV_DATA) {
+      lua_newtable(L);
+      lua_pushvalue(L, -1);
+      lua_setiuservalue(L, 1, CV_DATA);
+    }
+  } else {
+    push_other(L, c, 1, 2, lua_upvalueindex(CU_CLASS));
+  }
+  return 1;
+}
+
+static int state_of(const conn_names *nm, lua_State *L, int v) {
+  if (lua_type(L, v) == LUA_TSTRING) {
+    const char *s = lua_tostring(L, v);
+    for (int i = 0; i < NSTATES; i++)
+      if (s == nm->state[i]) return i;
+  }
+  return luaL_error(L, "a connection's state is \"open\", \"closing\" or \"closed\"");
+}
+
+/* __newindex(ws, k, v) */
+static int conn_newindex(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  const conn_names *nm = names_up(L);
+  lua_settop(L, 3);
+  int n = name_of(nm, L, 2);
+  if (n > NSLOTS) {
+    int f = n - NSLOTS - 1;
+    c->flag[f] = f == CF_STATE ? (uint8_t)state_of(nm, L, 3) : (uint8_t)lua_toboolean(L, 3);
+  } else if (n) {
+    lua_setiuservalue(L, 1, n);
+  } else {
+    if (lua_getiuservalue(L, 1, CV_FIELDS) != LUA_TTABLE) {
+      if (lua_isnil(L, 3)) return 0; /* nothing to forget */
+      lua_pop(L, 1);
+      lua_createtable(L, 0, 4);
+      lua_pushvalue(L, -1);
+      lua_setiuservalue(L, 1, CV_FIELDS);
+      c->has_fields = 1;
+    }
+    lua_insert(L, 2); /* ws, fields, k, v */
+    lua_rawset(L, 2);
+  }
+  return 0;
+}
+
+/* __pairs(ws): the fields it has, as a table would list them (its flags
+ * when set, state always), from a copy. */
+static int conn_pairs(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  const conn_names *nm = names_up(L);
+  lua_newtable(L);
+  int t = lua_gettop(L);
+  if (lua_getiuservalue(L, 1, CV_FIELDS) == LUA_TTABLE) {
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, t);
+    }
+  }
+  lua_pop(L, 1);
+  for (int i = 0; i < NSLOTS; i++) {
+    if (lua_getiuservalue(L, 1, i + 1) == LUA_TNIL) {
+      lua_pop(L, 1);
+      continue;
+    }
+    lua_pushstring(L, nm->slot[i]);
+    lua_insert(L, -2);
+    lua_rawset(L, t);
+  }
+  for (int i = 0; i < NFLAGS; i++) {
+    if (i != CF_STATE && !c->flag[i]) continue;
+    lua_pushstring(L, nm->flag[i]);
+    if (i == CF_STATE)
+      lua_pushstring(L, nm->state[c->flag[i]]);
+    else
+      lua_pushboolean(L, 1);
+    lua_rawset(L, t);
+  }
+  lua_getglobal(L, "next");
+  lua_insert(L, t);
+  lua_pushnil(L);
+  return 3;
+}
+
+/* The metatable of class's connections (made once per class): __index and
+ * __newindex above, the class's own metamethods, and the class under
+ * CLASS_KEY for the per-message path. */
+static void push_conn_mt(lua_State *L, int cls) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &MTS_KEY);
+  int mts = lua_gettop(L);
+  lua_pushvalue(L, cls);
+  if (lua_rawget(L, mts) == LUA_TTABLE) {
+    lua_remove(L, mts);
+    return;
+  }
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 8);
+  int mt = lua_gettop(L);
+  static const char *const copied[] = {"__tostring", "__close", "__eq", "__concat", "__call", "__name", NULL};
+  for (const char *const *m = copied; *m; m++) {
+    if (lua_getfield(L, cls, *m) == LUA_TNIL)
+      lua_pop(L, 1);
+    else
+      lua_setfield(L, mt, *m);
+  }
+  lua_getfield(L, mt, "__name");
+  if (lua_isnil(L, -1)) {
+    lua_pushliteral(L, "duplex.websocket");
+    lua_setfield(L, mt, "__name");
+  }
+  lua_pop(L, 1);
+  static const lua_CFunction fns[] = {conn_index, conn_newindex, conn_pairs};
+  static const char *const fn_names[] = {"__index", "__newindex", "__pairs"};
+  for (int i = 0; i < 3; i++) {
+    lua_pushvalue(L, lua_upvalueindex(CU_NAMES));
+    lua_pushvalue(L, cls);
+    lua_pushcclosure(L, fns[i], 2);
+    lua_setfield(L, mt, fn_names[i]);
+  }
+  lua_pushvalue(L, cls);
+  lua_rawsetp(L, mt, &CLASS_KEY);
+  lua_pushvalue(L, cls);
+  lua_pushvalue(L, mt);
+  lua_rawset(L, mts);
+  lua_remove(L, mts);
+}
+
+/* core.connection(class, sock, engine) -> a connection of class (a table
+ * of methods and defaults, as for setmetatable) on sock and engine */
+static int l_connection(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 3);
+  conn *c = lua_newuserdatauv(L, sizeof *c, CV_COUNT);
+  memset(c, 0, sizeof *c);
+  c->magic = CONN_MAGIC;
+  c->flag[CF_STATE] = STATE_OPEN;
+  lua_pushvalue(L, 2);
+  lua_setiuservalue(L, 4, CV_SOCK);
+  lua_pushvalue(L, 3);
+  lua_setiuservalue(L, 4, CV_ENGINE);
+  push_conn_mt(L, 1);
+  lua_setmetatable(L, 4);
+  return 1;
+}
+
+/* The block of interned names, its strings in its user value. */
+static void push_names(lua_State *L) {
+  conn_names *nm = lua_newuserdatauv(L, sizeof *nm, 1);
+  lua_createtable(L, NSLOTS + NFLAGS + NSTATES, 0);
+  int n = 0;
+#define NAME(name, word) lua_pushliteral(L, word), nm->slot[CV_##name - 1] = lua_tostring(L, -1), lua_rawseti(L, -2, ++n);
+  SLOTS(NAME)
+#undef NAME
+#define NAME(name, word) lua_pushliteral(L, word), nm->flag[CF_##name] = lua_tostring(L, -1), lua_rawseti(L, -2, ++n);
+  FLAGS(NAME)
+#undef NAME
+  for (int i = 0; i < NSTATES; i++) {
+    lua_pushstring(L, state_words[i]);
+    nm->state[i] = lua_tostring(L, -1);
+    lua_rawseti(L, -2, ++n);
+  }
+  lua_setiuservalue(L, -2, 1);
+}
 
 /* Upvalues of both closures: the Lua fallback first, then interned words
  * (compared by identity with what the engine and the caller pass) and the
  * names of the fields read (lua_getfield would look each name up in the
  * string table on every call), the sockets' metatable, then after_event
  * for the step. */
-#define WORDS(X)                                                                \
-  X(TEXT, "text") X(BINARY, "binary") X(OPEN, "open") X(CLOSED, "closed")        \
-  X(SOCK, "sock") X(STATE, "state") X(SENDING, "_sending")    \
-  X(READING, "_reading") X(DEFLATE, "deflate") X(THRESHOLD, "compress_threshold") \
-  X(HIGH_WATER, "high_water") X(OVER, "_over") X(REFUSED, "_refused") X(ROOM, "_room")
+#define WORDS(X)                                                                   \
+  X(TEXT, "text") X(BINARY, "binary") X(DEFLATE, "deflate")                         \
+  X(THRESHOLD, "compress_threshold") X(HIGH_WATER, "high_water") X(OVER, "_over")   \
+  X(REFUSED, "_refused") X(ROOM, "_room")
 #define UP_ENUM(name, word) UP_##name,
 enum { UP_FALLBACK = 1, WORDS(UP_ENUM) UP_SOCK_MT, UP_AFTER };
 
@@ -45,47 +318,46 @@ static int fallback(lua_State *L) {
   return call_on(L, lua_gettop(L) - 1);
 }
 
-/* Push ws's field named by upvalue up (read through its class, as Lua
- * would). */
-static void field(lua_State *L, int up) {
-  lua_pushvalue(L, UP(up));
-  lua_gettable(L, 1);
+/* The fallback with the first n arguments, what was pushed above them gone. */
+static int fallback_at(lua_State *L, int n) {
+  lua_settop(L, n);
+  return fallback(L);
 }
+
+/* The connection at index 1's field named by upvalue up, neither a slot
+ * nor a flag: pushed, read through its class at index cls. */
+static void field(lua_State *L, int up, int cls) { push_other(L, lua_touserdata(L, 1), 1, UP(up), cls); }
 
 /* The field as a truth value. */
-static int field_true(lua_State *L, int up) {
-  field(L, up);
+static int field_true(lua_State *L, int up, int cls) {
+  field(L, up, cls);
   int v = lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  return v;
-}
-
-static int field_is(lua_State *L, int up, int word) {
-  field(L, up);
-  int v = lua_rawequal(L, -1, UP(word));
   lua_pop(L, 1);
   return v;
 }
 
 /* The integer field in *v; 0 when it is not one (the slow path decides
  * what a float or a wrong value means). */
-static int field_integer(lua_State *L, int up, lua_Integer *v) {
-  field(L, up);
+static int field_integer(lua_State *L, int up, int cls, lua_Integer *v) {
+  field(L, up, cls);
   int is = lua_isinteger(L, -1);
   *v = lua_tointeger(L, -1);
   lua_pop(L, 1);
   return is;
 }
 
-static void set_reading(lua_State *L, int ws, int on) {
-  lua_pushvalue(L, UP(UP_READING));
-  lua_pushboolean(L, on);
-  lua_rawset(L, ws);
+/* Push the class of the connection at index 1. */
+static int push_class(lua_State *L) {
+  lua_getmetatable(L, 1);
+  lua_rawgetp(L, -1, &CLASS_KEY);
+  lua_remove(L, -2);
+  return lua_gettop(L);
 }
 
 /* Call ws's method with the values on top (n of them). */
 static int call_method(lua_State *L, int up, int n) {
-  field(L, up);
+  lua_pushvalue(L, UP(up));
+  lua_gettable(L, 1);
   lua_insert(L, -n - 1);
   lua_pushvalue(L, 1);
   lua_insert(L, -n - 1);
@@ -105,11 +377,10 @@ static lsock *to_sock(lua_State *L, int idx) {
  * attached, and return the socket; else NULL, with nothing more on the
  * stack. The attached engine is ws.engine: a connection on our loop is
  * made from a socket and the engine attached to it (server.lua, client.lua),
- * so the socket's reference is read instead of the field (a lookup less,
- * and a cache line of the connection's table fewer, per call). */
+ * so the socket's reference is read instead of the slot. */
 static lsock *push_attached(lua_State *L) {
   int top = lua_gettop(L);
-  field(L, UP_SOCK);
+  lua_getiuservalue(L, 1, CV_SOCK);
   lsock *s = to_sock(L, top + 1);
   if (s && !s->closed && s->engine && s->engine->cfg.max_message) {
     lua_getiuservalue(L, top + 1, UV_ENGINE);
@@ -122,22 +393,24 @@ static lsock *push_attached(lua_State *L) {
 /* ws:send(data[, kind[, opts]]). stack: ws, data, kind, opts */
 static int conn_send(lua_State *L) {
   int binary;
-  if (lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TSTRING || !lua_isnoneornil(L, 4)) return fallback(L);
+  conn *c = to_conn(L, 1);
+  if (!c || lua_type(L, 2) != LUA_TSTRING || !lua_isnoneornil(L, 4)) return fallback(L);
   if (lua_isnoneornil(L, 3) || lua_rawequal(L, 3, UP(UP_TEXT))) binary = 0;
   else if (lua_rawequal(L, 3, UP(UP_BINARY))) binary = 1;
   else return fallback(L);
-  if (field_true(L, UP_SENDING) || !field_is(L, UP_STATE, UP_OPEN)) return fallback(L);
+  if (c->flag[CF_SENDING] || c->flag[CF_STATE] != STATE_OPEN) return fallback(L);
+  lua_settop(L, 2);
+  int cls = push_class(L);
   int compress = 0;
   lua_Integer threshold, high;
-  if (field_true(L, UP_DEFLATE)) {
-    if (!field_integer(L, UP_THRESHOLD, &threshold)) return fallback(L);
+  if (field_true(L, UP_DEFLATE, cls)) {
+    if (!field_integer(L, UP_THRESHOLD, cls, &threshold)) return fallback_at(L, 2);
     compress = (lua_Integer)lua_rawlen(L, 2) >= threshold;
   }
-  if (!field_integer(L, UP_HIGH_WATER, &high)) return fallback(L);
-  lua_settop(L, 2);
+  if (!field_integer(L, UP_HIGH_WATER, cls, &high)) return fallback_at(L, 2);
   lsock *s = push_attached(L);
-  if (!s) return fallback(L);
-  int rc = dx_engine_send(L, 4, 2, binary, compress);
+  if (!s) return fallback_at(L, 2);
+  int rc = dx_engine_send(L, lua_gettop(L), 2, binary, compress);
   if (rc) {
     dx_engine_push_result(L, rc); /* fail, why */
     lua_replace(L, 2);              /* ws, why */
@@ -146,7 +419,7 @@ static int conn_send(lua_State *L) {
   }
   /* under high water, with no send timer running (duplex.callbacks'):
    * there is nothing for _room to do */
-  if ((lua_Integer)dx_sock_buffered(s) <= high && !field_true(L, UP_OVER)) {
+  if ((lua_Integer)dx_sock_buffered(s) <= high && !field_true(L, UP_OVER, cls)) {
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -158,7 +431,7 @@ static int conn_send(lua_State *L) {
  * (no timeout), ws, then the event's values. */
 static int next_k(lua_State *L, int status, lua_KContext ctx) {
   int n = dx_sock_receive_step(L, status, (dx_task *)ctx, next_k);
-  set_reading(L, 4, 0);
+  ((conn *)lua_touserdata(L, 4))->flag[CF_READING] = 0;
   if (n == 2 && (lua_rawequal(L, -2, UP(UP_TEXT)) || lua_rawequal(L, -2, UP(UP_BINARY)))) {
     lua_insert(L, -2); /* data, kind */
     return 2;
@@ -173,13 +446,54 @@ static int next_k(lua_State *L, int status, lua_KContext ctx) {
 /* for message, kind in ws:messages(): the next whole message. stack: ws */
 static int conn_next(lua_State *L) {
   lua_settop(L, 1);
-  if (!lua_isyieldable(L) || field_true(L, UP_READING) || field_is(L, UP_STATE, UP_CLOSED)) return fallback(L);
+  conn *c = to_conn(L, 1);
+  if (!c || !lua_isyieldable(L) || c->flag[CF_READING] || c->flag[CF_STATE] == STATE_CLOSED) return fallback(L);
   if (!push_attached(L)) return fallback(L);
   lua_rotate(L, 1, -1); /* sock, engine, ws */
   lua_pushnil(L);
   lua_insert(L, 3); /* sock, engine, nil, ws */
-  set_reading(L, 4, 1);
+  c->flag[CF_READING] = 1;
   return next_k(L, LUA_OK, (lua_KContext)dx_lua_begin(L, 3));
+}
+
+/* core.pump(ws) -> ws.sock:pump(ws.engine, ws.high_water, ws.low_water,
+ * on_message, ws) for the on_message of ws's route (ws._route), what
+ * duplex.callbacks does for each socket with input; nothing once ws is
+ * closed. One call instead of seven reads of ws's fields from Lua. */
+enum { PU_HIGH = 1, PU_LOW, PU_ROUTE, PU_ON_MESSAGE };
+
+/* sock:pump's limits: high any count, low what the socket keeps (32 bits) */
+static lua_Integer pump_limit(lua_State *L, int up, int cls, lua_Integer max) {
+  push_other(L, lua_touserdata(L, 1), 1, lua_upvalueindex(up), cls);
+  int is;
+  lua_Integer v = lua_tointegerx(L, -1, &is);
+  if (!is || v < 0 || v > max)
+    luaL_error(L, "pump: ws.%s must be an integer in 0..%I", lua_tostring(L, lua_upvalueindex(up)), max);
+  lua_pop(L, 1);
+  return v;
+}
+
+static int l_pump(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  if (c->flag[CF_STATE] == STATE_CLOSED) return 0;
+  lua_settop(L, 1);
+  int cls = push_class(L); /* 2 */
+  lua_Integer high = pump_limit(L, PU_HIGH, cls, LUA_MAXINTEGER), low = pump_limit(L, PU_LOW, cls, UINT32_MAX);
+  lua_getiuservalue(L, 1, CV_SOCK);
+  lsock *s = dx_sock_check(L, 3);
+  lua_getiuservalue(L, 3, UV_ENGINE);
+  if (!dx_live_engine(L, 4)) return dx_lua_fail(L, "closed"); /* as the pump says it */
+  lua_pushinteger(L, high);
+  lua_pushinteger(L, low);
+  push_other(L, c, 1, lua_upvalueindex(PU_ROUTE), cls);
+  if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "pump: ws._route must be a route table");
+  lua_pushvalue(L, lua_upvalueindex(PU_ON_MESSAGE));
+  lua_rawget(L, -2);
+  luaL_checktype(L, -1, LUA_TFUNCTION);
+  lua_replace(L, -2); /* ws, class, sock, engine, high, low, on_message */
+  lua_rotate(L, 1, -1);
+  lua_remove(L, 1); /* sock, engine, high, low, on_message, ws */
+  return dx_sock_pump(L, s, high, (uint32_t)low, 1);
 }
 
 /* Push the closure f with the fallback at idx, the words and, for the
@@ -222,4 +536,16 @@ void dx_open_conn(lua_State *L) {
       {NULL, NULL},
   };
   dx_setfuncs(L, funcs);
+  /* classes are made once per route and live as long as it: weak keys let
+   * a dropped route's metatable go */
+  dx_weak_registry(L, &MTS_KEY);
+  push_names(L);
+  lua_pushcclosure(L, l_connection, 1);
+  lua_setfield(L, -2, "connection");
+  lua_pushliteral(L, "high_water");
+  lua_pushliteral(L, "low_water");
+  lua_pushliteral(L, "_route");
+  lua_pushliteral(L, "on_message");
+  lua_pushcclosure(L, l_pump, 4);
+  lua_setfield(L, -2, "pump");
 }

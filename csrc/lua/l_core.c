@@ -42,6 +42,18 @@ lua_Integer dx_opt_range(lua_State *L, int idx, lua_Integer dflt, lua_Integer lo
   return lua_isnoneornil(L, idx) ? dflt : dx_check_range(L, idx, lo, hi);
 }
 
+void dx_weak_registry(lua_State *L, const void *key) {
+  int have = lua_rawgetp(L, LUA_REGISTRYINDEX, key) != LUA_TNIL;
+  lua_pop(L, 1);
+  if (have) return;
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, key);
+}
+
 int dx_opt_flag(lua_State *L, int t, const char *field, int dflt) {
   int v = lua_getfield(L, t, field) == LUA_TNIL ? dflt : lua_toboolean(L, -1);
   lua_pop(L, 1);

@@ -110,6 +110,11 @@ int dx_opt_flag(lua_State *L, int t, const char *field, int dflt);
 lua_Integer dx_check_range(lua_State *L, int idx, lua_Integer lo, lua_Integer hi);
 lua_Integer dx_opt_range(lua_State *L, int idx, lua_Integer dflt, lua_Integer lo, lua_Integer hi);
 
+/* A table with weak keys in the registry under key, made unless a first
+ * require of the module made it (objects -> what the module keeps for
+ * them, let go with them). */
+void dx_weak_registry(lua_State *L, const void *key);
+
 /* Add the functions in l to the table at the top of the stack. */
 static inline void dx_setfuncs(lua_State *L, const luaL_Reg *l) { luaL_setfuncs(L, l, 0); }
 

@@ -840,12 +840,7 @@ void dx_open_loop(lua_State *L) {
   lua_pop(L, 1);
   if (!have) { /* a second require of the module shares the first one's loop */
     new_loop(L);
-    lua_newtable(L);
-    lua_createtable(L, 0, 1);
-    lua_pushliteral(L, "k");
-    lua_setfield(L, -2, "__mode");
-    lua_setmetatable(L, -2);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &TASKS_KEY);
+    dx_weak_registry(L, &TASKS_KEY);
     lua_newtable(L);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &SIGNALS_KEY);
   }

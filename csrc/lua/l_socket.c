@@ -657,9 +657,13 @@ static int sock_pump(lua_State *L) {
   luaL_argcheck(L, low >= 0 && low <= UINT32_MAX, 4, "must be 0..2^32-1");
   int deliver = !lua_isnoneornil(L, 5);
   if (deliver) luaL_checktype(L, 5, LUA_TFUNCTION);
+  return dx_sock_pump(L, s, high, (uint32_t)low, deliver);
+}
+
+int dx_sock_pump(lua_State *L, lsock *s, lua_Integer high, uint32_t low, int deliver) {
   lua_settop(L, 6);
   for (;;) {
-    int nres = pump_one(L, s, high, (uint32_t)low);
+    int nres = pump_one(L, s, high, low);
     if (!deliver || !is_message(L, nres)) return nres;
     lua_pushcfunction(L, dx_lua_traceback);
     lua_pushvalue(L, 5);

@@ -118,5 +118,8 @@ int dx_lua_check_port(lua_State *L, int idx, const char *what);
 const char *dx_lua_opt_string(lua_State *L, int t, const char *key);
 /* A metatable called name, with meta's metamethods and methods as __index. */
 void dx_lua_new_class(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta);
+/* sock:pump's work, its arguments checked: stack sock, engine, high, low,
+ * on_message (deliver: not nil), ws. */
+int dx_sock_pump(lua_State *L, lsock *s, lua_Integer high, uint32_t low, int deliver);
 
 #endif

@@ -21,6 +21,13 @@ local WebSocket = require "duplex.websocket"
 
 local call_nowait = core.call_nowait
 
+-- the socket's pump with ws's settings, read by core.pump in C where the
+-- core has connection objects
+local pump = core.pump or function(ws)
+  if ws.state == "closed" then return end
+  return ws.sock:pump(ws.engine, ws.high_water, ws.low_water, ws._route.on_message, ws)
+end
+
 local callbacks = {}
 
 ---@class duplex.CallbackWebSocket: duplex.WebSocket
@@ -83,16 +90,18 @@ end
 ---@param ws duplex.CallbackWebSocket
 ---@param log fun(message: string)
 function callbacks.pump(ws, log)
-  local sock, engine, on_message = ws.sock, ws.engine, ws._route.on_message
-  -- Over high_water, its input waits until the peer has read down to
-  -- low_water (what a handler's waiting send does to the peer too).
-  local high, low = ws.high_water, ws.low_water
-  while ws.state ~= "closed" do
-    -- messages go to on_message inside pump, in C: one call per socket
-    -- with input, the rest of the events come here
-    local kind, data, a, b, c = sock:pump(engine, high, low, on_message, ws)
+  while true do
+    -- ws.sock:pump(ws.engine, ws.high_water, ws.low_water, on_message, ws),
+    -- in C (nothing once ws is closed): messages go to its route's
+    -- on_message inside, one call per socket with input, the rest of the
+    -- events come here. Over high_water, its input waits until the peer
+    -- has read down to low_water (what a handler's waiting send does to
+    -- the peer too).
+    local kind, data, a, b, c = pump(ws)
     local ok, err
-    if kind == false then
+    if kind == nil and data == nil then
+      return
+    elseif kind == false then
       err = "on_message failed: " .. tostring(data)
     elseif kind == "ping" or kind == "pong" then
       ok, err = call_nowait(ws._event, ws, kind, data, a, b, c) -- on_pong may raise
@@ -100,7 +109,7 @@ function callbacks.pump(ws, log)
       -- the closing handshake, a protocol error, an overflow: they may
       -- wait (a flush, a linger), so they go on in a coroutine of their
       -- own, the socket no longer watched
-      sock:watch(nil)
+      ws.sock:watch(nil)
       core.spawn(ws._event, ws, kind, data, a, b, c)
       return
     elseif data == "again" then

@@ -68,6 +68,13 @@ local shared = {
 for k, v in pairs(defaults) do WebSocket[k] = v end
 for k, v in pairs(shared) do WebSocket[k] = v end
 
+-- The object: core.connection's userdata (its fields in C, a table only
+-- for what most connections never have, ws.data made when first read);
+-- a table of the class where the core has none (LuaJIT's).
+local new_object = core.connection or function(class, sock, engine)
+  return setmetatable({ sock = sock, engine = engine, data = {} }, class)
+end
+
 --- Wrap an engine attached to a socket. Used by duplex.server and
 --- duplex.client once the handshake is done; class is WebSocket (our loop)
 --- or WebSocket.Hosted (a host's stream, see duplex.transport).
@@ -79,7 +86,7 @@ for k, v in pairs(shared) do WebSocket[k] = v end
 ---@return duplex.WebSocket
 function WebSocket.new(sock, engine, opts, info, class)
   class = class or WebSocket
-  local self = setmetatable({ sock = sock, engine = engine, data = {} }, class)
+  local self = new_object(class, sock, engine)
   local role = engine:role()
   if role ~= class.role then self.role = role end
   -- a route's class holds the route's settings already (_route_class)

@@ -54,6 +54,26 @@ function core.watcher() end
 ---@return boolean ok, any ...
 function core.call_nowait(fn, ...) end
 
+--- A connection object of class (duplex.websocket's WebSocket or a kind
+--- of it) on sock and engine: a userdata whose every field reads and
+--- writes as a table's with the class as its metatable would. sock,
+--- engine, request, data, remote_address, remote_port and the flags
+--- state, _reading and _sending are kept in the object itself; any other
+--- field in a table made when the first one is set. data, the
+--- application's table, is made when first read.
+---@param class table
+---@param sock any
+---@param engine duplex.core.Engine
+---@return duplex.WebSocket
+function core.connection(class, sock, engine) end
+
+--- For duplex.callbacks: ws.sock:pump(ws.engine, ws.high_water,
+--- ws.low_water, on_message, ws) with the on_message of ws's route
+--- (ws._route), reading those fields in C; nothing once ws is closed.
+---@param ws duplex.WebSocket
+---@return string|false|nil kind, any ...
+function core.pump(ws) end
+
 --- ws:send for connections on our loop (duplex.websocket): the common
 --- case in C, lua_send(ws, data, kind, opts) for the rest (the caller's
 --- mistakes, a closing connection, a refusal, waiting for room).

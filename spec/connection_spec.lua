@@ -1,0 +1,140 @@
+-- core.connection: the object every WebSocket connection is on our loop.
+-- It must read and write like the table it replaced (a table whose
+-- metatable is the class), whatever is kept in its struct and user values.
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.cpath = (os.getenv("DUPLEX_CPATH") or "build/?.so") .. ";" .. package.cpath
+
+local core = require "duplex.core"
+
+local function class_of(fields)
+  local class = fields or {}
+  class.__index = class
+  class.state = class.state or "open"
+  return class
+end
+
+describe("core.connection", function()
+  it("reads its own fields, else its class's, and keeps what every connection has in itself", function()
+    local class = class_of { x = 1, high_water = 10, greet = function(self) return "hi " .. self.sock end }
+    local c = core.connection(class, "S", "E")
+    assert.equal("userdata", type(c))
+    assert.equal("S", c.sock)
+    assert.equal("E", c.engine)
+    assert.equal(1, c.x)
+    assert.equal("hi S", c:greet())
+    assert.equal("open", c.state)
+    assert.is_false(c._reading)
+    assert.is_false(c._sending)
+    assert.is_nil(c.request)
+    assert.is_nil(c.nothing)
+  end)
+
+  it("lets a field of its own hide the class's until it is set to nil", function()
+    local class = class_of { x = 1, high_water = 10 }
+    local c, other = core.connection(class), core.connection(class)
+    c.x, c.high_water, c.extra = 2, false, "mine"
+    assert.equal(2, c.x)
+    assert.is_false(c.high_water)
+    assert.equal("mine", c.extra)
+    assert.equal(1, other.x, "another connection of the class")
+    assert.equal(10, other.high_water)
+    assert.is_nil(other.extra)
+    assert.equal(1, class.x, "the class itself")
+    c.x, c.high_water = nil, nil
+    assert.equal(1, c.x)
+    assert.equal(10, c.high_water)
+    c.request, c.remote_address, c.remote_port = { path = "/" }, "127.0.0.1", 4242
+    assert.equal("/", c.request.path)
+    assert.equal("127.0.0.1", c.remote_address)
+    assert.equal(4242, c.remote_port)
+    c.sock = nil
+    assert.is_nil(c.sock)
+    c[1], c[true] = "one", "yes"
+    assert.equal("one", c[1])
+    assert.equal("yes", c[true])
+  end)
+
+  it("makes data when it is first read, one table for good", function()
+    local c = core.connection(class_of())
+    local seen = {}
+    for k in pairs(c) do seen[k] = true end
+    assert.is_nil(seen.data, "not made before it is read")
+    local data = c.data
+    assert.equal("table", type(data))
+    data.score = 3
+    assert.equal(3, c.data.score)
+    assert.equal(data, c.data)
+    c.data = { other = true }
+    assert.is_true(c.data.other)
+  end)
+
+  it("keeps the state and the flags, and refuses a state that is none of the three", function()
+    local c = core.connection(class_of())
+    for _, s in ipairs({ "closing", "closed", "open" }) do
+      c.state = s
+      assert.equal(s, c.state)
+    end
+    c._reading, c._sending = 1, "yes"
+    assert.is_true(c._reading)
+    assert.is_true(c._sending)
+    c._reading, c._sending = nil, false
+    assert.is_false(c._reading)
+    assert.is_false(c._sending)
+    assert.has_error(function() c.state = "bogus" end, 'a connection\'s state is "open", "closing" or "closed"')
+    assert.has_error(function() c.state = nil end)
+    assert.equal("open", c.state, "a refused state changes nothing")
+  end)
+
+  it("lists what it has with pairs, the class's fields not among them", function()
+    local class = class_of { x = 1 }
+    local c = core.connection(class, "S", nil)
+    c.mine, c.request, c._sending = 5, "R", true
+    local got = {}
+    for k, v in pairs(c) do got[k] = v end
+    assert.same({ sock = "S", request = "R", mine = 5, state = "open", _sending = true }, got)
+  end)
+
+  it("has its class's metamethods, and its own refuse another object", function()
+    local closed
+    local class = class_of {
+      __tostring = function(self) return "conn on " .. self.sock end,
+      __close = function(self) closed = self end,
+    }
+    local c = core.connection(class, "S")
+    assert.equal("conn on S", tostring(c))
+    do
+      local scoped <close> = c -- luacheck: ignore 211
+    end
+    assert.equal(c, closed)
+    local mt = getmetatable(c)
+    assert.has_error(function() mt.__index({}, "x") end)
+    assert.has_error(function() mt.__newindex(io.stdout, "x", 1) end)
+    assert.has_error(function() core.connection("not a class") end)
+  end)
+
+  it("is what the server hands a handler, and serves as the table did", function()
+    local duplex = require "duplex"
+    local got = {}
+    local server = assert(duplex.listen { host = "127.0.0.1", port = 0, handler = function(ws)
+      got.type, got.state, got.path = type(ws), ws.state, ws.request.path
+      ws.data.n = 0
+      for message in ws:messages() do
+        ws.data.n = ws.data.n + 1
+        ws:send(message .. " " .. ws.data.n)
+      end
+      got.closed = ws.state
+    end })
+    duplex.spawn(function()
+      local ws = assert(duplex.connect(server:url("/here")))
+      assert.equal("userdata", type(ws))
+      for i = 1, 3 do
+        assert(ws:send("m"))
+        assert.equal("m " .. i, (ws:receive(5)))
+      end
+      ws:close()
+      server:shutdown(5)
+    end)
+    duplex.run()
+    assert.same({ type = "userdata", state = "open", path = "/here", closed = "closed" }, got)
+  end)
+end)
