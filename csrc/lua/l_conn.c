@@ -61,13 +61,14 @@ typedef struct conn_names {
 static const char CLASS_KEY = 0; /* in a connection's metatable: its class */
 static const char MTS_KEY = 0;   /* registry: class -> metatable, weak keys */
 
-/* Upvalues of the object's metamethods: the names, the class. */
-enum { CU_NAMES = 1, CU_CLASS };
+/* Upvalues of the object's metamethods: the names, the class, the state
+ * words (what __index returns for state, pushed without a lookup). */
+enum { CU_NAMES = 1, CU_CLASS, CU_STATE };
 
+/* (a light userdata's raw length is 0: the size tells the two apart) */
 static conn *to_conn(lua_State *L, int idx) {
   conn *c = lua_touserdata(L, idx);
-  if (!c || lua_type(L, idx) != LUA_TUSERDATA || lua_rawlen(L, idx) != sizeof(conn) || c->magic != CONN_MAGIC)
-    return NULL;
+  if (!c || lua_rawlen(L, idx) != sizeof(conn) || c->magic != CONN_MAGIC) return NULL;
   return c;
 }
 
@@ -114,7 +115,7 @@ static int conn_index(lua_State *L) {
   if (n > NSLOTS) {
     int f = n - NSLOTS - 1;
     if (f == CF_STATE)
-      lua_pushstring(L, nm->state[c->flag[CF_STATE]]);
+      lua_pushvalue(L, lua_upvalueindex(CU_STATE + c->flag[CF_STATE]));
     else
       lua_pushboolean(L, c->flag[f]);
   } else if (n) {
@@ -236,7 +237,8 @@ static void push_conn_mt(lua_State *L, int cls) {
   for (int i = 0; i < 3; i++) {
     lua_pushvalue(L, lua_upvalueindex(CU_NAMES));
     lua_pushvalue(L, cls);
-    lua_pushcclosure(L, fns[i], 2);
+    for (int w = 0; w < NSTATES; w++) lua_pushstring(L, state_words[w]);
+    lua_pushcclosure(L, fns[i], CU_STATE - 1 + NSTATES);
     lua_setfield(L, mt, fn_names[i]);
   }
   lua_pushvalue(L, cls);

@@ -100,10 +100,13 @@ function WebSocket.new(sock, engine, opts, info, class)
   for k, v in pairs(info) do
     if v ~= class[k] then self[k] = v end
   end
-  if self.low_water > self.high_water then self.low_water = self.high_water end
+  -- a route's connection has the route's settings, which its class holds
+  -- (and read from there, a table, they cost no lookup through the object)
+  local settings = opts == class._route and class or self
+  if settings.low_water > settings.high_water then self.low_water = settings.high_water end
   -- the engine owns the rules of time (heartbeat, close deadline), here and
   -- on every host; on our loop the socket keeps its clock
-  engine:set_timing(self.ping_interval, self.ping_timeout, self.close_timeout)
+  engine:set_timing(settings.ping_interval, settings.ping_timeout, settings.close_timeout)
   if class.watched then sock:clock(self) end
   return self
 end
@@ -117,9 +120,11 @@ end
 function WebSocket:_finish(code, reason, err)
   if self.state == "closed" then return end
   self.state = "closed"
-  self.close_code = self.close_code or code
-  self.close_reason = self.close_reason or reason or ""
-  self.error = self.error or err
+  -- what is set already (the peer's close frame) stays: each field of the
+  -- object read or written is a call into it, so none without a reason
+  if self.close_code == nil then self.close_code = code end
+  if self.close_reason == nil then self.close_reason = reason or "" end
+  if err ~= nil and self.error == nil then self.error = err end
   self.sock:close(err ~= nil)
   self.engine:release()
 end
