@@ -106,7 +106,8 @@ describe("core.connection", function()
       local scoped <close> = c -- luacheck: ignore 211
     end
     assert.equal(c, closed)
-    local mt = getmetatable(c)
+    assert.equal(class, getmetatable(c), "its metatable shows as its class")
+    local mt = debug.getmetatable(c)
     assert.has_error(function() mt.__index({}, "x") end)
     assert.has_error(function() mt.__newindex(io.stdout, "x", 1) end)
     assert.has_error(function() core.connection("not a class") end)

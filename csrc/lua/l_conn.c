@@ -243,6 +243,9 @@ static void push_conn_mt(lua_State *L, int cls) {
   }
   lua_pushvalue(L, cls);
   lua_rawsetp(L, mt, &CLASS_KEY);
+  /* getmetatable(ws) is the class, as when ws was a table of it */
+  lua_pushvalue(L, cls);
+  lua_setfield(L, mt, "__metatable");
   lua_pushvalue(L, cls);
   lua_pushvalue(L, mt);
   lua_rawset(L, mts);

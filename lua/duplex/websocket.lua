@@ -197,7 +197,7 @@ function WebSocket:_event(kind, data, a, b, c)
     self.state = "closing"
     self:_end_tcp()
     self:_finish(a, data)
-    return true, self:_closed_result()
+    return true, nil, "closed", a, data -- _closed_result's, from what was just set
   elseif a == 1008 then -- the engine's output limit (max_buffered) was passed
     self:close_slow_consumer("send buffer over max_buffered: the peer is not reading")
     return true, self:_closed_result()
@@ -523,13 +523,16 @@ end
 ---@param err any
 ---@param log fun(message: string)
 function WebSocket:_served(spec, ok, err, log)
+  local state = self.state -- usually "closed" already: one read of it then
   if not ok then
     log("handler failed: " .. tostring(err))
     self:close(1011, "internal error")
-  elseif self.state == "open" then
+    state = self.state
+  elseif state == "open" then
     self:close(1000)
+    state = self.state
   end
-  if self.state ~= "closed" then self:abort("handler returned") end
+  if state ~= "closed" then self:abort("handler returned") end
   if spec.on_close then
     ok, err = xpcall(spec.on_close, debug.traceback, self, self.close_code, self.close_reason)
     if not ok then log("on_close failed: " .. tostring(err)) end
