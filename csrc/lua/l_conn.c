@@ -165,6 +165,16 @@ static int conn_newindex(lua_State *L) {
   return 0;
 }
 
+/* next over the copy __pairs makes (not the global next, which a sandbox
+ * may not have) */
+static int copy_next(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 2);
+  if (lua_next(L, 1)) return 2;
+  lua_pushnil(L);
+  return 1;
+}
+
 /* __pairs(ws): the fields it has, as a table would list them (its flags
  * when set, state always), from a copy. */
 static int conn_pairs(lua_State *L) {
@@ -199,7 +209,7 @@ static int conn_pairs(lua_State *L) {
       lua_pushboolean(L, 1);
     lua_rawset(L, t);
   }
-  lua_getglobal(L, "next");
+  lua_pushcfunction(L, copy_next);
   lua_insert(L, t);
   lua_pushnil(L);
   return 3;
