@@ -148,20 +148,23 @@ static int conn_newindex(lua_State *L) {
   if (n > NSLOTS) {
     int f = n - NSLOTS - 1;
     c->flag[f] = f == CF_STATE ? (uint8_t)state_of(nm, L, 3) : (uint8_t)lua_toboolean(L, 3);
-  } else if (n) {
-    lua_setiuservalue(L, 1, n);
-  } else {
-    if (lua_getiuservalue(L, 1, CV_FIELDS) != LUA_TTABLE) {
-      if (lua_isnil(L, 3)) return 0; /* nothing to forget */
-      lua_pop(L, 1);
-      lua_createtable(L, 0, 4);
-      lua_pushvalue(L, -1);
-      lua_setiuservalue(L, 1, CV_FIELDS);
-      c->has_fields = 1;
-    }
-    lua_insert(L, 2); /* ws, fields, k, v */
-    lua_rawset(L, 2);
+    return 0;
   }
+  if (n) {
+    lua_setiuservalue(L, 1, n);
+    return 0;
+  }
+  if (c->has_fields) {
+    lua_getiuservalue(L, 1, CV_FIELDS);
+  } else {
+    if (lua_isnil(L, 3)) return 0; /* nothing to forget */
+    lua_createtable(L, 0, 4);
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, 1, CV_FIELDS);
+    c->has_fields = 1;
+  }
+  lua_insert(L, 2); /* ws, fields, k, v */
+  lua_rawset(L, 2);
   return 0;
 }
 
@@ -182,15 +185,16 @@ static int conn_pairs(lua_State *L) {
   const conn_names *nm = names_up(L);
   lua_newtable(L);
   int t = lua_gettop(L);
-  if (lua_getiuservalue(L, 1, CV_FIELDS) == LUA_TTABLE) {
+  if (c->has_fields) {
+    lua_getiuservalue(L, 1, CV_FIELDS);
     lua_pushnil(L);
     while (lua_next(L, -2)) {
       lua_pushvalue(L, -2);
       lua_insert(L, -2);
       lua_rawset(L, t);
     }
+    lua_pop(L, 1);
   }
-  lua_pop(L, 1);
   for (int i = 0; i < NSLOTS; i++) {
     if (lua_getiuservalue(L, 1, i + 1) == LUA_TNIL) {
       lua_pop(L, 1);
@@ -204,7 +208,7 @@ static int conn_pairs(lua_State *L) {
     if (i != CF_STATE && !c->flag[i]) continue;
     lua_pushstring(L, nm->flag[i]);
     if (i == CF_STATE)
-      lua_pushstring(L, nm->state[c->flag[i]]);
+      lua_pushvalue(L, lua_upvalueindex(CU_STATE + c->flag[i]));
     else
       lua_pushboolean(L, 1);
     lua_rawset(L, t);

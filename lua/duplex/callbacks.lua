@@ -21,12 +21,9 @@ local WebSocket = require "duplex.websocket"
 
 local call_nowait = core.call_nowait
 
--- the socket's pump with ws's settings, read by core.pump in C where the
--- core has connection objects
-local pump = core.pump or function(ws)
-  if ws.state == "closed" then return end
-  return ws.sock:pump(ws.engine, ws.high_water, ws.low_water, ws._route.on_message, ws)
-end
+-- the socket's pump with ws's settings read in C (a core with a loop,
+-- the only one that serves callbacks this way, has it)
+local pump = core.pump
 
 local callbacks = {}
 
