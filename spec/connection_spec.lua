@@ -138,4 +138,44 @@ describe("core.connection", function()
     duplex.run()
     assert.same({ type = "userdata", state = "open", path = "/here", closed = "closed" }, got)
   end)
+  it("hands Lua the sends C does not take as they were, and follows a socket set later", function()
+    local duplex = require "duplex"
+    local got = {}
+    local server = assert(duplex.listen { host = "127.0.0.1", port = 0, handler = function(ws)
+      -- a float high_water is Lua's to judge: the binary message must stay binary
+      ws.high_water = 1048576.0
+      assert(ws:send("\255\254", "binary"))
+      ws.high_water = nil
+      -- a socket of the application's: the send goes through it, not the one before
+      local real, calls = ws.sock, 0
+      ws.sock = setmetatable({}, { __index = function(_, k)
+        calls = calls + 1
+        local v = real[k]
+        if type(v) == "function" then return function(_, ...) return v(real, ...) end end
+        return v
+      end })
+      assert(ws:send("through the proxy"))
+      got.calls = calls
+      ws.sock = real
+      assert(ws:send("direct"))
+      got.after = calls
+      for _ in ws:messages() do end
+    end })
+    duplex.spawn(function()
+      local ws = assert(duplex.connect(server:url("/")))
+      local m, kind = ws:receive(5)
+      got.first, got.kind = m, kind
+      got.second = ws:receive(5)
+      got.third = ws:receive(5)
+      ws:close()
+      server:shutdown(5)
+    end)
+    duplex.run()
+    assert.equal("\255\254", got.first)
+    assert.equal("binary", got.kind)
+    assert.equal("through the proxy", got.second)
+    assert.equal("direct", got.third)
+    assert.is_true(got.calls > 0)
+    assert.equal(got.calls, got.after)
+  end)
 end)

@@ -245,6 +245,8 @@ dx_loop *dx_lua_loop(lua_State *L);
  * at stack index timeout_idx (0: none; nil: none). Raises an error outside a
  * coroutine started by duplex.core.spawn. */
 dx_task *dx_lua_begin(lua_State *L, int timeout_idx);
+/* The same when the loop is at hand (an object's): no lookup. */
+dx_task *dx_lua_begin_in(lua_State *L, dx_loop *loop, int timeout_idx);
 /* The same for a read(self, max, timeout) method: leaves max at stack index
  * 2 as an integer >= 1 (default DX_LOOP_RBUF_SIZE), timeout at 3. */
 dx_task *dx_lua_begin_read(lua_State *L);

@@ -45,6 +45,9 @@ typedef struct conn {
   uint8_t flag[NFLAGS];
   uint8_t has_fields; /* CV_FIELDS holds a table: a read of a field no
                          connection has needs not look there */
+  lsock *sock;        /* CV_SOCK when it is one of our sockets, else NULL:
+                         set with the slot, so the per-message path checks
+                         its type once per connection, not per call */
 } conn;
 
 /* The names above as the Lua strings they are interned as: a key is one of
@@ -58,7 +61,9 @@ typedef struct conn_names {
   const char *state[NSTATES];
 } conn_names;
 
-static const char CLASS_KEY = 0; /* in a connection's metatable: its class */
+/* In a connection's metatable: its class, at an integer key (an array-speed
+ * lookup, where a light-userdata key costs a node-by-node comparison). */
+#define MT_CLASS 1
 static const char MTS_KEY = 0;   /* registry: class -> metatable, weak keys */
 
 /* Upvalues of the object's metamethods: the names, the class, the state
@@ -151,6 +156,7 @@ static int conn_newindex(lua_State *L) {
     return 0;
   }
   if (n) {
+    if (n == CV_SOCK) c->sock = luaL_testudata(L, 3, DX_SOCK_MT);
     lua_setiuservalue(L, 1, n);
     return 0;
   }
@@ -221,7 +227,7 @@ static int conn_pairs(lua_State *L) {
 
 /* The metatable of class's connections (made once per class): __index and
  * __newindex above, the class's own metamethods, and the class under
- * CLASS_KEY for the per-message path. */
+ * MT_CLASS for the per-message path. */
 static void push_conn_mt(lua_State *L, int cls) {
   lua_rawgetp(L, LUA_REGISTRYINDEX, &MTS_KEY);
   int mts = lua_gettop(L);
@@ -256,7 +262,7 @@ static void push_conn_mt(lua_State *L, int cls) {
     lua_setfield(L, mt, fn_names[i]);
   }
   lua_pushvalue(L, cls);
-  lua_rawsetp(L, mt, &CLASS_KEY);
+  lua_rawseti(L, mt, MT_CLASS);
   /* getmetatable(ws) is the class, as when ws was a table of it */
   lua_pushvalue(L, cls);
   lua_setfield(L, mt, "__metatable");
@@ -275,6 +281,7 @@ static int l_connection(lua_State *L) {
   memset(c, 0, sizeof *c);
   c->magic = CONN_MAGIC;
   c->flag[CF_STATE] = STATE_OPEN;
+  c->sock = luaL_testudata(L, 2, DX_SOCK_MT);
   lua_pushvalue(L, 2);
   lua_setiuservalue(L, 4, CV_SOCK);
   lua_pushvalue(L, 3);
@@ -306,14 +313,13 @@ static void push_names(lua_State *L) {
 /* Upvalues of both closures: the Lua fallback first, then interned words
  * (compared by identity with what the engine and the caller pass) and the
  * names of the fields read (lua_getfield would look each name up in the
- * string table on every call), the sockets' metatable, then after_event
- * for the step. */
+ * string table on every call), then after_event for the step. */
 #define WORDS(X)                                                                   \
   X(TEXT, "text") X(BINARY, "binary") X(DEFLATE, "deflate")                         \
   X(THRESHOLD, "compress_threshold") X(HIGH_WATER, "high_water") X(OVER, "_over")   \
   X(REFUSED, "_refused") X(ROOM, "_room")
 #define UP_ENUM(name, word) UP_##name,
-enum { UP_FALLBACK = 1, WORDS(UP_ENUM) UP_SOCK_MT, UP_AFTER };
+enum { UP_FALLBACK = 1, WORDS(UP_ENUM) UP_AFTER };
 
 #define UP(i) lua_upvalueindex(i)
 
@@ -368,7 +374,7 @@ static int field_integer(lua_State *L, int up, int cls, lua_Integer *v) {
 /* Push the class of the connection at index 1. */
 static int push_class(lua_State *L) {
   lua_getmetatable(L, 1);
-  lua_rawgetp(L, -1, &CLASS_KEY);
+  lua_rawgeti(L, -1, MT_CLASS);
   lua_remove(L, -2);
   return lua_gettop(L);
 }
@@ -383,30 +389,29 @@ static int call_method(lua_State *L, int up, int n) {
   return call_on(L, n + 1);
 }
 
-/* The socket at idx, or NULL for anything else. */
-static lsock *to_sock(lua_State *L, int idx) {
-  lsock *s = lua_touserdata(L, idx);
-  if (!s || !lua_getmetatable(L, idx)) return NULL;
-  int same = lua_rawequal(L, -1, UP(UP_SOCK_MT));
-  lua_pop(L, 1);
-  return same ? s : NULL;
-}
-
 /* Push ws.sock and its engine when ws.sock is a socket with a live engine
  * attached, and return the socket; else NULL, with nothing more on the
  * stack. The attached engine is ws.engine: a connection on our loop is
  * made from a socket and the engine attached to it (server.lua, client.lua),
  * so the socket's reference is read instead of the slot. */
-static lsock *push_attached(lua_State *L) {
-  int top = lua_gettop(L);
+static lsock *push_attached(lua_State *L, const conn *c) {
+  lsock *s = c->sock;
+  if (!s || s->closed || !s->engine || !s->engine->cfg.max_message) return NULL;
   lua_getiuservalue(L, 1, CV_SOCK);
-  lsock *s = to_sock(L, top + 1);
-  if (s && !s->closed && s->engine && s->engine->cfg.max_message) {
-    lua_getiuservalue(L, top + 1, UV_ENGINE);
-    return s;
-  }
-  lua_settop(L, top);
-  return NULL;
+  lua_getiuservalue(L, -1, UV_ENGINE);
+  return s;
+}
+
+/* The connection at index 1's own field named by upvalue up, as a truth
+ * value: for the private fields that only a connection has (a send
+ * timer), never its class. */
+static int own_true(lua_State *L, const conn *c, int up) {
+  if (!c->has_fields) return 0;
+  lua_getiuservalue(L, 1, CV_FIELDS);
+  lua_pushvalue(L, UP(up));
+  int v = lua_toboolean(L, (lua_rawget(L, -2), -1));
+  lua_pop(L, 2);
+  return v;
 }
 
 /* ws:send(data[, kind[, opts]]). stack: ws, data, kind, opts */
@@ -418,18 +423,20 @@ static int conn_send(lua_State *L) {
   else if (lua_rawequal(L, 3, UP(UP_BINARY))) binary = 1;
   else return fallback(L);
   if (c->flag[CF_SENDING] || c->flag[CF_STATE] != STATE_OPEN) return fallback(L);
-  lua_settop(L, 2);
+  lua_settop(L, 3);
+  lsock *s = push_attached(L, c); /* 4, 5 */
+  if (!s) return fallback(L);
   int cls = push_class(L);
   int compress = 0;
   lua_Integer threshold, high;
-  if (field_true(L, UP_DEFLATE, cls)) {
-    if (!field_integer(L, UP_THRESHOLD, cls, &threshold)) return fallback_at(L, 2);
+  /* ws.deflate says whether permessage-deflate was agreed, which the
+   * engine knows too: without it there is nothing to read */
+  if (s->engine->pmd && field_true(L, UP_DEFLATE, cls)) {
+    if (!field_integer(L, UP_THRESHOLD, cls, &threshold)) return fallback_at(L, 3);
     compress = (lua_Integer)lua_rawlen(L, 2) >= threshold;
   }
-  if (!field_integer(L, UP_HIGH_WATER, cls, &high)) return fallback_at(L, 2);
-  lsock *s = push_attached(L);
-  if (!s) return fallback_at(L, 2);
-  int rc = dx_engine_send(L, lua_gettop(L), 2, binary, compress);
+  if (!field_integer(L, UP_HIGH_WATER, cls, &high)) return fallback_at(L, 3);
+  int rc = dx_engine_send(L, 5, 2, binary, compress);
   if (rc) {
     dx_engine_push_result(L, rc); /* fail, why */
     lua_replace(L, 2);              /* ws, why */
@@ -438,7 +445,7 @@ static int conn_send(lua_State *L) {
   }
   /* under high water, with no send timer running (duplex.callbacks'):
    * there is nothing for _room to do */
-  if ((lua_Integer)dx_sock_buffered(s) <= high && !field_true(L, UP_OVER, cls)) {
+  if ((lua_Integer)dx_sock_buffered(s) <= high && !own_true(L, c, UP_OVER)) {
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -467,12 +474,13 @@ static int conn_next(lua_State *L) {
   lua_settop(L, 1);
   conn *c = to_conn(L, 1);
   if (!c || !lua_isyieldable(L) || c->flag[CF_READING] || c->flag[CF_STATE] == STATE_CLOSED) return fallback(L);
-  if (!push_attached(L)) return fallback(L);
+  lsock *s = push_attached(L, c);
+  if (!s) return fallback(L);
   lua_rotate(L, 1, -1); /* sock, engine, ws */
   lua_pushnil(L);
   lua_insert(L, 3); /* sock, engine, nil, ws */
   c->flag[CF_READING] = 1;
-  return next_k(L, LUA_OK, (lua_KContext)dx_lua_begin(L, 3));
+  return next_k(L, LUA_OK, (lua_KContext)dx_lua_begin_in(L, s->loop, 3));
 }
 
 /* core.pump(ws) -> ws.sock:pump(ws.engine, ws.high_water, ws.low_water,
@@ -496,22 +504,23 @@ static int l_pump(lua_State *L) {
   conn *c = check_conn(L, 1);
   if (c->flag[CF_STATE] == STATE_CLOSED) return 0;
   lua_settop(L, 1);
-  int cls = push_class(L); /* 2 */
+  lua_getiuservalue(L, 1, CV_SOCK); /* 2 */
+  lsock *s = c->sock ? c->sock : dx_sock_check(L, 2); /* raises the error */
+  lua_getiuservalue(L, 2, UV_ENGINE); /* 3 */
+  if (!dx_live_engine(L, 3)) return dx_lua_fail(L, "closed"); /* as the pump says it */
+  int cls = push_class(L); /* 4 */
   lua_Integer high = pump_limit(L, PU_HIGH, cls, LUA_MAXINTEGER), low = pump_limit(L, PU_LOW, cls, UINT32_MAX);
-  lua_getiuservalue(L, 1, CV_SOCK);
-  lsock *s = dx_sock_check(L, 3);
-  lua_getiuservalue(L, 3, UV_ENGINE);
-  if (!dx_live_engine(L, 4)) return dx_lua_fail(L, "closed"); /* as the pump says it */
-  lua_pushinteger(L, high);
-  lua_pushinteger(L, low);
   push_other(L, c, 1, lua_upvalueindex(PU_ROUTE), cls);
   if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "pump: ws._route must be a route table");
   lua_pushvalue(L, lua_upvalueindex(PU_ON_MESSAGE));
   lua_rawget(L, -2);
   luaL_checktype(L, -1, LUA_TFUNCTION);
-  lua_replace(L, -2); /* ws, class, sock, engine, high, low, on_message */
-  lua_rotate(L, 1, -1);
-  lua_remove(L, 1); /* sock, engine, high, low, on_message, ws */
+  lua_replace(L, cls); /* ws, sock, engine, on_message, route */
+  lua_pushinteger(L, high);
+  lua_replace(L, -2);
+  lua_pushinteger(L, low); /* ws, sock, engine, on_message, high, low */
+  lua_rotate(L, 4, 2);     /* ws, sock, engine, high, low, on_message */
+  lua_rotate(L, 1, -1);    /* sock, engine, high, low, on_message, ws */
   return dx_sock_pump(L, s, high, (uint32_t)low, 1);
 }
 
@@ -521,7 +530,6 @@ static void push_fast(lua_State *L, lua_CFunction f, int idx, int with_after) {
   lua_pushvalue(L, idx);
 #define PUSH_WORD(name, word) lua_pushliteral(L, word);
   WORDS(PUSH_WORD)
-  luaL_getmetatable(L, DX_SOCK_MT);
   int n = UP_AFTER - 1;
   if (with_after) {
     lua_pushvalue(L, idx + 1);

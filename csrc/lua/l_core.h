@@ -63,19 +63,23 @@ int dx_engine_next(lua_State *L, int idx);
 
 /* luaL_checkudata for hot paths. luaL_checkudata finds the metatable by
  * name, which interns the name string on every call (a measurable share of a
- * small echo); this finds it under a light-userdata key instead: the address
- * of a static constant that exists only to be unique. dx_register_mt stores
- * the metatable on top of the stack under that key. */
+ * small echo), and a light-userdata key in the registry costs about as much
+ * (Lua compares such keys through luaV_equalobj, node by node). Instead the
+ * metatable carries its own tag at integer key 1, an array-speed lookup: the
+ * address of a static constant that exists only to be unique. Lua code cannot
+ * make a light userdata nor set a userdata's metatable, so only a metatable
+ * made here carries it. dx_register_mt tags the metatable on top of the stack. */
+#define DX_MT_TAG 1
+
 static inline void dx_register_mt(lua_State *L, const void *key) {
-  lua_pushvalue(L, -1);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, key);
+  lua_pushlightuserdata(L, (void *)key);
+  lua_rawseti(L, -2, DX_MT_TAG);
 }
 
 static inline void *dx_checkudata(lua_State *L, int idx, const void *key, const char *tname) {
   void *p = lua_touserdata(L, idx);
   if (p && lua_getmetatable(L, idx)) {
-    lua_rawgetp(L, LUA_REGISTRYINDEX, key);
-    int same = lua_rawequal(L, -1, -2);
+    int same = lua_rawgeti(L, -1, DX_MT_TAG) == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == key;
     lua_pop(L, 2);
     if (same) return p;
   }

@@ -29,7 +29,7 @@ typedef struct engine {
  * in one contiguous run: one iovec, one TLS record. */
 #define REF_MIN (16u << 10)
 
-static const char ENGINE_KEY = 0; /* its address keys the metatable */
+static const char ENGINE_KEY = 0; /* its address tags the metatable (dx_checkudata) */
 
 /* An engine whose type is checked: raises once it is released. */
 static engine *live(lua_State *L, engine *e) {

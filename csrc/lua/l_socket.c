@@ -274,7 +274,7 @@ lsock *dx_sock_writing(const dx_proto *p) {
 
 /* ---- socket objects ---- */
 
-static const char SOCK_KEY = 0; /* its address keys the metatable (dx_checkudata) */
+static const char SOCK_KEY = 0; /* its address tags the metatable (dx_checkudata) */
 
 lsock *dx_sock_check(lua_State *L, int idx) { return dx_checkudata(L, idx, &SOCK_KEY, DX_SOCK_MT); }
 
@@ -680,10 +680,10 @@ int dx_sock_pump(lua_State *L, lsock *s, lua_Integer high, uint32_t low, int del
 }
 
 static int sock_receive(lua_State *L) {
-  check_self(L);
+  lsock *s = check_self(L);
   check_own_engine(L, 2);
   lua_settop(L, 3);
-  dx_task *t = dx_lua_begin(L, 3);
+  dx_task *t = dx_lua_begin_in(L, s->loop, 3);
   return receive_k(L, LUA_OK, (lua_KContext)t);
 }
 

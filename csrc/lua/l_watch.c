@@ -26,7 +26,7 @@ struct lwatch {
   int closed;
 };
 
-static const char WATCH_KEY = 0; /* its address keys the metatable (dx_checkudata) */
+static const char WATCH_KEY = 0; /* its address tags the metatable (dx_checkudata) */
 
 /* w:next() checks its watcher on every socket it hands out: no lookup by name */
 static lwatch *check_watch(lua_State *L, int idx) { return dx_checkudata(L, idx, &WATCH_KEY, WATCH_MT); }
@@ -126,8 +126,8 @@ static int next_k(lua_State *L, int status, lua_KContext ctx) {
 }
 
 static int watch_next(lua_State *L) {
-  check_watch(L, 1);
-  dx_task *t = dx_lua_begin(L, 0);
+  lwatch *w = check_watch(L, 1);
+  dx_task *t = dx_lua_begin_in(L, w->loop, 0);
   return next_k(L, LUA_OK, (lua_KContext)t);
 }
 
