@@ -9,10 +9,10 @@
 
 static int lower(int c) { return (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c; }
 
-/* RFC 7230 tchar */
-static int is_tchar(unsigned char c) {
-  return dx_http_is_alnum(c) || (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
-}
+/* RFC 7230 tchar: ALPHA / DIGIT / "!#$%&'*+-.^_`|~", one bit per byte
+ * (a header name is looked at a byte at a time, on every handshake) */
+static const uint32_t tchar_bits[8] = {0x00000000, 0x03ff6cfa, 0xc7fffffe, 0x57ffffff};
+static int is_tchar(unsigned char c) { return (tchar_bits[c >> 5] >> (c & 31)) & 1; }
 
 /* field-vchar / SP / HTAB: everything but controls and DEL (obs-text is
  * allowed so that UTF-8 in values survives). */
@@ -102,6 +102,12 @@ static size_t scan(dx_http_parser *p, const uint8_t *d, size_t n, int *st, const
   *st = 0;
   for (size_t i = 0; i < n; i++) {
     uint8_t c = d[i];
+    if (c > '\r') { /* the usual byte: neither a line ending nor a NUL */
+      if (m & 1) goto bad_eol;
+      m = 0;
+      while (i + 1 < n && d[i + 1] > '\r') i++;
+      continue;
+    }
     if (c == '\r') {
       if (m & 1) goto bad_eol;
       m++;
@@ -231,14 +237,16 @@ int dx_http_feed(dx_http_parser *p, const uint8_t *data, size_t n, size_t *used)
 /* looking at headers                                                      */
 
 const dx_http_header *dx_http_next_named(const dx_http_msg *m, const char *name, size_t *i) {
-  size_t n = strlen(name);
-  for (; *i < m->nheaders; ++*i) {
-    const dx_http_header *h = &m->headers[*i];
-    if (h->name.n == n && mem_ieq(h->name.p, name, n)) {
-      ++*i;
-      return h;
+  size_t n = strlen(name), k = *i; /* a local index: *i could alias the headers */
+  int first = lower((unsigned char)name[0]);
+  const dx_http_header *h = m->headers;
+  for (; k < m->nheaders; k++) {
+    if (h[k].name.n == n && lower((unsigned char)h[k].name.p[0]) == first && mem_ieq(h[k].name.p, name, n)) {
+      *i = k + 1;
+      return &h[k];
     }
   }
+  *i = k;
   return NULL;
 }
 
