@@ -429,6 +429,79 @@ describe("duplex.core sockets", function()
     end)
   end)
 
+  it("serves a watcher's sockets from C: each connection pumped, other events handed on, failures named", function()
+    run(function()
+      local w = core.watcher()
+      local server = { connections = {} }
+      local pairs_ = {}
+      for i = 1, 2 do
+        local l, c, s = connected_pair()
+        local e, peer = core.engine{role = "server"}, core.engine{role = "client"}
+        assert(s:attach(e))
+        local ws = { sock = s, engine = e, name = "ws" .. i }
+        server.connections[s] = ws
+        assert(s:watch(w))
+        pairs_[i] = { l = l, c = c, peer = peer, ws = ws }
+      end
+      local got, events = {}, {}
+      local function on_message(ws, data) got[#got + 1] = ws.name .. ":" .. data end
+      local function pump(ws) return ws.sock:pump(ws.engine, nil, nil, on_message, ws) end
+      local function after(ws, kind, data)
+        events[#events + 1] = ws.name .. ":" .. tostring(kind) .. ":" .. tostring(data)
+        if data == "boom" then error("after failed") end
+        return kind == "ping" -- go on pumping after a ping
+      end
+      local function write(i, ...)
+        local p = pairs_[i]
+        for _, f in ipairs{...} do f(p.peer) end
+        assert(p.c:write(p.peer:data_to_send()))
+      end
+      local results
+      core.spawn(function()
+        results = {}
+        while true do
+          local r = table.pack(w:serve(server, pump, after))
+          results[#results + 1] = r
+          if r[1] == nil then return end
+        end
+      end)
+      write(1, function(p) p:send("a", "text", true) end, function(p) p:ping("x") end,
+        function(p) p:send("b", "text", true) end)
+      write(2, function(p) p:send("c", "text", true) end)
+      core.sleep(0.1)
+      table.sort(got)
+      assert.same({ "ws1:a", "ws1:b", "ws2:c" }, got)
+      assert.same({ "ws1:ping:x" }, events)
+      -- the server may replace its table: each socket's connection is read anew
+      local old = server.connections
+      server.connections = {}
+      for sock, ws in pairs(old) do server.connections[sock] = ws end
+      write(2, function(p) p:send("d", "text", true) end)
+      core.sleep(0.1)
+      assert.equal("ws2:d", got[4])
+      -- a failure in after ends that serve with the connection it was for
+      write(1, function(p) p:ping("boom") end)
+      core.sleep(0.1)
+      assert.equal(false, results[1][1])
+      assert.matches("after failed", results[1][2])
+      assert.matches("stack traceback:", results[1][2], 1, true)
+      assert.equal(pairs_[1].ws, results[1][3])
+      -- and the next one goes on; a socket of no connection is passed over
+      server.connections[pairs_[2].ws.sock] = nil
+      write(2, function(p) p:send("unseen", "text", true) end)
+      write(1, function(p) p:send("e", "text", true) end)
+      core.sleep(0.1)
+      assert.equal("ws1:e", got[5])
+      assert.is_nil(got[6])
+      w:close()
+      core.sleep(0.05)
+      assert.equal(2, #results)
+      assert.is_nil(results[2][1])
+      assert.has_error(function() w:serve({}, pump) end)
+      for _, p in ipairs(pairs_) do p.ws.sock:close(); p.c:close(); p.l:close() end
+    end)
+  end)
+
   it("refuses blocking socket calls outside a loop coroutine", function()
     local l = assert(core.listen{host = "127.0.0.1", port = 0})
     assert.error_matches(function() l:accept() end, "must be called from a coroutine started by duplex.spawn")

@@ -131,6 +131,83 @@ static int watch_next(lua_State *L) {
   return next_k(L, LUA_OK, (lua_KContext)t);
 }
 
+/* w:serve(server, pump, after): w:next()'s loop in C, for a server's one
+ * coroutine of callback connections: for each socket with input, ws =
+ * server.connections[sock] (read each time: the server may replace that
+ * table), then pump(ws) until it says nil, nil (ws is closed) or nil,
+ * "again"; any other result r... goes to after(ws, r...), which returns
+ * true to go on pumping ws. Returns nothing once the watcher is closed, or
+ * false, err, ws when pump or after raised (err with a traceback); the
+ * sockets still queued stay queued. Neither may wait. One Lua call per
+ * socket with input (pump), where a loop in Lua costs the loop and two. */
+enum { SV_W = 1, SV_SERVER, SV_PUMP, SV_AFTER, SV_MEMBERS, SV_TRACEBACK, SV_KEY, SV_WS };
+
+/* ws = server.connections[sock] at SV_WS, pumped until it has no more to give: 0, or -1
+ * with the error on top (false, err, ws above SV_WS). */
+static int serve_one(lua_State *L) {
+  for (;;) {
+    lua_pushvalue(L, SV_PUMP);
+    lua_pushvalue(L, SV_WS);
+    if (lua_pcall(L, 1, LUA_MULTRET, SV_TRACEBACK) != LUA_OK) return -1;
+    int n = lua_gettop(L) - SV_WS;
+    if (n == 0 || (lua_isnil(L, SV_WS + 1) && (n == 1 || lua_isnil(L, SV_WS + 2)))) return 0; /* closed */
+    if (lua_isnil(L, SV_WS + 1) && lua_type(L, SV_WS + 2) == LUA_TSTRING) {
+      size_t k;
+      const char *why = lua_tolstring(L, SV_WS + 2, &k);
+      if (k == 5 && memcmp(why, "again", 5) == 0) return 0;
+    }
+    lua_pushvalue(L, SV_AFTER);
+    lua_pushvalue(L, SV_WS);
+    lua_rotate(L, SV_WS + 1, 2); /* after, ws, r... */
+    if (lua_pcall(L, n + 1, 1, SV_TRACEBACK) != LUA_OK) return -1;
+    int again = lua_toboolean(L, -1);
+    lua_settop(L, SV_WS);
+    if (!again) return 0;
+  }
+}
+
+static int serve_k(lua_State *L, int status, lua_KContext ctx) {
+  dx_task *t = (dx_task *)ctx;
+  lwatch *w = lua_touserdata(L, SV_W); /* checked by watch_serve */
+  if (status == LUA_YIELD) dx_lua_woken(L, t);
+  lua_settop(L, SV_KEY);
+  while (!w->closed && !dx_link_empty(&w->ready)) {
+    lsock *s = dx_container_of(w->ready.next, lsock, ready);
+    if (dx_sock_spent(s)) return dx_lua_yield(L, t, serve_k); /* the others' turn first */
+    dx_link_remove(&s->ready);
+    lua_pushvalue(L, SV_KEY);
+    if (lua_rawget(L, SV_SERVER) != LUA_TTABLE || lua_rawgetp(L, SV_MEMBERS, s) != LUA_TUSERDATA ||
+        lua_rawget(L, SV_WS) == LUA_TNIL) {
+      lua_settop(L, SV_KEY); /* collected, or no connection of the server's */
+      continue;
+    }
+    lua_replace(L, SV_WS);
+    if (serve_one(L) < 0) {
+      lua_pushboolean(L, 0);
+      lua_insert(L, -2);
+      lua_pushvalue(L, SV_WS);
+      return 3;
+    }
+    lua_settop(L, SV_KEY);
+  }
+  if (w->closed) return 0;
+  w->waiter = t;
+  return dx_lua_wait_work(L, t, serve_k);
+}
+
+static int watch_serve(lua_State *L) {
+  lwatch *w = check_watch(L, SV_W);
+  luaL_checktype(L, SV_SERVER, LUA_TTABLE);
+  luaL_checktype(L, SV_PUMP, LUA_TFUNCTION);
+  luaL_checktype(L, SV_AFTER, LUA_TFUNCTION);
+  dx_task *t = dx_lua_begin_in(L, w->loop, 0);
+  lua_settop(L, SV_AFTER);
+  lua_getiuservalue(L, SV_W, 1);
+  lua_pushcfunction(L, dx_lua_traceback);
+  lua_pushliteral(L, "connections");
+  return serve_k(L, LUA_OK, (lua_KContext)t);
+}
+
 /* w:close(): every member leaves, and w:next() returns nil. */
 static int watch_close_m(lua_State *L) {
   watch_close(check_watch(L, 1));
@@ -174,7 +251,8 @@ static int l_call_nowait(lua_State *L) {
 
 void dx_open_watch(lua_State *L) {
   static const luaL_Reg methods[] = {
-      {"next", watch_next}, {"close", watch_close_m}, {"count", watch_count}, {NULL, NULL}};
+      {"next", watch_next},   {"serve", watch_serve},          {"close", watch_close_m},
+      {"count", watch_count}, {NULL, NULL}};
   static const luaL_Reg meta[] = {{"__gc", watch_close_m}, {"__tostring", watch_tostring}, {NULL, NULL}};
   dx_lua_new_class(L, WATCH_MT, methods, meta);
   luaL_getmetatable(L, WATCH_MT);

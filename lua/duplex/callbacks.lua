@@ -21,10 +21,6 @@ local WebSocket = require "duplex.websocket"
 
 local call_nowait = core.call_nowait
 
--- the socket's pump with ws's settings read in C (a core with a loop,
--- the only one that serves callbacks this way, has it)
-local pump = core.pump
-
 local callbacks = {}
 
 ---@class duplex.CallbackWebSocket: duplex.WebSocket
@@ -82,44 +78,40 @@ function Callback:_finish(code, reason, err)
   self.server:_ended(self)
 end
 
---- Deliver what ws's socket holds until it would have to wait: the
---- dispatcher calls this for each socket its watcher names.
+--- What to do with a pump's result other than "again" or closed: the
+--- server's watcher (w:serve) pumps each socket with input,
+--- ws.sock:pump(ws.engine, ws.high_water, ws.low_water, on_message, ws) in
+--- C (core.pump), which hands each message to its route's on_message and
+--- stops at any other event. Over high_water, the input waits until the
+--- peer has read down to low_water (what a handler's waiting send does to
+--- the peer too). Returns true when ws has more to pump.
 ---@param ws duplex.CallbackWebSocket
----@param log fun(message: string)
-function callbacks.pump(ws, log)
-  while true do
-    -- ws.sock:pump(ws.engine, ws.high_water, ws.low_water, on_message, ws),
-    -- in C (nothing once ws is closed): messages go to its route's
-    -- on_message inside, one call per socket with input, the rest of the
-    -- events come here. Over high_water, its input waits until the peer
-    -- has read down to low_water (what a handler's waiting send does to
-    -- the peer too).
-    local kind, data, a, b, c = pump(ws)
-    local ok, err
-    if kind == nil and data == nil then
-      return
-    elseif kind == false then
-      err = "on_message failed: " .. tostring(data)
-    elseif kind == "ping" or kind == "pong" then
-      ok, err = call_nowait(ws._event, ws, kind, data, a, b, c) -- on_pong may raise
-    elseif kind then
-      -- the closing handshake, a protocol error, an overflow: they may
-      -- wait (a flush, a linger), so they go on in a coroutine of their
-      -- own, the socket no longer watched
-      ws.sock:watch(nil)
-      core.spawn(ws._event, ws, kind, data, a, b, c)
-      return
-    elseif data == "again" then
-      return
-    else
-      ws:_lost(data)
-      return
-    end
-    if not ok then
-      log(tostring(err))
-      ws:start_close(1011, "internal error")
-    end
+---@param kind string|false|nil
+---@return boolean
+function callbacks.after(ws, kind, data, a, b, c)
+  local ok, err
+  if kind == false then
+    err = "on_message failed: " .. tostring(data)
+  elseif kind == "ping" or kind == "pong" then
+    ok, err = call_nowait(ws._event, ws, kind, data, a, b, c) -- on_pong may raise
+    if ok then return true end
+  elseif kind then
+    -- the closing handshake, a protocol error, an overflow: they may
+    -- wait (a flush, a linger), so they go on in a coroutine of their
+    -- own, the socket no longer watched
+    ws.sock:watch(nil)
+    core.spawn(ws._event, ws, kind, data, a, b, c)
+    return false
+  else
+    ws:_lost(data)
+    return false
   end
+  ws.server._log_error(tostring(err))
+  ws:start_close(1011, "internal error")
+  return true
 end
+
+--- The pump w:serve calls for each socket with input.
+callbacks.pump = core.pump
 
 return callbacks

@@ -187,29 +187,14 @@ local function admit(self, sock, ip, port)
   end
 end
 
-local function pump_each(self)
-  local watcher, pump = self.watcher, callbacks.pump
-  for sock in watcher.next, watcher do
-    local ws = self.connections[sock]
-    if ws then
-      self._pumping = ws
-      pump(ws, self._log_error)
-      self._pumping = nil
-    end
-  end
-end
-
--- The callback routes' one coroutine: it pumps each socket with input. One
--- xpcall for a whole run of them, not one per socket: a failure (a bug
--- here, since the callbacks run under call_nowait) ends the connection
--- being pumped, and the run goes on.
+-- The callback routes' one coroutine: its watcher pumps each socket with
+-- input, in C (w:serve). A failure (a bug, since the callbacks run under
+-- call_nowait) ends the connection being pumped, and the run goes on.
 local function dispatch(self)
+  local watcher = self.watcher
   while true do
-    local ok, err = xpcall(pump_each, debug.traceback, self)
-    if ok then return end
-    local ws = self._pumping
-    if not ws then error(err, 0) end -- not a connection's: the dispatcher's own
-    self._pumping = nil
+    local ok, err, ws = watcher:serve(self, callbacks.pump, callbacks.after)
+    if ok == nil then return end
     self.log("error", tostring(err))
     ws:abort("internal error")
   end

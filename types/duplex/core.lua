@@ -565,6 +565,18 @@ local Watcher = {}
 ---@return duplex.core.Socket|nil
 function Watcher:next() end
 
+--- next()'s loop in C for a server of callback connections: for each
+--- watched socket with input, pump(server.connections[sock]) until it
+--- returns nil, "again" or nil, nil; any other result goes to
+--- after(ws, ...), which returns true to pump ws on. Returns nothing once
+--- the watcher is closed, or false, err (with a traceback), ws when pump or
+--- after raised. Neither may wait.
+---@param server {connections: table<duplex.core.Socket, any>}
+---@param pump fun(ws: any): ...
+---@param after fun(ws: any, ...): boolean
+---@return false|nil, string|nil, any
+function Watcher:serve(server, pump, after) end
+
 --- Every socket stops being watched, and next() returns nil.
 function Watcher:close() end
 
