@@ -409,7 +409,8 @@ static int own_true(lua_State *L, const conn *c, int up) {
   if (!c->has_fields) return 0;
   lua_getiuservalue(L, 1, CV_FIELDS);
   lua_pushvalue(L, UP(up));
-  int v = lua_toboolean(L, (lua_rawget(L, -2), -1));
+  lua_rawget(L, -2);
+  int v = lua_toboolean(L, -1);
   lua_pop(L, 2);
   return v;
 }

@@ -142,8 +142,8 @@ static int watch_next(lua_State *L) {
  * socket with input (pump), where a loop in Lua costs the loop and two. */
 enum { SV_W = 1, SV_SERVER, SV_PUMP, SV_AFTER, SV_MEMBERS, SV_TRACEBACK, SV_KEY, SV_WS };
 
-/* ws = server.connections[sock] at SV_WS, pumped until it has no more to give: 0, or -1
- * with the error on top (false, err, ws above SV_WS). */
+/* The connection at SV_WS pumped until it has no more to give: 0, or -1
+ * with the error on top. */
 static int serve_one(lua_State *L) {
   for (;;) {
     lua_pushvalue(L, SV_PUMP);
