@@ -3,10 +3,10 @@
 ---
 --- On duplex.listen no coroutine waits for an open connection: its socket
 --- is watched (core.watcher), and the server's one dispatcher coroutine
---- pumps each socket that has input (sock:pump, which never waits), calling
---- on_message for every message. An idle connection then costs its socket,
---- engine, request and this table: what servers with many mostly idle
---- players need. The price: on_message and on_close must not wait
+--- pumps each socket that has input (w:serve, a loop in C around
+--- sock:pump, which never waits), calling on_message for every message. An
+--- idle connection then costs its socket, engine, request and object: what
+--- servers with many mostly idle players need. The price: on_message and on_close must not wait
 --- (core.call_nowait makes one that tries fail, instead of stopping every
 --- connection of the server), so here send() queues and never waits, and
 --- close() starts the closing handshake and returns. What may wait goes
