@@ -502,6 +502,49 @@ describe("duplex.core sockets", function()
     end)
   end)
 
+  -- a pump leaves the rest of a read in the loop's shared buffer while
+  -- on_message runs: a read of another socket there must not clobber it
+  it("pump keeps the rest of a read intact when on_message reads another socket", function()
+    run(function()
+      local la, ca, sa = connected_pair()
+      local lb, cb, sb = connected_pair()
+      local e, peer = core.engine{role = "server"}, core.engine{role = "client"}
+      assert(sa:attach(e))
+      local sent = {}
+      for i = 1, 4 do
+        sent[i] = ("%d:"):format(i) .. pattern(3000, i)
+        assert(peer:send(sent[i], "binary", true))
+      end
+      assert(ca:write(peer:data_to_send())) -- one write: one read holds them all
+      assert(cb:write(("b"):rep(5000)))
+      core.sleep(0.05)
+      local got, other = {}, nil
+      local function on_message(_, data)
+        got[#got + 1] = data
+        if #got == 1 then other = assert(sb:read(65536)) end
+      end
+      assert.same({nil, "again"}, {sa:pump(e, nil, nil, on_message, {})})
+      assert.equal(("b"):rep(5000), other)
+      assert.equal(4, #got)
+      for i = 1, 4 do assert(got[i] == sent[i], "message " .. i .. " differs") end
+      -- a pump that stops at another event keeps the rest at once: the
+      -- engine may be gone before the next read into the shared buffer
+      assert(peer:ping("p"))
+      assert(peer:send(sent[1], "binary", true))
+      assert(ca:write(peer:data_to_send()))
+      assert(cb:write("more"))
+      core.sleep(0.05)
+      assert.same({"ping", "p"}, {sa:pump(e, nil, nil, on_message, {})})
+      assert(sa:attach(nil))
+      e:release()
+      e = nil -- luacheck: ignore
+      collectgarbage()
+      collectgarbage()
+      assert.equal("more", assert(sb:read(65536)))
+      for _, x in ipairs{sa, ca, la, sb, cb, lb} do x:close() end
+    end)
+  end)
+
   it("refuses blocking socket calls outside a loop coroutine", function()
     local l = assert(core.listen{host = "127.0.0.1", port = 0})
     assert.error_matches(function() l:accept() end, "must be called from a coroutine started by duplex.spawn")

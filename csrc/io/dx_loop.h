@@ -210,6 +210,9 @@ struct dx_loop {
   int closing;     /* dx_loop_free is running: jobs are canceled, not woken */
   uint8_t *rbuf; /* one receive buffer for every socket */
   size_t rbuf_size;
+  /* The binding's: the engine whose unparsed input still lies in rbuf, to
+   * be kept in its own memory before rbuf is read into again (l_socket.c) */
+  void *rbuf_owner;
 };
 
 #define DX_LOOP_RBUF_SIZE (256u * 1024u)

@@ -60,6 +60,9 @@ int dx_engine_push_result(lua_State *L, int rc);
  * Whatever input is left is copied into the engine, so the caller may feed
  * from one receive buffer shared by every connection. */
 int dx_engine_next(lua_State *L, int idx);
+/* The same, the rest of the input left where it was fed from: the caller
+ * makes the engine keep it (dx_proto_keep) before that memory is reused. */
+int dx_engine_next_unkept(lua_State *L, int idx);
 
 /* luaL_checkudata for hot paths. luaL_checkudata finds the metatable by
  * name, which interns the name string on every call (a measurable share of a

@@ -178,7 +178,7 @@ static int push_event(lua_State *L, const dx_event *ev) {
   }
 }
 
-int dx_engine_next(lua_State *L, int idx) {
+static int engine_next(lua_State *L, int idx, int keep) {
   engine *e = lua_touserdata(L, idx);
   dx_proto *p = &e->p;
   drop_released(L, idx, e);
@@ -186,9 +186,13 @@ int dx_engine_next(lua_State *L, int idx) {
   if (dx_proto_next(p, &ev) == DX_EV_NONE) return 0;
   int k = push_event(L, &ev);
   dx_proto_done(p); /* copied into Lua values */
-  dx_proto_keep(p); /* the rest of the input may be in the caller's buffer */
+  if (keep) dx_proto_keep(p); /* the rest of the input may be in the caller's buffer */
   return k;
 }
+
+int dx_engine_next(lua_State *L, int idx) { return engine_next(L, idx, 1); }
+
+int dx_engine_next_unkept(lua_State *L, int idx) { return engine_next(L, idx, 0); }
 
 /* e:feed(data): the engine keeps a copy (it unmasks in place); parsing
  * happens in e:next(). */

@@ -61,6 +61,7 @@ static int read_k(lua_State *L, int status, lua_KContext ctx) {
   size_t max = (size_t)lua_tointeger(L, 2);
   if (max > r->loop->rbuf_size) max = r->loop->rbuf_size;
   ssize_t n;
+  dx_sock_rbuf_claim(r->loop);
   do n = read(r->fd, r->loop->rbuf, max);
   while (n < 0 && errno == EINTR);
   if (n > 0) {

@@ -295,6 +295,8 @@ static void check_own_engine(lua_State *L, int idx) {
 }
 
 static void detach_engine(lsock *s) {
+  /* an engine free to go keeps what it had in the shared buffer now */
+  if (s->engine && s->loop->rbuf_owner == s->engine) dx_sock_rbuf_claim(s->loop);
   if (s->engine) s->engine->out_pinned = 0;
   if (s->engine && s->engine->on_output_ud == s) {
     s->engine->on_output = NULL;
@@ -499,6 +501,19 @@ static ssize_t raw_read(lsock *s, uint8_t *buf, size_t n, uint32_t *want, char *
   return RD_ERROR;
 }
 
+/* ---- the shared receive buffer ----
+ * A pump that hands messages to on_message leaves the unparsed rest of a
+ * read in the loop's receive buffer while on_message runs, instead of
+ * copying it into the engine after every message (one read holds several
+ * large frames, and each would be copied again): the buffer stays that
+ * engine's until something is about to read into it, or the pump returns. */
+void dx_sock_rbuf_claim(dx_loop *loop) {
+  dx_proto *p = loop->rbuf_owner;
+  if (!p) return;
+  loop->rbuf_owner = NULL;
+  if (p->cfg.max_message) dx_proto_keep(p); /* a released engine keeps nothing */
+}
+
 static int read_k(lua_State *L, int status, lua_KContext ctx) {
   dx_task *t = (dx_task *)ctx;
   lsock *s = dx_sock_check(L, 1);
@@ -509,6 +524,7 @@ static int read_k(lua_State *L, int status, lua_KContext ctx) {
   if (max > s->loop->rbuf_size) max = s->loop->rbuf_size;
   uint32_t want = 0;
   char err[DX_ERR_MAX];
+  dx_sock_rbuf_claim(s->loop);
   ssize_t n = raw_read(s, s->loop->rbuf, max, &want, err, sizeof err);
   if (n > 0) {
     lua_pushlstring(L, (const char *)s->loop->rbuf, (size_t)n);
@@ -546,7 +562,9 @@ int dx_sock_spent(lsock *s) {
 static uint8_t *read_target(lsock *s, dx_proto *p, size_t room) {
   size_t direct;
   uint8_t *dst = dx_proto_read_room(p, &direct);
-  return dst && direct >= room ? dst : s->loop->rbuf;
+  if (dst && direct >= room) return dst;
+  dx_sock_rbuf_claim(s->loop);
+  return s->loop->rbuf;
 }
 
 enum { EV_PUSHED, EV_FAILED, EV_AGAIN, EV_LATER };
@@ -559,16 +577,22 @@ static int failed(lua_State *L, const char *msg) {
 /* One step towards the engine's next event, shared by receive (which waits)
  * and pump (which never does): EV_PUSHED, its values pushed (*nres of
  * them); EV_FAILED, nil and a message pushed; EV_AGAIN, nothing to read
- * until *want; EV_LATER, this pass's share is used up. Returns only where no
- * fed byte still lies in the loop's shared receive buffer: before asking
- * for an event (what an earlier event left is in the engine's own memory),
- * or once the engine has used up a read. */
-static int next_event(lua_State *L, lsock *s, dx_proto *p, int *nres, uint32_t *want) {
+ * until *want; EV_LATER, this pass's share is used up. With keep, returns
+ * only where no fed byte still lies in the loop's shared receive buffer:
+ * before asking for an event (what an earlier event left is in the engine's
+ * own memory), or once the engine has used up a read. Without, what an
+ * event leaves may stay there, the engine the buffer's owner until
+ * dx_sock_rbuf_claim. */
+static int next_event(lua_State *L, lsock *s, dx_proto *p, int *nres, uint32_t *want, int keep) {
   for (;;) {
     charge_pass(s);
     if (s->pass_events >= PASS_EVENTS) return EV_LATER;
-    int k = dx_engine_next(L, 2);
+    int k = keep ? dx_engine_next(L, 2) : dx_engine_next_unkept(L, 2);
     if (k) {
+      if (!keep && s->loop->rbuf_owner != p) {
+        dx_sock_rbuf_claim(s->loop);
+        s->loop->rbuf_owner = p;
+      }
       s->pass_events++;
       *nres = k;
       return EV_PUSHED;
@@ -598,7 +622,7 @@ int dx_sock_receive_step(lua_State *L, int status, dx_task *t, lua_KFunction k) 
   if (!p) return dx_lua_fail(L, "closed");
   int nres = 2;
   uint32_t want = 0;
-  switch (next_event(L, s, p, &nres, &want)) {
+  switch (next_event(L, s, p, &nres, &want, 1)) {
   case EV_LATER: return dx_lua_yield(L, t, k);
   case EV_AGAIN: return dx_lua_wait_io(L, t, &s->io, want, 0, k);
   default: return nres;
@@ -612,7 +636,7 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx) {
 
 /* One event for sock:pump, its values pushed (the count returned), or nil
  * and "again" / an error. stack: sock, engine, high, low, ... */
-static int pump_one(lua_State *L, lsock *s, lua_Integer high, uint32_t low) {
+static int pump_one(lua_State *L, lsock *s, lua_Integer high, uint32_t low, int keep) {
   dx_proto *p = dx_live_engine(L, 2);
   if (!p) return dx_lua_fail(L, "closed");
   if (high >= 0 && !s->closed && dx_sock_buffered(s) > (size_t)high) {
@@ -622,7 +646,7 @@ static int pump_one(lua_State *L, lsock *s, lua_Integer high, uint32_t low) {
   }
   int nres = 2;
   uint32_t want = 0;
-  switch (next_event(L, s, p, &nres, &want)) {
+  switch (next_event(L, s, p, &nres, &want, keep)) {
   case EV_LATER:
     if (s->watch) dx_watch_queue(s);
     return dx_lua_fail(L, "again");
@@ -663,14 +687,21 @@ static int sock_pump(lua_State *L) {
 int dx_sock_pump(lua_State *L, lsock *s, lua_Integer high, uint32_t low, int deliver) {
   lua_settop(L, 6);
   for (;;) {
-    int nres = pump_one(L, s, high, low);
-    if (!deliver || !is_message(L, nres)) return nres;
+    /* delivering: the rest of a read may stay in the loop's buffer while
+     * on_message runs (dx_sock_rbuf_claim), and is kept before we return */
+    int nres = pump_one(L, s, high, low, !deliver);
+    if (!deliver) return nres;
+    if (!is_message(L, nres)) {
+      dx_sock_rbuf_claim(s->loop);
+      return nres;
+    }
     lua_pushcfunction(L, dx_lua_traceback);
     lua_pushvalue(L, 5);
     lua_pushvalue(L, 6);
     lua_pushvalue(L, 8); /* data */
     lua_pushvalue(L, 7); /* kind */
     if (lua_pcall(L, 3, 0, 9) != LUA_OK) {
+      dx_sock_rbuf_claim(s->loop);
       lua_pushboolean(L, 0);
       lua_insert(L, -2);
       return 2;

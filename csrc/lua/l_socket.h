@@ -121,5 +121,9 @@ void dx_lua_new_class(lua_State *L, const char *name, const luaL_Reg *methods, c
 /* sock:pump's work, its arguments checked: stack sock, engine, high, low,
  * on_message (deliver: not nil), ws. */
 int dx_sock_pump(lua_State *L, lsock *s, lua_Integer high, uint32_t low, int deliver);
+/* Before anything reads into the loop's shared receive buffer: the engine
+ * whose unparsed input lies there (a pump's, while on_message runs) keeps
+ * it in its own memory first. */
+void dx_sock_rbuf_claim(dx_loop *loop);
 
 #endif
