@@ -105,6 +105,21 @@ int dx_sock_watch(lua_State *L) {
   return 1;
 }
 
+/* Push the next socket of w's list, taken off it: 1; 0 when there is none
+ * (or w is closed); -1 when its share of the loop pass is spent (the
+ * others' turn first: the caller yields). members: the index of w's user
+ * value, the sockets by address. */
+static int push_ready(lua_State *L, lwatch *w, int members) {
+  while (!w->closed && !dx_link_empty(&w->ready)) {
+    lsock *s = dx_container_of(w->ready.next, lsock, ready);
+    if (dx_sock_spent(s)) return -1;
+    dx_link_remove(&s->ready);
+    if (lua_rawgetp(L, members, s) == LUA_TUSERDATA) return 1;
+    lua_pop(L, 1); /* collected: its finalizer is about to close it */
+  }
+  return 0;
+}
+
 /* w:next() -> the next socket to pump, waiting (in a loop coroutine) until
  * there is one; nil once the watcher is closed. */
 static int next_k(lua_State *L, int status, lua_KContext ctx) {
@@ -113,13 +128,9 @@ static int next_k(lua_State *L, int status, lua_KContext ctx) {
   if (status == LUA_YIELD) dx_lua_woken(L, t);
   lua_settop(L, 1);
   lua_getiuservalue(L, 1, 1);
-  while (!w->closed && !dx_link_empty(&w->ready)) {
-    lsock *s = dx_container_of(w->ready.next, lsock, ready);
-    if (dx_sock_spent(s)) return dx_lua_yield(L, t, next_k); /* the others' turn first */
-    dx_link_remove(&s->ready);
-    if (lua_rawgetp(L, 2, s) == LUA_TUSERDATA) return 1;
-    lua_pop(L, 1); /* collected: its finalizer is about to close it */
-  }
+  int r = push_ready(L, w, 2);
+  if (r > 0) return 1;
+  if (r < 0) return dx_lua_yield(L, t, next_k);
   if (w->closed) return 0;
   w->waiter = t;
   return dx_lua_wait_work(L, t, next_k);
@@ -171,14 +182,16 @@ static int serve_k(lua_State *L, int status, lua_KContext ctx) {
   lwatch *w = lua_touserdata(L, SV_W); /* checked by watch_serve */
   if (status == LUA_YIELD) dx_lua_woken(L, t);
   lua_settop(L, SV_KEY);
-  while (!w->closed && !dx_link_empty(&w->ready)) {
-    lsock *s = dx_container_of(w->ready.next, lsock, ready);
-    if (dx_sock_spent(s)) return dx_lua_yield(L, t, serve_k); /* the others' turn first */
-    dx_link_remove(&s->ready);
+  int r;
+  while ((r = push_ready(L, w, SV_MEMBERS)) > 0) { /* the socket at SV_WS */
     lua_pushvalue(L, SV_KEY);
-    if (lua_rawget(L, SV_SERVER) != LUA_TTABLE || lua_rawgetp(L, SV_MEMBERS, s) != LUA_TUSERDATA ||
-        lua_rawget(L, SV_WS) == LUA_TNIL) {
-      lua_settop(L, SV_KEY); /* collected, or no connection of the server's */
+    if (lua_rawget(L, SV_SERVER) != LUA_TTABLE) {
+      lua_settop(L, SV_KEY);
+      continue;
+    }
+    lua_rotate(L, SV_WS, 1); /* connections, sock */
+    if (lua_rawget(L, SV_WS) == LUA_TNIL) {
+      lua_settop(L, SV_KEY); /* no connection of the server's */
       continue;
     }
     lua_replace(L, SV_WS);
@@ -190,6 +203,7 @@ static int serve_k(lua_State *L, int status, lua_KContext ctx) {
     }
     lua_settop(L, SV_KEY);
   }
+  if (r < 0) return dx_lua_yield(L, t, serve_k);
   if (w->closed) return 0;
   w->waiter = t;
   return dx_lua_wait_work(L, t, serve_k);

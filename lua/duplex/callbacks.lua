@@ -6,10 +6,11 @@
 --- pumps each socket that has input (w:serve, a loop in C around
 --- sock:pump, which never waits), calling on_message for every message. An
 --- idle connection then costs its socket, engine, request and object: what
---- servers with many mostly idle players need. The price: on_message and on_close must not wait
---- (core.call_nowait makes one that tries fail, instead of stopping every
---- connection of the server), so here send() queues and never waits, and
---- close() starts the closing handshake and returns. What may wait goes
+--- servers with many mostly idle players need. The price: on_message and
+--- on_close must not wait (core.call_nowait makes one that tries fail,
+--- instead of stopping every connection of the server), so here send()
+--- queues and never waits, and close() starts the closing handshake and
+--- returns. What may wait goes
 --- into a coroutine of its own (duplex.spawn): on_open runs in the
 --- connection's first coroutine and may wait, and so do the rare steps of
 --- the closing handshake.
@@ -110,8 +111,5 @@ function callbacks.after(ws, kind, data, a, b, c)
   ws:start_close(1011, "internal error")
   return true
 end
-
---- The pump w:serve calls for each socket with input.
-callbacks.pump = core.pump
 
 return callbacks

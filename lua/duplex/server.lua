@@ -193,7 +193,7 @@ end
 local function dispatch(self)
   local watcher = self.watcher
   while true do
-    local ok, err, ws = watcher:serve(self, callbacks.pump, callbacks.after)
+    local ok, err, ws = watcher:serve(self, core.pump, callbacks.after)
     if ok == nil then return end
     self.log("error", tostring(err))
     ws:abort("internal error")
