@@ -217,6 +217,42 @@ describe("duplex.core sockets", function()
     end)
   end)
 
+  it("try_read takes what has come and never waits", function()
+    run(function()
+      local go = false
+      local l, port = serve("127.0.0.1", function(s)
+        while not go do core.sleep(0.01) end
+        s:write("abcdef")
+        s:flush()
+        s:close()
+      end)
+      local c = assert(core.connect{host = "127.0.0.1", port = port})
+      assert.same({ nil, "again" }, { c:try_read() })
+      go = true
+      local got = ""
+      local t = core.now() + 5
+      while #got < 6 and core.now() < t do
+        local d, err = c:try_read(4)
+        if d then
+          assert.is_true(#d <= 4)
+          got = got .. d
+        else
+          assert.equal("again", err)
+          core.sleep(0.01)
+        end
+      end
+      assert.equal("abcdef", got)
+      local d, err
+      repeat d, err = c:try_read(); core.sleep(0.01) until err ~= "again" or core.now() > t
+      assert.is_nil(d)
+      assert.equal("closed", err)
+      assert.has_error(function() c:try_read(0) end)
+      c:close()
+      assert.same({ nil, "closed" }, { c:try_read() })
+      l:close()
+    end)
+  end)
+
   it("binds the local end, sets nodelay, and names failed lookups", function()
     run(function()
       local l, port = serve("127.0.0.1", echo)

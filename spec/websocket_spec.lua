@@ -405,6 +405,76 @@ describe("limits and misbehaving peers", function()
     assert.is_true(t < 1.5, "dropped after " .. t .. " s")
   end)
 
+  it("opens callback connections with no coroutine each, however the request comes", function()
+    local opened = 0
+    local srv = listen {
+      handshake_timeout = 0.5,
+      on_message = function(ws, m, kind)
+        if m == "hello" then opened = opened + 1 end
+        ws:send(m, kind)
+      end,
+    }
+    local request = core.handshake_client { host = "127.0.0.1", port = srv.port, target = "/" }:request()
+    local hello = F.build { op = "text", payload = "hello", key = "abcd" }
+    local results = run(function()
+      local base = core.loop_stats().coroutines
+      local out, socks = {}, {}
+      -- whole, trickled a byte at a time, and with the first frame in the
+      -- same write as the request
+      for i = 1, 6 do
+        local sock = assert(core.connect { host = "127.0.0.1", port = srv.port })
+        if i % 3 == 1 then
+          sock:write(request)
+        elseif i % 3 == 2 then
+          sock:write(request:sub(1, 20))
+        else
+          sock:write(request .. hello)
+        end
+        socks[i] = sock
+      end
+      core.sleep(0.05)
+      -- two handshakes half read: no coroutine waits for them
+      out.coroutines = core.loop_stats().coroutines - base
+      for i = 2, 6, 3 do
+        for b = 21, #request do
+          socks[i]:write(request:sub(b, b))
+          socks[i]:flush()
+          if b % 16 == 0 then core.sleep(0.002) end
+        end
+      end
+      for i, sock in ipairs(socks) do
+        local got = ""
+        repeat
+          local d = assert(sock:read(nil, 2))
+          got = got .. d
+        until got:find("\r\n\r\n", 1, true)
+        local rest = got:sub(got:find("\r\n\r\n", 1, true) + 4)
+        if i % 3 ~= 0 then sock:write(hello) end
+        while #rest < 7 do rest = rest .. assert(sock:read(nil, 2)) end
+        out[i] = got:match("^HTTP/1.1 (%d+)") .. " " .. rest
+      end
+      -- a malformed request gets its 400, a silent one is dropped in time
+      local bad = assert(core.connect { host = "127.0.0.1", port = srv.port })
+      bad:write("GET / HTTP/1.1\r\nHost\r\n\r\n")
+      out.bad = raw.read_all(bad, 2):match("^HTTP/1.1 (%d+)")
+      local silent = assert(core.connect { host = "127.0.0.1", port = srv.port })
+      local t0 = core.now()
+      out.silent = select(2, raw.read_all(silent, 3))
+      out.silent_after = core.now() - t0
+      for _, sock in ipairs(socks) do sock:close() end
+      return out
+    end)
+    for i = 1, 6 do assert.equal("101 " .. F.build { op = "text", payload = "hello" }, results[i]) end
+    assert.equal(6, opened)
+    -- the loop's coroutines: the spec's own and the expiry sweep's
+    assert.is_true(results.coroutines <= 1, results.coroutines .. " more coroutines")
+    assert.equal("400", results.bad)
+    assert.equal("closed", results.silent)
+    assert.is_true(results.silent_after < 1.5, "dropped after " .. results.silent_after .. " s")
+    run(core.sleep, 0.1)
+    assert.equal(0, srv.count)
+  end)
+
   it("refuses connections past max_connections with 503", function()
     local srv = listen { max_connections = 2, handler = echo }
     local a = assert(duplex.connect(srv:url("/")))

@@ -514,31 +514,50 @@ void dx_sock_rbuf_claim(dx_loop *loop) {
   if (p->cfg.max_message) dx_proto_keep(p); /* a released engine keeps nothing */
 }
 
-static int read_k(lua_State *L, int status, lua_KContext ctx) {
-  dx_task *t = (dx_task *)ctx;
-  lsock *s = dx_sock_check(L, 1);
-  if (status == LUA_YIELD && dx_lua_woken(L, t) == DX_WAKE_TIMEOUT) return dx_lua_fail(L, "timeout");
+/* Read up to max bytes at once: 1 with them pushed, 1 with nil, reason
+ * pushed (closed, an error), or 0 when the read must wait for *want. */
+static int read_now(lua_State *L, lsock *s, size_t max, uint32_t *want) {
   if (s->closed) return dx_lua_fail(L, "closed");
   if (s->handshaking) return dx_lua_fail(L, "tls handshake in progress");
-  size_t max = (size_t)lua_tointeger(L, 2);
   if (max > s->loop->rbuf_size) max = s->loop->rbuf_size;
-  uint32_t want = 0;
   char err[DX_ERR_MAX];
   dx_sock_rbuf_claim(s->loop);
-  ssize_t n = raw_read(s, s->loop->rbuf, max, &want, err, sizeof err);
+  ssize_t n = raw_read(s, s->loop->rbuf, max, want, err, sizeof err);
   if (n > 0) {
     lua_pushlstring(L, (const char *)s->loop->rbuf, (size_t)n);
     return 1;
   }
   if (n == 0) return dx_lua_fail(L, "closed");
-  if (n == RD_AGAIN) return dx_lua_wait_io(L, t, &s->io, want, 0, read_k);
+  if (n == RD_AGAIN) return 0;
   return dx_lua_fail(L, err);
+}
+
+static int read_k(lua_State *L, int status, lua_KContext ctx) {
+  dx_task *t = (dx_task *)ctx;
+  lsock *s = dx_sock_check(L, 1);
+  if (status == LUA_YIELD && dx_lua_woken(L, t) == DX_WAKE_TIMEOUT) return dx_lua_fail(L, "timeout");
+  uint32_t want = 0;
+  int r = read_now(L, s, (size_t)lua_tointeger(L, 2), &want);
+  if (r == 0) return dx_lua_wait_io(L, t, &s->io, want, 0, read_k);
+  return r;
 }
 
 static int sock_read(lua_State *L) {
   dx_sock_check(L, 1);
   dx_task *t = dx_lua_begin_read(L);
   return read_k(L, LUA_OK, (lua_KContext)t);
+}
+
+/* sock:try_read(max) -> bytes | nil, "again" | nil, "closed" | nil, err:
+ * what has come, never waiting (for a caller that cannot: a watcher's
+ * callbacks, which learn of more input when the watcher queues the socket) */
+static int sock_try_read(lua_State *L) {
+  lsock *s = dx_sock_check(L, 1);
+  lua_Integer max = luaL_optinteger(L, 2, DX_LOOP_RBUF_SIZE);
+  luaL_argcheck(L, max >= 1, 2, "must be >= 1");
+  uint32_t want = 0;
+  int r = read_now(L, s, (size_t)max, &want);
+  return r ? r : dx_lua_fail(L, "again");
 }
 
 static void charge_pass(lsock *s) {
@@ -829,7 +848,7 @@ static int sock_shutdown(lua_State *L) {
 void dx_open_socket(lua_State *L) {
   static const luaL_Reg sock_methods[] = {
       {"read", sock_read},         {"write", sock_write},       {"flush", sock_flush},
-      {"try_flush", sock_try_flush},
+      {"try_flush", sock_try_flush}, {"try_read", sock_try_read},
       {"drain", sock_drain},       {"buffered", sock_buffered}, {"shutdown", sock_shutdown},
       {"close", sock_close_m},     {"peer", sock_peer},         {"local_address", sock_local_address},
       {"fd", sock_fd},             {"setnodelay", sock_setnodelay}, {"attach", sock_attach},

@@ -60,7 +60,11 @@ static void watch_close(lwatch *w) {
 
 /* core.watcher() -> a watcher. Its uservalue maps each member's address to
  * the socket, weakly: the application's connection objects keep sockets
- * alive, not the watcher. */
+ * alive, not the watcher. The registry has the same table at the
+ * watcher's address, for sock:watch(nil) to take the socket out: a socket
+ * that leaves alive (a handshake that became a coroutine's connection)
+ * would otherwise keep its slot until it is collected, and the table would
+ * grow to every connection the server has, not the ones it watches. */
 static int l_watcher(lua_State *L) {
   dx_loop *loop = dx_lua_loop(L);
   lwatch *w = lua_newuserdatauv(L, sizeof *w, 1);
@@ -75,8 +79,20 @@ static int l_watcher(lua_State *L) {
   lua_pushliteral(L, "v");
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, w);
   lua_setiuservalue(L, -2, 1);
   return 1;
+}
+
+/* s out of its watcher's table of members (see l_watcher) */
+static void forget_member(lua_State *L, lsock *s) {
+  if (!s->watch) return;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, s->watch) == LUA_TTABLE) {
+    lua_pushnil(L);
+    lua_rawsetp(L, -2, s);
+  }
+  lua_pop(L, 1);
 }
 
 /* sock:watch(w) makes w pump the socket from now on, and queues it at once
@@ -85,6 +101,7 @@ static int l_watcher(lua_State *L) {
 int dx_sock_watch(lua_State *L) {
   lsock *s = dx_sock_check(L, 1);
   if (lua_isnoneornil(L, 2)) {
+    forget_member(L, s);
     dx_watch_leave(s);
     lua_pushboolean(L, 1);
     return 1;
@@ -93,6 +110,7 @@ int dx_sock_watch(lua_State *L) {
   if (s->closed) return dx_lua_fail(L, "closed");
   if (w->closed) return dx_lua_fail(L, "watcher closed");
   if (w->loop != s->loop) return luaL_error(L, "watch: the watcher belongs to another loop");
+  if (s->watch != w) forget_member(L, s);
   dx_watch_leave(s);
   lua_getiuservalue(L, 2, 1);
   lua_pushvalue(L, 1);
@@ -142,16 +160,18 @@ static int watch_next(lua_State *L) {
   return next_k(L, LUA_OK, (lua_KContext)t);
 }
 
-/* w:serve(server, pump, after): w:next()'s loop in C, for a server's one
- * coroutine of callback connections: for each socket with input, ws =
- * server.connections[sock] (read each time: the server may replace that
- * table), then pump(ws) until it says nil, nil (ws is closed) or nil,
- * "again"; any other result r... goes to after(ws, r...), which returns
- * true to go on pumping ws. Returns nothing once the watcher is closed, or
- * false, err, ws when pump or after raised (err with a traceback); the
- * sockets still queued stay queued. Neither may wait. One Lua call per
- * socket with input (pump), where a loop in Lua costs the loop and two. */
-enum { SV_W = 1, SV_SERVER, SV_PUMP, SV_AFTER, SV_MEMBERS, SV_TRACEBACK, SV_KEY, SV_WS };
+/* w:serve(server, pump, after, greet): w:next()'s loop in C, for a
+ * server's one coroutine of callback connections: for each socket with
+ * input, ws = server.connections[sock] (read each time: the server may
+ * replace that table), then pump(ws) until it says nil, nil (ws is closed)
+ * or nil, "again"; any other result r... goes to after(ws, r...), which
+ * returns true to go on pumping ws. A socket of no connection goes to
+ * greet(sock), when given (a handshake read as it comes). Returns nothing
+ * once the watcher is closed; false, err, ws when pump or after raised,
+ * false, err, nil, sock when greet did (err with a traceback); the
+ * sockets still queued stay queued. None may wait. One Lua call per socket
+ * with input, where a loop in Lua costs the loop and two. */
+enum { SV_W = 1, SV_SERVER, SV_PUMP, SV_AFTER, SV_GREET, SV_MEMBERS, SV_TRACEBACK, SV_KEY, SV_WS };
 
 /* The connection at SV_WS pumped until it has no more to give: 0, or -1
  * with the error on top. */
@@ -177,6 +197,25 @@ static int serve_one(lua_State *L) {
   }
 }
 
+/* The socket at SV_WS, of no connection, handed to greet: 0, or -1 with
+ * the error on top. */
+static int greet_one(lua_State *L) {
+  if (lua_isnil(L, SV_GREET)) return 0;
+  lua_pushvalue(L, SV_GREET);
+  lua_pushvalue(L, SV_WS);
+  return lua_pcall(L, 1, 0, SV_TRACEBACK) == LUA_OK ? 0 : -1;
+}
+
+/* false, the error on top, then the connection at SV_WS (pump, after)
+ * or nil and the socket at SV_WS (greet) */
+static int serve_failed(lua_State *L, int greeting) {
+  lua_pushboolean(L, 0);
+  lua_insert(L, -2);
+  if (greeting) lua_pushnil(L);
+  lua_pushvalue(L, SV_WS);
+  return 3 + greeting;
+}
+
 static int serve_k(lua_State *L, int status, lua_KContext ctx) {
   dx_task *t = (dx_task *)ctx;
   lwatch *w = lua_touserdata(L, SV_W); /* checked by watch_serve */
@@ -189,18 +228,16 @@ static int serve_k(lua_State *L, int status, lua_KContext ctx) {
       lua_settop(L, SV_KEY);
       continue;
     }
-    lua_rotate(L, SV_WS, 1); /* connections, sock */
-    if (lua_rawget(L, SV_WS) == LUA_TNIL) {
-      lua_settop(L, SV_KEY); /* no connection of the server's */
+    lua_pushvalue(L, SV_WS);
+    if (lua_rawget(L, -2) == LUA_TNIL) { /* no connection of the server's */
+      lua_settop(L, SV_WS);
+      if (greet_one(L) < 0) return serve_failed(L, 1);
+      lua_settop(L, SV_KEY);
       continue;
     }
     lua_replace(L, SV_WS);
-    if (serve_one(L) < 0) {
-      lua_pushboolean(L, 0);
-      lua_insert(L, -2);
-      lua_pushvalue(L, SV_WS);
-      return 3;
-    }
+    lua_settop(L, SV_WS);
+    if (serve_one(L) < 0) return serve_failed(L, 0);
     lua_settop(L, SV_KEY);
   }
   if (r < 0) return dx_lua_yield(L, t, serve_k);
@@ -214,8 +251,9 @@ static int watch_serve(lua_State *L) {
   luaL_checktype(L, SV_SERVER, LUA_TTABLE);
   luaL_checktype(L, SV_PUMP, LUA_TFUNCTION);
   luaL_checktype(L, SV_AFTER, LUA_TFUNCTION);
+  if (!lua_isnoneornil(L, SV_GREET)) luaL_checktype(L, SV_GREET, LUA_TFUNCTION);
   dx_task *t = dx_lua_begin_in(L, w->loop, 0);
-  lua_settop(L, SV_AFTER);
+  lua_settop(L, SV_GREET);
   lua_getiuservalue(L, SV_W, 1);
   lua_pushcfunction(L, dx_lua_traceback);
   lua_pushliteral(L, "connections");
@@ -224,7 +262,10 @@ static int watch_serve(lua_State *L) {
 
 /* w:close(): every member leaves, and w:next() returns nil. */
 static int watch_close_m(lua_State *L) {
-  watch_close(check_watch(L, 1));
+  lwatch *w = check_watch(L, 1);
+  watch_close(w);
+  lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, w);
   return 0;
 }
 

@@ -73,13 +73,13 @@ local function serve_http(self, sock, req, route)
   respond(sock, handshake.refusal(req))
 end
 
--- The 101 and the connection object. Apart from upgrade below, so that
--- what only the handshake needs (the answer, the response's bytes) dies
--- with this frame instead of staying on the stack of every idle
--- connection's coroutine.
+-- The 101 and the connection object, or nil and the refusal to answer
+-- with. Apart from the rest, so that what only the handshake needs (the
+-- answer, the response's bytes) dies with this frame instead of staying on
+-- the stack of every idle connection's coroutine.
 local function open(sock, req, hs, route)
   local answer = handshake.accept(route, req)
-  if not answer.response then return respond(sock, answer.status, answer.headers, answer.body) end
+  if not answer.response then return nil, answer end
   local engine, info = answer.engine, answer.info
   sock:write(answer.response)
   sock:attach(engine)
@@ -89,10 +89,15 @@ local function open(sock, req, hs, route)
   return WebSocket.new(sock, engine, route, info, route.class)
 end
 
--- A callback route's connection: on_open here, in the connection's first
--- coroutine (it may wait), then the dispatcher pumps its socket and this
--- coroutine ends. From here the connection's end (Callback:_finish)
--- releases it, not task_ended.
+-- A callback route's connection, pumped by the dispatcher from here.
+local function watch(self, ws)
+  if ws.state ~= "closed" and not ws.sock:watch(self.watcher) then ws:abort("the server is shutting down") end
+end
+
+-- A callback route's connection opened in a coroutine: on_open here (it
+-- may wait), then the dispatcher pumps its socket and this coroutine ends.
+-- From here the connection's end (Callback:_finish) releases it, not
+-- task_ended.
 local function adopt(self, ws, route, req)
   if route.on_open then
     local ok, err = xpcall(route.on_open, debug.traceback, ws, req)
@@ -101,14 +106,14 @@ local function adopt(self, ws, route, req)
       ws:start_close(1011, "internal error")
     end
   end
-  if ws.state ~= "closed" and not ws.sock:watch(self.watcher) then ws:abort("the server is shutting down") end
+  watch(self, ws)
   core.at_end(nil) -- Callback:_finish releases it
 end
 
-local function serve(self, sock, ip, port)
-  local req, hs = read_request(self, sock)
-  if not req then return end
-  if not ip then ip, port = sock:peer() end -- listener:drain() gives none
+-- The request's peer (ip, port: the accept's, else the socket's) and its
+-- route.
+local function route_of(self, req, sock, ip, port)
+  if not ip then ip, port = sock:peer() end
   req.peer_address, req.peer_port = ip, port
   -- X-Forwarded-For counts only from a trusted proxy: asked for otherwise,
   -- request.headers would be made for every connection (it waits as
@@ -116,13 +121,18 @@ local function serve(self, sock, ip, port)
   if self.trusted_proxies(ip) then
     req.remote_address = addr.client_address(ip, req.headers["x-forwarded-for"], self.trusted_proxies)
   end
-  local route = self.routes[req.path] or self.routes["*"]
+  return self.routes[req.path] or self.routes["*"]
+end
+
+-- A request read, answered in the handshake's coroutine (what it calls may
+-- wait: on_http, on_request, select_protocol, on_open, a refusal's flush).
+local function answer(self, sock, req, hs, route)
   if not req.websocket then return serve_http(self, sock, req, route) end
   if not route then return respond(sock, 404, nil, "not found") end
-  local ws = open(sock, req, hs, route)
-  if not ws then return end
+  local ws, refusal = open(sock, req, hs, route)
+  if not ws then return respond(sock, refusal.status, refusal.headers, refusal.body) end
   -- the connection owns its socket from here: one entry for it, not two
-  -- (handle removes it)
+  -- (task_ended removes it)
   self.sockets[sock], self.connections[sock] = nil, ws
   if route.on_message then return adopt(self, ws, route, req) end
   -- the handler starts on this coroutine emptied (start_handler): the
@@ -131,16 +141,23 @@ local function serve(self, sock, ip, port)
   core.at_end(self._start_handler, sock)
 end
 
+-- A handshake in a coroutine of its own (TLS: its handshake comes first).
+local function serve(self, sock, ip, port)
+  local req, hs = read_request(self, sock)
+  if not req then return end
+  return answer(self, sock, req, hs, route_of(self, req, sock, ip, port))
+end
+
 -- Nothing is left: the dispatcher of a server that stopped accepting ends.
 local function idle(self)
   -- emptied tables keep their peak size; idle servers give it back
-  self.sockets, self.connections = {}, {}
+  self.sockets, self.connections, self.deadlines = {}, {}, {}
   if self._drained then core.wake(self._drained) end
   if self.closing and self.watcher then self.watcher:close() end
 end
 
 local function release(self, sock)
-  self.sockets[sock], self.connections[sock] = nil, nil
+  self.sockets[sock], self.connections[sock], self.deadlines[sock] = nil, nil, nil
   sock:close()
   self.count = self.count - 1
   if self.count == 0 then idle(self) end
@@ -168,11 +185,58 @@ local function start_handler(self, sock)
   return handler(ws, ws.request)
 end
 
--- The handshake's coroutine.
-local function handle(self, sock, ip, port)
-  self.sockets[sock] = true
+-- fn(...) in a coroutine of the handshake on sock, which the server lets
+-- go of when it ends (unless it passes the socket on).
+local function task(self, sock, fn, ...)
   core.at_end(self._task_ended, sock)
-  return serve(self, sock, ip, port)
+  return fn(...)
+end
+
+-- Whether answering req on route may call something that waits (answer).
+local function may_wait(route, req)
+  return not (route and req.websocket) or route.on_request or route.select_protocol or route.on_open
+end
+
+-- A plain handshake, read by the dispatcher as its bytes come (w:serve's
+-- greet): no coroutine for it, and none for the connection of a callback
+-- route, when nothing on the way can wait; else a coroutine from there.
+local function greet(self, sock)
+  local hs = self.sockets[sock]
+  if hs == true or hs == nil then return end -- one in a coroutine (TLS)
+  local got = handshake.take_request(sock, hs)
+  if not got then return end
+  self.sockets[sock], self.deadlines[sock] = true, nil
+  sock:watch(nil)
+  local req = got.request
+  if not req then
+    if not got.status then return release(self, sock) end -- closed, or a read error
+    return core.spawn(task, self, sock, respond, sock, got.status, nil, got.error)
+  end
+  local route = route_of(self, req, sock)
+  if may_wait(route, req) then return core.spawn(task, self, sock, answer, self, sock, req, hs, route) end
+  local ws, refusal = open(sock, req, hs, route)
+  if not ws then
+    return core.spawn(task, self, sock, respond, sock, refusal.status, refusal.headers, refusal.body)
+  end
+  self.sockets[sock], self.connections[sock] = nil, ws
+  if route.on_message then return watch(self, ws) end
+  core.spawn(self._start_handler, sock)
+end
+
+-- Plain handshakes that outlive handshake_timeout are dropped (a client
+-- that trickles bytes, slowloris-style): looked for every tenth of the
+-- timeout (at most a second apart) by a coroutine that runs only while
+-- some are waiting, so that a handshake costs no timer of its own.
+local function expire(self)
+  local period = math.min(1, self.handshake_timeout / 10)
+  while next(self.deadlines) ~= nil do
+    core.sleep(period)
+    local t = now()
+    for sock, deadline in pairs(self.deadlines) do
+      if deadline <= t then release(self, sock) end
+    end
+  end
+  self._expiring = nil
 end
 
 -- Counted from here, not when its coroutine first runs, so that a burst of
@@ -180,23 +244,30 @@ end
 -- accepting knows what is still to come.
 local function admit(self, sock, ip, port)
   if self.count >= self.max_connections then
-    core.spawn(respond, sock, 503, { ["Retry-After"] = "1" }, "too many connections")
-  else
-    self.count = self.count + 1
-    core.spawn(handle, self, sock, ip, port)
+    return core.spawn(respond, sock, 503, { ["Retry-After"] = "1" }, "too many connections")
   end
+  self.count = self.count + 1
+  if self.tls_context then
+    self.sockets[sock] = true
+    return core.spawn(task, self, sock, serve, self, sock, ip, port)
+  end
+  self.sockets[sock] = core.handshake_server(self)
+  self.deadlines[sock] = now() + self.handshake_timeout
+  if not self._expiring then self._expiring = core.spawn(expire, self) end
+  if not sock:watch(self.watcher) then release(self, sock) end
 end
 
--- The callback routes' one coroutine: its watcher pumps each socket with
--- input, in C (w:serve). A failure (a bug, since the callbacks run under
--- call_nowait) ends the connection being pumped, and the run goes on.
+-- The one coroutine of callback connections and plain handshakes: its
+-- watcher pumps each socket with input, in C (w:serve). A failure (a bug,
+-- since the callbacks run under call_nowait) ends the connection or
+-- handshake it was for, and the run goes on.
 local function dispatch(self)
   local watcher = self.watcher
   while true do
-    local ok, err, ws = watcher:serve(self, core.pump, callbacks.after)
+    local ok, err, ws, sock = watcher:serve(self, core.pump, callbacks.after, self._greet)
     if ok == nil then return end
     self.log("error", tostring(err))
-    ws:abort("internal error")
+    if ws then ws:abort("internal error") else release(self, sock) end
   end
 end
 
@@ -239,12 +310,14 @@ function server.listen(opts)
     log = opts.log or runtime.log,
     trusted_proxies = addr.matcher(opts.trusted_proxies),
     count = 0,
-    sockets = {},
-    connections = {},
+    sockets = {},     -- sock -> its handshake's parser (plain), or true
+    connections = {}, -- sock -> ws
+    deadlines = {},   -- sock -> when its plain handshake is dropped
   }, Server)
   self._log_error = function(msg) self.log("error", msg) end
   self._task_ended = function(sock, ok, err) return task_ended(self, sock, ok, err) end
   self._start_handler = function(sock) return start_handler(self, sock) end
+  self._greet = function(sock) return greet(self, sock) end
   for k, v in pairs(defaults) do
     if opts[k] == nil then self[k] = v else self[k] = opts[k] end
   end
@@ -264,14 +337,16 @@ function server.listen(opts)
   end
   self.listener = listener
   self.host, self.port = listener:address()
+  local callback_routes = false
   for _, route in pairs(self.routes) do
     -- ws.server and ws._route, and the route's settings, live in the class
     route.class = WebSocket._route_class(route.on_message and callbacks.WebSocket or WebSocket, route,
       { server = self, _route = route })
-    if route.on_message and not self.watcher then
-      self.watcher = core.watcher()
-      core.spawn(dispatch, self)
-    end
+    callback_routes = callback_routes or route.on_message ~= nil
+  end
+  if callback_routes or not self.tls_context then
+    self.watcher = core.watcher()
+    core.spawn(dispatch, self)
   end
   self.accepting = core.spawn(accept_loop, self)
   return self
@@ -317,7 +392,10 @@ local function shutdown(self, timeout)
   end
   -- Their readers should learn why the connection ended, not just "closed".
   for _, ws in pairs(self.connections) do ws:abort("server shutdown: no close reply in time") end
-  for sock in pairs(self.sockets) do sock:close(true) end
+  for sock in pairs(self.sockets) do
+    -- a plain handshake has no coroutine to end it
+    if self.deadlines[sock] then release(self, sock) else sock:close(true) end
+  end
   -- The accept loop ends once it runs and sees its listener closed: let it,
   -- so that nothing of this server is left in the loop.
   if coroutine.status(self.accepting) ~= "dead" then core.sleep(0) end

@@ -442,6 +442,11 @@ local Socket = {}
 ---@return string|nil data, string|nil err "timeout", "closed" or why
 function Socket:read(max, timeout) end
 
+--- Up to max bytes (default 256 KiB) of what has come, never waiting.
+---@param max integer|nil
+---@return string|nil data, string|nil err "again" (nothing yet), "closed" or why
+function Socket:try_read(max) end
+
 --- Queue bytes; the loop writes them at the end of its pass.
 ---@param data string
 ---@return true|nil ok, string|nil err
@@ -570,12 +575,14 @@ function Watcher:next() end
 --- returns nil, "again" or nil, nil; any other result goes to
 --- after(ws, ...), which returns true to pump ws on. Returns nothing once
 --- the watcher is closed, or false, err (with a traceback), ws when pump or
---- after raised. Neither may wait.
+--- after raised. A socket of no connection goes to greet(sock), when
+--- given; false, err, nil, sock when that raised. None may wait.
 ---@param server {connections: table<duplex.core.Socket, any>}
 ---@param pump fun(ws: any): ...
 ---@param after fun(ws: any, ...): boolean
----@return false|nil, string|nil, any
-function Watcher:serve(server, pump, after) end
+---@param greet nil|fun(sock: duplex.core.Socket)
+---@return false|nil, string|nil, any, duplex.core.Socket|nil
+function Watcher:serve(server, pump, after, greet) end
 
 --- Every socket stops being watched, and next() returns nil.
 function Watcher:close() end
