@@ -73,6 +73,104 @@ describe("a callback route", function()
     end
   end)
 
+  it("hands on_message the request a handler gets, kept as one string until read", function()
+    -- the same request to a handler route and a callback one: every field
+    -- read back from the callback connection's packed request must be the
+    -- handler's (a differential oracle), and pairs(ws) must show it too
+    local function describe_request(req)
+      local t = {}
+      for _, k in ipairs { "method", "target", "path", "raw_query", "version", "host", "origin", "key",
+        "peer_address", "peer_port", "remote_address", "websocket", "upgrade" } do
+        t[k] = req[k]
+      end
+      t.query, t.headers, t.protocols, t.extensions = req.query, req.headers, req.protocols, req.extensions
+      return t
+    end
+    local seen = {}
+    local srv = listen { host = "127.0.0.1", port = 0, trusted_proxies = { "10.0.0.0/8" }, routes = {
+      ["/h"] = function(ws, req)
+        seen.handler = describe_request(req)
+        for m in ws:messages() do ws:send(m) end
+      end,
+      ["/c"] = { on_message = function(ws, m)
+        if m == "pairs" then
+          for k, v in pairs(ws) do if k == "request" then seen.pairs = v.method end end
+        else
+          seen.callback = describe_request(ws.request)
+          seen.same = rawequal(ws.request, ws.request)
+          ws.request.mine = true
+          seen.kept = ws.request.mine
+        end
+        ws:send(m)
+      end },
+    } }
+    local request_of = function(path)
+      return table.concat {
+        "GET ", path, "?a=1&b=two%20words&a=3 HTTP/1.1\r\n",
+        "Host: example.test:8080\r\nOrigin: https://app.example\r\nUpgrade: websocket\r\n",
+        "Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat, superchat\r\n",
+        "Sec-WebSocket-Extensions: x-unknown; a=1\r\nX-Twice: one\r\nx-twice: two\r\n",
+        "X-Forwarded-For: 203.0.113.9\r\n\r\n" }
+    end
+    local F = require "support.frames"
+    run(function()
+      for _, path in ipairs { "/h", "/c" } do
+        local sock = assert(core.connect { host = "127.0.0.1", port = srv.port })
+        sock:write(request_of(path))
+        local got = ""
+        repeat got = got .. assert(sock:read(nil, 2)) until got:find("\r\n\r\n", 1, true)
+        assert.matches("^HTTP/1.1 101", got)
+        for _, m in ipairs { "x", "pairs" } do
+          sock:write(F.build { op = "text", payload = m, key = "abcd" })
+          local echo_frame = F.build { op = "text", payload = m }
+          local back = got:sub(got:find("\r\n\r\n", 1, true) + 4)
+          got = "\r\n\r\n"
+          while #back < #echo_frame do back = back .. assert(sock:read(nil, 2)) end
+          assert.equal(echo_frame, back)
+        end
+        sock:close()
+      end
+    end)
+    assert.is_table(seen.handler)
+    assert.equal("/h", seen.handler.path)
+    assert.equal("/c", seen.callback.path)
+    assert.equal("/c?a=1&b=two%20words&a=3", seen.callback.target)
+    seen.handler.path, seen.handler.target, seen.callback.path, seen.callback.target = nil, nil, nil, nil
+    seen.handler.peer_port, seen.callback.peer_port = nil, nil -- two connections
+    assert.same(seen.handler, seen.callback)
+    assert.equal("two words", seen.callback.query.b)
+    assert.equal("one, two", seen.callback.headers["x-twice"])
+    assert.equal("127.0.0.1", seen.callback.peer_address)
+    assert.is_true(seen.same)
+    assert.is_true(seen.kept)
+    assert.equal("GET", seen.pairs)
+  end)
+
+  it("packs a request only when it holds nothing but what it came with", function()
+    local hs = core.handshake_server {}
+    local req = hs:feed("GET /x HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" ..
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    req.peer_address, req.peer_port = "::1", 4242
+    local ws = core.connection(setmetatable({}, { __index = {} }), false, false)
+    ws.request = req
+    assert.is_true(core.pack_request(ws))
+    assert.equal("/x", ws.request.path)
+    assert.equal(4242, ws.request.peer_port)
+    assert.is_nil(rawget(ws.request, "remote_address"))
+    ws.request.remote_address = "198.51.100.7" -- a trusted proxy's client
+    assert.is_true(core.pack_request(ws))
+    assert.equal("198.51.100.7", ws.request.remote_address)
+    assert.equal("::1", ws.request.peer_address)
+    assert.equal("h", ws.request.headers.host)
+    assert.is_false(core.pack_request(ws)) -- its headers table was made
+    req = ws.request
+    req.user = "alice"
+    assert.is_false(core.pack_request(ws))
+    assert.equal(req, ws.request)
+    assert.has_error(function() core.pack_request({}) end)
+  end)
+
   it("keeps no coroutine per open connection", function()
     local srv = recording_server()
     local before = core.loop_stats().coroutines

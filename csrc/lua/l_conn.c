@@ -45,6 +45,8 @@ typedef struct conn {
   uint8_t flag[NFLAGS];
   uint8_t has_fields; /* CV_FIELDS holds a table: a read of a field no
                          connection has needs not look there */
+  uint8_t packed_request; /* CV_REQUEST holds the request as one string
+                             (core.pack_request), its table made when read */
   lsock *sock;        /* CV_SOCK when it is one of our sockets, else NULL:
                          set with the slot, so the per-message path checks
                          its type once per connection, not per call */
@@ -112,6 +114,24 @@ static void push_other(lua_State *L, const conn *c, int idx, int k, int cls) {
 
 static const conn_names *names_up(lua_State *L) { return lua_touserdata(L, lua_upvalueindex(CU_NAMES)); }
 
+/* Push user value n of the connection at idx, made when first read (the
+ * application's table, the request's from its string). */
+static void push_slot(lua_State *L, conn *c, int idx, int n) {
+  int t = lua_getiuservalue(L, idx, n);
+  if (t == LUA_TNIL && n == CV_DATA) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+  } else if (n == CV_REQUEST && c->packed_request) {
+    dx_request_unpack(L, -1);
+    lua_remove(L, -2);
+    c->packed_request = 0;
+  } else {
+    return;
+  }
+  lua_pushvalue(L, -1);
+  lua_setiuservalue(L, idx, n);
+}
+
 /* __index(ws, k) */
 static int conn_index(lua_State *L) {
   conn *c = check_conn(L, 1);
@@ -124,11 +144,7 @@ static int conn_index(lua_State *L) {
     else
       lua_pushboolean(L, c->flag[f]);
   } else if (n) {
-    if (lua_getiuservalue(L, 1, n) == LUA_TNIL && n == CV_DATA) {
-      lua_newtable(L);
-      lua_pushvalue(L, -1);
-      lua_setiuservalue(L, 1, CV_DATA);
-    }
+    push_slot(L, c, 1, n);
   } else {
     push_other(L, c, 1, 2, lua_upvalueindex(CU_CLASS));
   }
@@ -157,6 +173,7 @@ static int conn_newindex(lua_State *L) {
   }
   if (n) {
     if (n == CV_SOCK) c->sock = luaL_testudata(L, 3, DX_SOCK_MT);
+    if (n == CV_REQUEST) c->packed_request = 0;
     lua_setiuservalue(L, 1, n);
     return 0;
   }
@@ -205,6 +222,10 @@ static int conn_pairs(lua_State *L) {
     if (lua_getiuservalue(L, 1, i + 1) == LUA_TNIL) {
       lua_pop(L, 1);
       continue;
+    }
+    if (i + 1 == CV_REQUEST && c->packed_request) {
+      lua_pop(L, 1);
+      push_slot(L, c, 1, CV_REQUEST);
     }
     lua_pushstring(L, nm->slot[i]);
     lua_insert(L, -2);
@@ -557,10 +578,30 @@ static int l_fast_next(lua_State *L) {
   return 1;
 }
 
+/* core.pack_request(ws) -> true | false: ws keeps its request as one
+ * string until it is read (dx_request_pack), unless it holds more than it
+ * came with. For a connection whose request nobody has been handed. */
+static int l_pack_request(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  if (c->packed_request) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_getiuservalue(L, 1, CV_REQUEST);
+  int packed = dx_request_pack(L, -1);
+  if (packed) {
+    lua_setiuservalue(L, 1, CV_REQUEST);
+    c->packed_request = 1;
+  }
+  lua_pushboolean(L, packed);
+  return 1;
+}
+
 void dx_open_conn(lua_State *L) {
   static const luaL_Reg funcs[] = {
       {"fast_send", l_fast_send},
       {"fast_next", l_fast_next},
+      {"pack_request", l_pack_request},
       {NULL, NULL},
   };
   dx_setfuncs(L, funcs);

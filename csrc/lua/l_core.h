@@ -25,6 +25,10 @@ void dx_open_fd(lua_State *L);        /* l_fd.c: reading stdin and other fds */
 void dx_open_watch(lua_State *L);     /* l_watch.c: connections served by callbacks */
 /* l_watch.c: a message handler for lua_pcall, the message with a traceback */
 int dx_lua_traceback(lua_State *L);
+/* l_handshake.c: a request table as one string (1 pushed), or 0 when it
+ * holds the application's fields; and the table again */
+int dx_request_pack(lua_State *L, int idx);
+void dx_request_unpack(lua_State *L, int idx);
 void dx_open_conn(lua_State *L);     /* l_conn.c: a connection's send and messages() step */
 void dx_open_fanout(lua_State *L);    /* l_fanout.c: one frame queued on many connections */
 void dx_open_pmd(lua_State *L);       /* l_pmd.c: permessage-deflate negotiation */

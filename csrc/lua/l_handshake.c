@@ -544,6 +544,134 @@ static void push_request(lua_State *L, const dx_http_msg *m) {
   }
 }
 
+/* ---- a request kept as one string ----
+ * A callback connection whose request nobody has seen yet keeps it as one
+ * string -- method, target, version, peer, flags, then the packed headers,
+ * each ended by a NUL -- and the connection makes the table again when it
+ * is first read (l_conn.c): about half the bytes of the table and its
+ * strings, on every idle connection that never reads it. Only a request
+ * with nothing but the fields it came with is packed: the application's
+ * own stay in their table. */
+/* Whether key k is one a request has on its way to its connection (one
+ * comparison per key, by length first: this runs once per connection). */
+static int is_request_field(lua_State *L, int k) {
+  if (lua_type(L, k) == LUA_TLIGHTUSERDATA) return lua_touserdata(L, k) == &HEADERS_KEY;
+  if (lua_type(L, k) != LUA_TSTRING) return 0;
+  size_t n;
+  const char *s = lua_tolstring(L, k, &n);
+#define IS(word) (n == sizeof word - 1 && memcmp(s, word, n) == 0)
+  switch (n) {
+  case 5: return IS("query");
+  case 6: return IS("method") || IS("target");
+  case 7: return IS("version") || IS("upgrade");
+  case 9: return IS("raw_query") || IS("websocket") || IS("peer_port") || IS("protocols");
+  case 10: return IS("extensions");
+  case 12: return IS("peer_address");
+  case 14: return IS("remote_address");
+  default: return 0;
+  }
+#undef IS
+}
+
+static int raw_field_of(lua_State *L, int t, const char *name) {
+  lua_pushstring(L, name);
+  return lua_rawget(L, t);
+}
+
+/* Push the string of the request table at idx: 1, or 0 (nothing pushed)
+ * when it holds more than it came with. (The derived tables -- protocols,
+ * extensions, query -- are made again from it.) */
+int dx_request_pack(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) != LUA_TTABLE) return 0;
+  int base = lua_gettop(L);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    lua_pop(L, 1);
+    if (!is_request_field(L, -1)) {
+      lua_settop(L, base);
+      return 0;
+    }
+  }
+  /* raw reads: the derived fields (remote_address...) are not stored */
+  static const char *const strings[] = {"method", "target", "version", "peer_address"};
+  for (int i = 0; i < 4; i++)
+    if (raw_field_of(L, idx, strings[i]) != LUA_TSTRING) goto no;
+  if (lua_rawgetp(L, idx, &HEADERS_KEY) != LUA_TSTRING) goto no;
+  raw_field_of(L, idx, "peer_port");
+  if (lua_type(L, -1) != LUA_TNUMBER) goto no;
+  int remote = raw_field_of(L, idx, "remote_address") != LUA_TNIL; /* base + 7 */
+  if (remote && lua_type(L, -1) != LUA_TSTRING) goto no;
+  raw_field_of(L, idx, "websocket");
+  raw_field_of(L, idx, "upgrade");
+  char flags[4] = {remote ? 'r' : '-', lua_toboolean(L, -2) ? 'w' : '-', lua_toboolean(L, -1) ? 'u' : '-', '\0'};
+  lua_pop(L, 2);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  for (int i = 1; i <= 4; i++) {
+    size_t n;
+    const char *v = lua_tolstring(L, base + i, &n);
+    luaL_addlstring(&b, v, n);
+    luaL_addchar(&b, '\0');
+  }
+  char port[24], *d = port + sizeof port;
+  unsigned long long pv = (unsigned long long)lua_tointeger(L, base + 6) & 0xffff;
+  *--d = '\0';
+  do *--d = (char)('0' + pv % 10); while ((pv /= 10) != 0);
+  luaL_addlstring(&b, d, (size_t)(port + sizeof port - d));
+  luaL_addlstring(&b, flags, sizeof flags);
+  if (remote) {
+    size_t n;
+    const char *v = lua_tolstring(L, base + 7, &n);
+    luaL_addlstring(&b, v, n);
+  }
+  luaL_addchar(&b, '\0');
+  size_t hn;
+  const char *h = lua_tolstring(L, base + 5, &hn);
+  luaL_addlstring(&b, h, hn);
+  luaL_pushresult(&b);
+  lua_replace(L, base + 1);
+  lua_settop(L, base + 1);
+  return 1;
+no:
+  lua_settop(L, base);
+  return 0;
+}
+
+/* Push the request table of the string at idx (dx_request_pack's). */
+void dx_request_unpack(lua_State *L, int idx) {
+  size_t n;
+  const char *p = lua_tolstring(L, idx, &n), *end = p + n;
+  const char *part[7];
+  for (int i = 0; i < 7; i++) { /* method target version peer port flags remote */
+    part[i] = p;
+    p += strlen(p) + 1;
+  }
+  lua_createtable(L, 0, 8);
+  luaL_setmetatable(L, REQUEST_MT);
+  static const char *const names[] = {"method", "target", "version", "peer_address"};
+  for (int i = 0; i < 4; i++) {
+    lua_pushstring(L, part[i]);
+    lua_setfield(L, -2, names[i]);
+  }
+  dx_str target = {part[1], strlen(part[1])}, path, query;
+  dx_http_split_target(target, &path, &query);
+  push_str(L, query);
+  lua_setfield(L, -2, "raw_query");
+  lua_pushinteger(L, (lua_Integer)strtoll(part[4], NULL, 10));
+  lua_setfield(L, -2, "peer_port");
+  if (part[5][0] == 'r') {
+    lua_pushstring(L, part[6]);
+    lua_setfield(L, -2, "remote_address");
+  }
+  lua_pushboolean(L, part[5][1] == 'w');
+  lua_setfield(L, -2, "websocket");
+  lua_pushboolean(L, part[5][2] == 'u');
+  lua_setfield(L, -2, "upgrade");
+  lua_pushlstring(L, p, (size_t)(end - p));
+  lua_rawsetp(L, -2, &HEADERS_KEY);
+}
+
 /* hs:feed(data) -> nil | req | nil, status, message */
 static int l_server_feed(lua_State *L) {
   hs_server *s = check_server(L);

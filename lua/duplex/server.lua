@@ -219,8 +219,10 @@ local function greet(self, sock)
     return core.spawn(task, self, sock, respond, sock, refusal.status, refusal.headers, refusal.body)
   end
   self.sockets[sock], self.connections[sock] = nil, ws
-  if route.on_message then return watch(self, ws) end
-  core.spawn(self._start_handler, sock)
+  if not route.on_message then return core.spawn(self._start_handler, sock) end
+  -- nobody has seen the request: it waits as one string until read
+  core.pack_request(ws)
+  watch(self, ws)
 end
 
 -- Plain handshakes that outlive handshake_timeout are dropped (a client

@@ -67,6 +67,14 @@ function core.call_nowait(fn, ...) end
 ---@return duplex.WebSocket
 function core.connection(class, sock, engine) end
 
+--- Keep ws.request as one string until it is read (then the table is made
+--- again, field for field); false when the request holds more than it
+--- came with (the application's fields, a headers table made). For a
+--- connection whose request nobody has been handed yet.
+---@param ws duplex.WebSocket
+---@return boolean packed
+function core.pack_request(ws) end
+
 --- For duplex.callbacks: ws.sock:pump(ws.engine, ws.high_water,
 --- ws.low_water, on_message, ws) with the on_message of ws's route
 --- (ws._route), reading those fields in C; nothing once ws is closed.
