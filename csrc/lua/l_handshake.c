@@ -700,6 +700,18 @@ static int l_server_rest(lua_State *L) {
   return push_rest(L);
 }
 
+/* hs:reset(): ready for the next request, with the same limits (a server
+ * keeps one for the next connection instead of making one each time) */
+static int l_server_reset(lua_State *L) {
+  hs_server *s = luaL_checkudata(L, 1, SERVER_MT);
+  dx_http_parser_free(&s->p);
+  dx_http_parser_init(&s->p, DX_HTTP_REQUEST, s->p.max_size, s->p.max_headers);
+  s->closed = 0;
+  lua_pushnil(L);
+  lua_setiuservalue(L, 1, UV_REST);
+  return 0;
+}
+
 static int l_server_close(lua_State *L) {
   hs_server *s = luaL_checkudata(L, 1, SERVER_MT);
   dx_http_parser_free(&s->p);
@@ -932,7 +944,7 @@ static int l_http_response(lua_State *L) {
 /* ---------------------------------------------------------------------- */
 
 static const luaL_Reg server_methods[] = {
-    {"feed", l_server_feed}, {"rest", l_server_rest}, {"close", l_server_close}, {NULL, NULL}};
+    {"feed", l_server_feed}, {"rest", l_server_rest}, {"reset", l_server_reset}, {"close", l_server_close}, {NULL, NULL}};
 
 static const luaL_Reg client_methods[] = {{"feed", l_client_feed},     {"rest", l_client_rest},
                                           {"request", l_client_request}, {"key", l_client_key},

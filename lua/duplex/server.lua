@@ -10,6 +10,10 @@ local options = require "duplex.options"
 
 local now, call_nowait = core.now, core.call_nowait
 
+-- Parsers kept for the next plain handshakes: a burst of accepts takes
+-- several before the first of them is read.
+local SPARE_PARSERS = 16
+
 local server = {}
 
 ---@class duplex.Server
@@ -218,6 +222,12 @@ local function greet(self, sock)
   if not ws then
     return core.spawn(task, self, sock, respond, sock, refusal.status, refusal.headers, refusal.body)
   end
+  -- done with (its rest is the engine's): a next handshake's
+  local spare = self._parsers
+  if #spare < SPARE_PARSERS then
+    hs:reset()
+    spare[#spare + 1] = hs
+  end
   self.sockets[sock], self.connections[sock] = nil, ws
   if not route.on_message then return core.spawn(self._start_handler, sock) end
   -- nobody has seen the request: it waits as one string until read
@@ -253,7 +263,13 @@ local function admit(self, sock, ip, port)
     self.sockets[sock] = true
     return core.spawn(task, self, sock, serve, self, sock, ip, port)
   end
-  self.sockets[sock] = core.handshake_server(self)
+  local spare = self._parsers
+  local n = #spare
+  if n > 0 then
+    self.sockets[sock], spare[n] = spare[n], nil
+  else
+    self.sockets[sock] = core.handshake_server(self)
+  end
   self.deadlines[sock] = now() + self.handshake_timeout
   if not self._expiring then self._expiring = core.spawn(expire, self) end
   if not sock:watch(self.watcher) then release(self, sock) end
@@ -315,6 +331,7 @@ function server.listen(opts)
     sockets = {},     -- sock -> its handshake's parser (plain), or true
     connections = {}, -- sock -> ws
     deadlines = {},   -- sock -> when its plain handshake is dropped
+    _parsers = {},    -- handshake parsers done with, for the next ones
   }, Server)
   self._log_error = function(msg) self.log("error", msg) end
   self._task_ended = function(sock, ok, err) return task_ended(self, sock, ok, err) end

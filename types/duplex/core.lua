@@ -634,6 +634,9 @@ function HandshakeServer:feed(data) end
 ---@return string
 function HandshakeServer:rest() end
 
+--- Ready for the next request, with the same limits.
+function HandshakeServer:reset() end
+
 --- Free the parser.
 function HandshakeServer:close() end
 
