@@ -475,6 +475,27 @@ describe("limits and misbehaving peers", function()
     assert.equal(0, srv.count)
   end)
 
+  it("serves a client while a burst of silent handshakes waits, then drops them all in time", function()
+    local srv = listen { handshake_timeout = 0.5, on_message = function(ws, m, k) ws:send(m, k) end }
+    local got, count_while, count_after = run(function()
+      local silent = {}
+      for i = 1, 200 do silent[i] = assert(core.connect { host = "127.0.0.1", port = srv.port }) end
+      silent[1]:write("GET / HTTP/1.1\r\n") -- and one that stops half way
+      core.sleep(0.1)
+      local n = srv.count
+      local ws = assert(duplex.connect(srv:url("/"), { timeout = 2 }))
+      ws:send("probe")
+      local m = ws:receive(2)
+      ws:close()
+      core.sleep(1.2)
+      for _, s in ipairs(silent) do s:close() end
+      return m, n, srv.count
+    end)
+    assert.equal("probe", got)
+    assert.equal(200, count_while)
+    assert.equal(0, count_after)
+  end)
+
   it("refuses connections past max_connections with 503", function()
     local srv = listen { max_connections = 2, handler = echo }
     local a = assert(duplex.connect(srv:url("/")))

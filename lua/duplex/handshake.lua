@@ -109,6 +109,13 @@ local function choose_protocol(route, req)
   return nil
 end
 
+-- read_request's result for the bytes fed to hs, or nil while incomplete
+local function fed(hs, data)
+  local req, status, msg = hs:feed(data)
+  if req then return { request = req, parser = hs } end
+  if status then return { status = status, error = msg } end
+end
+
 --- Server side: read an upgrade request from src (anything with
 --- src:read(max, timeout): our sockets, duplex.transport streams) until
 --- deadline, after data, bytes of it already read. One result, whichever
@@ -122,13 +129,6 @@ end
 ---@param deadline number core.now() time
 ---@param data string|nil
 ---@return duplex.RequestRead
--- read_request's result for the bytes fed to hs, or nil while incomplete
-local function fed(hs, data)
-  local req, status, msg = hs:feed(data)
-  if req then return { request = req, parser = hs } end
-  if status then return { status = status, error = msg } end
-end
-
 function handshake.read_request(src, limits, deadline, data)
   -- the parser reads its two limits from limits itself: no table per request
   local hs = core.handshake_server(limits)
