@@ -8,6 +8,7 @@
 #include "dx_proto.h"
 
 #include <openssl/rand.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "dx_mask.h"
@@ -30,11 +31,28 @@ void dx_proto_init(dx_proto *p, const dx_config *cfg) {
   p->state = DX_STATE_OPEN;
 }
 
+static void free_bufs(dx_proto *p) {
+  dx_proto_bufs *b = p->bufs;
+  if (!b) return;
+  dx_buf_free(&b->msg);
+  dx_buf_free(&b->ctl);
+  dx_buf_free(&b->pend);
+  free(b);
+  p->bufs = NULL;
+}
+
+/* The buffers, made when first needed; NULL when memory runs out. */
+static dx_proto_bufs *bufs(dx_proto *p) {
+  if (!p->bufs) p->bufs = calloc(1, sizeof *p->bufs);
+  return p->bufs;
+}
+
+static size_t msg_size(const dx_proto *p) { return p->bufs ? dx_buf_size(&p->bufs->msg) : 0; }
+static size_t ctl_size(const dx_proto *p) { return p->bufs ? dx_buf_size(&p->bufs->ctl) : 0; }
+
 void dx_proto_release(dx_proto *p) {
   dx_out_free(&p->out);
-  dx_buf_free(&p->msg);
-  dx_buf_free(&p->ctl);
-  dx_buf_free(&p->pend);
+  free_bufs(p);
   if (p->pmd) dx_pmd_free(p->pmd);
   p->pmd = NULL;
   p->on_output = NULL;
@@ -49,19 +67,22 @@ void dx_proto_shrink(dx_proto *p) {
     dx_buf_shrink(dx_pmd_scratch(p->pmd, DX_PMD_INFLATED));
     dx_buf_shrink(dx_pmd_scratch(p->pmd, DX_PMD_DEFLATED));
   }
+  dx_proto_bufs *b = p->bufs;
+  if (!b) return;
   /* msg and ctl may hold a message being reassembled, or the bytes of the
    * last event */
-  if (!p->release_msg) dx_buf_shrink(&p->msg);
-  if (!p->release_ctl) dx_buf_shrink(&p->ctl);
+  if (!p->release_msg) dx_buf_shrink(&b->msg);
+  if (!p->release_ctl) dx_buf_shrink(&b->ctl);
   /* parsed to the end, pend holds nothing needed (its off is not kept
    * up to date while the parser reads from it) */
-  if (p->in_len == 0) dx_buf_free(&p->pend);
+  if (p->in_len == 0) dx_buf_free(&b->pend);
+  if (!b->msg.data && !b->ctl.data && !b->pend.data && !p->release_msg && !p->release_ctl) free_bufs(p);
 }
 
 int dx_proto_holding(const dx_proto *p) {
   if (p->pmd && (dx_pmd_scratch(p->pmd, DX_PMD_INFLATED)->data || dx_pmd_scratch(p->pmd, DX_PMD_DEFLATED)->data))
     return 1;
-  return p->out.bytes.data || p->out.refs || p->msg.data || p->ctl.data || p->pend.data;
+  return p->out.bytes.data || p->out.refs || p->bufs;
 }
 
 int dx_random(uint8_t *out, size_t n) { return RAND_bytes(out, (int)n) == 1 ? 0 : -1; }
@@ -295,20 +316,23 @@ static int auto_pong(dx_proto *p, const uint8_t *data, size_t n) {
 /* --------------------------------------------------------------- receive */
 
 static int input_in_pend(const dx_proto *p) {
-  return p->pend.data && p->in >= p->pend.data && p->in < p->pend.data + p->pend.len;
+  const dx_buf *pend = p->bufs ? &p->bufs->pend : NULL;
+  return pend && pend->data && p->in >= pend->data && p->in < pend->data + pend->len;
 }
 
 /* Move the unparsed input into pend (unless it is there already). */
 static int keep_input(dx_proto *p) {
   if (p->in_len == 0) return 0;
   if (input_in_pend(p)) {
-    p->pend.off = (size_t)(p->in - p->pend.data); /* drop the parsed prefix */
+    p->bufs->pend.off = (size_t)(p->in - p->bufs->pend.data); /* drop the parsed prefix */
     return 0;
   }
+  dx_proto_bufs *b = bufs(p);
+  if (!b) return -1;
   /* pend's old bytes were used up when in moved to the caller's memory */
-  dx_buf_clear(&p->pend);
-  if (dx_buf_append(&p->pend, p->in, p->in_len)) return -1;
-  p->in = dx_buf_head(&p->pend);
+  dx_buf_clear(&b->pend);
+  if (dx_buf_append(&b->pend, p->in, p->in_len)) return -1;
+  p->in = dx_buf_head(&b->pend);
   return 0;
 }
 
@@ -323,11 +347,12 @@ void dx_proto_keep(dx_proto *p) {
 
 /* Append n bytes behind the unparsed input, all of it in pend. */
 static void feed_pend(dx_proto *p, const uint8_t *data, size_t n) {
-  if (keep_input(p)) return input_nomem(p);
-  if (p->in_len == 0) dx_buf_clear(&p->pend);
-  if (dx_buf_append(&p->pend, data, n)) return input_nomem(p);
-  p->in = dx_buf_head(&p->pend);
-  p->in_len = dx_buf_size(&p->pend);
+  dx_proto_bufs *b;
+  if (keep_input(p) || !(b = bufs(p))) return input_nomem(p);
+  if (p->in_len == 0) dx_buf_clear(&b->pend);
+  if (dx_buf_append(&b->pend, data, n)) return input_nomem(p);
+  p->in = dx_buf_head(&b->pend);
+  p->in_len = dx_buf_size(&b->pend);
 }
 
 void dx_proto_feed(dx_proto *p, uint8_t *data, size_t n) {
@@ -516,15 +541,16 @@ static int on_control(dx_proto *p, dx_event *ev, const uint8_t *data, size_t n) 
 static int read_control(dx_proto *p, dx_event *ev) {
   size_t n;
   uint8_t *chunk = take_payload(p, &n);
-  if (p->fh_left == 0 && dx_buf_size(&p->ctl) == 0) {
+  if (p->fh_left == 0 && ctl_size(p) == 0) {
     p->in_frame = 0;
     return on_control(p, ev, chunk, n);
   }
-  if (dx_buf_append(&p->ctl, chunk, n)) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
+  dx_proto_bufs *b = bufs(p);
+  if (!b || dx_buf_append(&b->ctl, chunk, n)) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
   if (p->fh_left) return DX_EV_NONE;
   p->in_frame = 0;
   p->release_ctl = 1;
-  return on_control(p, ev, dx_buf_head(&p->ctl), dx_buf_size(&p->ctl));
+  return on_control(p, ev, dx_buf_head(&b->ctl), dx_buf_size(&b->ctl));
 }
 
 /* Check new message bytes against the size limit and, for text, UTF-8 (as
@@ -593,11 +619,8 @@ static int read_data(dx_proto *p, dx_event *ev) {
   if (frame_done) p->in_frame = 0;
   if (p->cfg.streaming) return read_data_streaming(p, ev, chunk, n, last);
 
-  size_t before = dx_buf_size(&p->msg);
-  if (p->msg_compressed) {
-    int rc = dx_pmd_inflate(p->pmd, chunk, n, last, &p->msg, p->cfg.max_message);
-    if (rc) return inflate_error(p, ev, rc);
-  } else if (last && whole_frame && before == 0) {
+  size_t before = msg_size(p);
+  if (!p->msg_compressed && last && whole_frame && before == 0) {
     /* The common case: a whole message in one frame inside this read. It
      * is handed out from the caller's buffer, without a copy. */
     if (check_data(p, ev, chunk, n, 1)) return DX_EV_ERROR;
@@ -607,25 +630,32 @@ static int read_data(dx_proto *p, dx_event *ev) {
     ev->data = chunk;
     ev->len = n;
     return DX_EV_MESSAGE;
-  } else if (p->msg.data && chunk == p->msg.data + p->msg.len) {
-    p->msg.len += n; /* the host read them in place (dx_proto_read_room) */
+  }
+  dx_proto_bufs *b = bufs(p);
+  if (!b) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
+  dx_buf *msg = &b->msg;
+  if (p->msg_compressed) {
+    int rc = dx_pmd_inflate(p->pmd, chunk, n, last, msg, p->cfg.max_message);
+    if (rc) return inflate_error(p, ev, rc);
+  } else if (msg->data && chunk == msg->data + msg->len) {
+    msg->len += n; /* the host read them in place (dx_proto_read_room) */
   } else {
     size_t ahead = frame_done ? 0 : prealloc_ahead(p);
     if (n + ahead > 0) {
-      if (!dx_buf_reserve(&p->msg, n + ahead)) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
-      memcpy(p->msg.data + p->msg.len, chunk, n);
-      p->msg.len += n;
+      if (!dx_buf_reserve(msg, n + ahead)) return fail(p, ev, DX_CLOSE_INTERNAL, "out of memory");
+      memcpy(msg->data + msg->len, chunk, n);
+      msg->len += n;
     }
   }
-  size_t after = dx_buf_size(&p->msg);
-  if (check_data(p, ev, dx_buf_head(&p->msg) + before, after - before, last)) return DX_EV_ERROR;
+  size_t after = dx_buf_size(msg);
+  if (check_data(p, ev, dx_buf_head(msg) + before, after - before, last)) return DX_EV_ERROR;
   if (!last) return DX_EV_NONE;
   int opcode = p->msg_opcode;
   message_done(p);
   p->release_msg = 1;
   ev->type = DX_EV_MESSAGE;
   ev->opcode = opcode;
-  ev->data = dx_buf_head(&p->msg);
+  ev->data = dx_buf_head(msg);
   ev->len = after;
   return DX_EV_MESSAGE;
 }
@@ -643,7 +673,8 @@ uint8_t *dx_proto_read_room(dx_proto *p, size_t *room) {
   *room = 0;
   if (!payload_bound_for_msg(p)) return NULL;
   size_t ahead = prealloc_ahead(p);
-  uint8_t *dst = dx_buf_reserve(&p->msg, ahead);
+  dx_proto_bufs *b = bufs(p);
+  uint8_t *dst = b ? dx_buf_reserve(&b->msg, ahead) : NULL;
   if (!dst) return NULL; /* the copying path reports it */
   *room = ahead;
   return dst;
@@ -651,12 +682,13 @@ uint8_t *dx_proto_read_room(dx_proto *p, size_t *room) {
 
 void dx_proto_done(dx_proto *p) {
   /* The last event's bytes are done with; a message under assembly is not. */
+  /* (both are set only once bufs is made) */
   if (p->release_msg) {
-    dx_buf_consume(&p->msg, dx_buf_size(&p->msg));
+    dx_buf_consume(&p->bufs->msg, dx_buf_size(&p->bufs->msg));
     p->release_msg = 0;
   }
   if (p->release_ctl) {
-    dx_buf_consume(&p->ctl, dx_buf_size(&p->ctl));
+    dx_buf_consume(&p->bufs->ctl, dx_buf_size(&p->bufs->ctl));
     p->release_ctl = 0;
   }
 }
@@ -678,6 +710,6 @@ int dx_proto_next(dx_proto *p, dx_event *ev) {
   }
   /* Input used up: nothing may point into the caller's buffer any more. */
   p->in_len = 0;
-  if (dx_buf_size(&p->pend)) dx_buf_consume(&p->pend, dx_buf_size(&p->pend));
+  if (p->bufs && dx_buf_size(&p->bufs->pend)) dx_buf_consume(&p->bufs->pend, dx_buf_size(&p->bufs->pend));
   return DX_EV_NONE;
 }

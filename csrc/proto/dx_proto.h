@@ -57,16 +57,17 @@ enum dx_event_type {
 #define DX_CLOSE_TOO_BIG 1009
 #define DX_CLOSE_INTERNAL 1011
 
+/* Every engine holds a copy: the flags are bytes, after the sizes. */
 typedef struct dx_config {
-  int role;             /* DX_ROLE_SERVER or DX_ROLE_CLIENT */
   uint64_t max_frame;   /* largest frame payload accepted; 0 = max_message */
   uint64_t max_message; /* largest message (after inflation); default 16 MiB */
-  int streaming;        /* deliver DX_EV_FRAGMENT pieces instead of whole messages */
-  int auto_pong;        /* answer pings by itself (default 1) */
   /* Output limit: a frame queued while more than this many bytes wait in
    * out fails the connection (a peer that does not read). 0: no limit. One
    * frame may pass the limit, so out stays under max_pending + one frame. */
   uint64_t max_pending;
+  uint8_t role;         /* DX_ROLE_SERVER or DX_ROLE_CLIENT */
+  uint8_t streaming;    /* deliver DX_EV_FRAGMENT pieces instead of whole messages */
+  uint8_t auto_pong;    /* answer pings by itself (default 1) */
 } dx_config;
 
 #define DX_DEFAULT_MAX_MESSAGE (16u << 20)
@@ -99,6 +100,18 @@ typedef struct dx_proto dx_proto;
 typedef struct dx_proto_stats {
   uint64_t frames_in, frames_out, messages_in, messages_out;
 } dx_proto_stats;
+
+/* What only some input needs: a message split across reads or frames, a
+ * control payload split across reads, fed bytes the engine must keep. Apart
+ * from the engine, made when one of them is first needed and given back
+ * when the connection goes quiet (dx_proto_shrink): an idle engine holds a
+ * pointer instead of three buffers. */
+typedef struct dx_proto_bufs {
+  dx_buf msg;  /* reassembly of a message */
+  dx_buf ctl;  /* control frame payload split across reads */
+  dx_buf pend; /* fed bytes the engine owns (dx_proto_keep, or feed
+                  called before next() used up the previous ones) */
+} dx_proto_bufs;
 
 struct dx_proto {
   dx_config cfg;
@@ -135,20 +148,18 @@ struct dx_proto {
   uint8_t msg_opcode;     /* TEXT/BINARY of the open message, 0 when none */
   uint8_t msg_compressed; /* RSV1 set on the message's first frame */
   uint8_t msg_first_out;  /* streaming: next FRAGMENT is the first */
-  uint64_t msg_size;  /* payload bytes of the open message so far */
-  uint32_t utf8;      /* UTF-8 validator state for the open text message */
-  dx_buf msg;         /* reassembly of a message or of a control frame */
-  dx_buf pend;        /* fed bytes the engine owns (dx_proto_keep, or feed
-                         called before next() used up the previous ones) */
   /* The last event pointed into msg (a reassembled message) or into ctl (a
    * control payload split across reads): clear that one on the next call.
    * Separate flags, since a control frame may arrive in the middle of a
    * fragmented message whose assembly must go on. */
   uint8_t release_msg, release_ctl;
   uint8_t failed;         /* a protocol error was reported; input is ignored */
+  uint64_t msg_size;  /* payload bytes of the open message so far */
+  uint32_t utf8;      /* UTF-8 validator state for the open text message */
   uint8_t nomem;          /* keeping input failed: report it as an error */
   uint8_t pending_close_event; /* close frame parsed, event not yet delivered */
   uint16_t peer_close_code;
+  dx_proto_bufs *bufs; /* made when first needed, freed when quiet */
 
   /* --- send side (private) --- */
   uint32_t send_utf8;      /* UTF-8 state of an open outgoing text message */
@@ -160,7 +171,6 @@ struct dx_proto {
    * only by control frames, split frames and compression: a busy server
    * with thousands of connections reads each engine from memory, and
    * these fields kept apart cost it two cache lines fewer per message. */
-  dx_buf ctl;         /* control frame payload split across reads */
   /* Our automatic pong still waiting in out, as stream positions
    * [pong_start, pong_end); pong_end == 0 when none. A ping that arrives
    * while it is unwritten and last in out replaces it (RFC 6455 §5.5.3:
