@@ -4,7 +4,7 @@
 
 /* Inline bytes that go before the next reference (or all of them). */
 static size_t inline_run(const dx_out *o, size_t head, uint64_t done) {
-  if (head < o->nrefs) return (size_t)(o->refs[head].at - done);
+  if (o->refs && head < o->refs->n) return (size_t)(o->refs->item[head].at - done);
   return (size_t)(o->bytes_done + dx_buf_size(&o->bytes) - done);
 }
 
@@ -15,23 +15,29 @@ void dx_out_commit(dx_out *o, size_t n) {
   o->total += n;
 }
 
-int dx_out_ref(dx_out *o, const uint8_t *data, size_t n, uint64_t id) {
-  if (o->nrefs == o->ref_cap) {
-    if (o->ref_head > 0) { /* slide the live ones down first */
-      size_t live = o->nrefs - o->ref_head;
-      for (size_t i = 0; i < live; i++) o->refs[i] = o->refs[o->ref_head + i];
-      o->ref_head = 0;
-      o->nrefs = live;
-    }
-    if (o->nrefs == o->ref_cap) {
-      size_t cap = o->ref_cap ? o->ref_cap * 2 : 4;
-      dx_outref *r = realloc(o->refs, cap * sizeof *r);
-      if (!r) return -1;
-      o->refs = r;
-      o->ref_cap = cap;
-    }
+/* Room for one more reference: NULL when memory runs out. */
+static dx_outrefs *ref_room(dx_out *o) {
+  dx_outrefs *r = o->refs;
+  if (r && r->n < r->cap) return r;
+  if (r && r->head > 0) { /* slide the live ones down first */
+    size_t live = r->n - r->head;
+    for (size_t i = 0; i < live; i++) r->item[i] = r->item[r->head + i];
+    r->head = 0;
+    r->n = live;
+    return r;
   }
-  o->refs[o->nrefs++] = (dx_outref){o->bytes_done + dx_buf_size(&o->bytes), data, n, id};
+  size_t cap = r ? r->cap * 2 : 4;
+  dx_outrefs *g = realloc(r, sizeof *g + cap * sizeof g->item[0]);
+  if (!g) return NULL;
+  if (!r) g->head = g->n = g->off = 0;
+  g->cap = cap;
+  return o->refs = g;
+}
+
+int dx_out_ref(dx_out *o, const uint8_t *data, size_t n, uint64_t id) {
+  dx_outrefs *r = ref_room(o);
+  if (!r) return -1;
+  r->item[r->n++] = (dx_outref){o->bytes_done + dx_buf_size(&o->bytes), data, n, id};
   o->ref_bytes += n;
   o->total += n;
   return 0;
@@ -43,7 +49,8 @@ void dx_out_truncate(dx_out *o, size_t n) {
 }
 
 size_t dx_out_spans(const dx_out *o, dx_span *spans, size_t max) {
-  size_t k = 0, head = o->ref_head, off = o->ref_off;
+  const dx_outrefs *refs = o->refs;
+  size_t k = 0, head = refs ? refs->head : 0, off = refs ? refs->off : 0;
   uint64_t done = o->bytes_done;
   const uint8_t *p = dx_buf_head(&o->bytes);
   while (k < max) {
@@ -54,8 +61,8 @@ size_t dx_out_spans(const dx_out *o, dx_span *spans, size_t max) {
       done += run;
       if (k == max) break;
     }
-    if (head >= o->nrefs) break;
-    const dx_outref *r = &o->refs[head++];
+    if (!refs || head >= refs->n) break;
+    const dx_outref *r = &refs->item[head++];
     spans[k++] = (dx_span){r->data + off, r->len - off};
     off = 0;
   }
@@ -63,8 +70,9 @@ size_t dx_out_spans(const dx_out *o, dx_span *spans, size_t max) {
 }
 
 void dx_out_consume(dx_out *o, size_t n) {
+  dx_outrefs *refs = o->refs;
   while (n > 0) {
-    size_t run = inline_run(o, o->ref_head, o->bytes_done);
+    size_t run = inline_run(o, refs ? refs->head : 0, o->bytes_done);
     if (run > 0) {
       size_t k = run < n ? run : n;
       dx_buf_consume(&o->bytes, k);
@@ -72,26 +80,25 @@ void dx_out_consume(dx_out *o, size_t n) {
       n -= k;
       continue;
     }
-    if (o->ref_head >= o->nrefs) break; /* more than was queued */
-    dx_outref *r = &o->refs[o->ref_head];
-    size_t left = r->len - o->ref_off, k = left < n ? left : n;
-    o->ref_off += k;
+    if (!refs || refs->head >= refs->n) break; /* more than was queued */
+    dx_outref *r = &refs->item[refs->head];
+    size_t left = r->len - refs->off, k = left < n ? left : n;
+    refs->off += k;
     o->ref_bytes -= k;
     n -= k;
-    if (o->ref_off == r->len) {
+    if (refs->off == r->len) {
       o->released = r->id;
-      o->ref_off = 0;
-      if (++o->ref_head == o->nrefs) o->ref_head = o->nrefs = 0;
+      refs->off = 0;
+      if (++refs->head == refs->n) refs->head = refs->n = 0;
     }
   }
 }
 
 void dx_out_shrink(dx_out *o) {
   dx_buf_shrink(&o->bytes);
-  if (o->nrefs == 0) {
+  if (o->refs && o->refs->n == 0) {
     free(o->refs);
     o->refs = NULL;
-    o->ref_cap = 0;
   }
 }
 
@@ -99,6 +106,5 @@ void dx_out_free(dx_out *o) {
   dx_buf_free(&o->bytes);
   free(o->refs);
   o->refs = NULL;
-  o->ref_head = o->nrefs = o->ref_cap = 0;
-  o->ref_off = o->ref_bytes = 0;
+  o->ref_bytes = 0;
 }

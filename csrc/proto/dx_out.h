@@ -31,12 +31,19 @@ typedef struct dx_outref {
   uint64_t id;
 } dx_outref;
 
+/* The references not written yet, item[head, n): made with the first one
+ * and given back once they are all written and the queue shrinks, so that
+ * an engine that never queues one holds a pointer, not the bookkeeping. */
+typedef struct dx_outrefs {
+  size_t head, n, cap;
+  size_t off; /* bytes of item[head] written */
+  dx_outref item[];
+} dx_outrefs;
+
 typedef struct dx_out {
   dx_buf bytes;        /* the copied (inline) bytes not written yet */
   uint64_t bytes_done; /* inline bytes written so far */
-  dx_outref *refs;     /* references not written yet: [head, n) */
-  size_t ref_head, nrefs, ref_cap;
-  size_t ref_off;      /* bytes of refs[ref_head] written */
+  dx_outrefs *refs;    /* NULL until a reference is queued */
   size_t ref_bytes;    /* unwritten bytes of every reference */
   uint64_t released;   /* id of the last reference written, 0 before */
   uint64_t total;      /* bytes ever queued */
