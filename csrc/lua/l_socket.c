@@ -561,8 +561,8 @@ static int sock_try_read(lua_State *L) {
 }
 
 static void charge_pass(lsock *s) {
-  if (s->pass != s->loop->pass) {
-    s->pass = s->loop->pass;
+  if (s->pass != (uint32_t)s->loop->pass) {
+    s->pass = (uint32_t)s->loop->pass;
     s->pass_events = 0;
     s->pass_bytes = 0;
   }
@@ -621,14 +621,14 @@ static int next_event(lua_State *L, lsock *s, dx_proto *p, int *nres, uint32_t *
     if (s->pass_bytes >= PASS_BYTES) return EV_LATER;
     char err[DX_ERR_MAX];
     /* no more than the rest of this pass's share */
-    size_t room = PASS_BYTES - s->pass_bytes;
+    size_t room = PASS_BYTES - (size_t)s->pass_bytes;
     if (room > s->loop->rbuf_size) room = s->loop->rbuf_size;
     uint8_t *buf = read_target(s, p, room);
     ssize_t n = raw_read(s, buf, room, want, err, sizeof err);
     if (n == 0) return failed(L, "closed");
     if (n == RD_AGAIN) return EV_AGAIN;
     if (n < 0) return failed(L, err);
-    s->pass_bytes += (size_t)n;
+    s->pass_bytes += (uint32_t)n;
     clock_seen(s, p);
     dx_proto_feed(p, buf, (size_t)n);
   }

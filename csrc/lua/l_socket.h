@@ -51,20 +51,21 @@ typedef struct lsock {
    * peer that sends without reading is held back by TCP, not by memory. */
   uint8_t pump_full;
   uint32_t pump_low;
-  /* receive's share of the current loop pass (see PASS_EVENTS) */
-  uint64_t pass;
-  unsigned pass_events;
-  size_t pass_bytes;
-  /* sock:watch (l_watch.c): the watcher told of this socket's input, its
-   * place in the watcher's list of sockets to pump and of members */
-  lwatch *watch;
-  dx_link ready, member;
+  /* receive's share of the current loop pass (see PASS_EVENTS): the pass
+   * it was counted in and what it has taken. The pass's low bits: one that
+   * matches again 2^32 passes later can only end a read one pass early. */
+  uint32_t pass;
+  uint32_t pass_events, pass_bytes;
   /* sock:clock (l_socket.c): a loop timer at the engine's next due time
    * (dx_timing.h), and the registry reference of the owner whose
    * _timeout(what) it calls when the engine says the connection is over;
    * 0 when the socket keeps no clock. */
-  dx_timer clock;
   int clock_owner;
+  dx_timer clock;
+  /* sock:watch (l_watch.c): the watcher told of this socket's input, its
+   * place in the watcher's list of sockets to pump and of members */
+  lwatch *watch;
+  dx_link ready, member;
 } lsock;
 
 /* The socket at idx (raises a Lua error otherwise). */
