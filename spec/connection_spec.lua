@@ -68,6 +68,26 @@ describe("core.connection", function()
     assert.is_true(c.data.other)
   end)
 
+  it("keeps remote_port as it is given, a port number or any other value, and lists it", function()
+    local c = core.connection(class_of { remote_port = "class's" })
+    assert.equal("class's", c.remote_port, "none of its own yet")
+    for _, v in ipairs({ 0, 65535, 4711, "4711", 70000, -1, 1.5, true, {} }) do
+      c.remote_port = v
+      assert.equal(v, c.remote_port)
+      local got = {}
+      for k, x in pairs(c) do got[k] = x end
+      assert.equal(v, got.remote_port, "pairs")
+    end
+    c.remote_port = 8080
+    c.remote_port = "x"
+    assert.equal("x", c.remote_port, "a port number replaced")
+    c.remote_port = 8080
+    assert.equal(8080, c.remote_port, "another value replaced")
+    c.remote_port = nil
+    assert.equal("class's", c.remote_port, "forgotten")
+    for k in pairs(c) do assert.not_equal("remote_port", k) end
+  end)
+
   it("keeps the state and the flags, and refuses a state that is none of the three", function()
     local c = core.connection(class_of())
     for _, s in ipairs({ "closing", "closed", "open" }) do

@@ -23,13 +23,20 @@
 /* ---- the connection object ---- */
 
 /* User values: the fields every connection has, then the table of the
- * others. CV_DATA is the application's table, made when first read. */
+ * others. */
 #define SLOTS(X)                                                                   \
-  X(SOCK, "sock") X(ENGINE, "engine") X(REQUEST, "request") X(DATA, "data")       \
-  X(REMOTE_ADDRESS, "remote_address") X(REMOTE_PORT, "remote_port")
+  X(SOCK, "sock") X(ENGINE, "engine") X(REQUEST, "request") X(REMOTE_ADDRESS, "remote_address")
 #define SLOT_ENUM(name, word) CV_##name,
 enum { CV_NONE, SLOTS(SLOT_ENUM) CV_FIELDS, CV_COUNT = CV_FIELDS };
 #define NSLOTS (CV_COUNT - 1)
+
+/* Fields a connection may have that take no user value of their own (16
+ * bytes each on every connection): the application's table, kept with
+ * the others and made when first read, and the peer's port, in the struct
+ * while it is a port number. */
+#define KEPT(X) X(DATA, "data") X(REMOTE_PORT, "remote_port")
+#define KEPT_ENUM(name, word) CK_##name,
+enum { KEPT(KEPT_ENUM) NKEPT };
 
 /* The flags, bytes of the struct; state is one of the words below. */
 #define FLAGS(X) X(STATE, "state") X(READING, "_reading") X(SENDING, "_sending")
@@ -47,6 +54,8 @@ typedef struct conn {
                          connection has needs not look there */
   uint8_t packed_request; /* CV_REQUEST holds the request as one string
                              (core.pack_request), its table made when read */
+  uint8_t has_port;       /* port is remote_port */
+  uint16_t port;
   lsock *sock;        /* CV_SOCK when it is one of our sockets, else NULL:
                          set with the slot, so the per-message path checks
                          its type once per connection, not per call */
@@ -60,6 +69,7 @@ typedef struct conn {
 typedef struct conn_names {
   const char *slot[NSLOTS];
   const char *flag[NFLAGS];
+  const char *kept[NKEPT];
   const char *state[NSTATES];
 } conn_names;
 
@@ -85,15 +95,36 @@ static conn *check_conn(lua_State *L, int idx) {
   return c;
 }
 
-/* The slot (CV_*) or flag (NSLOTS + 1 + CF_*) that key k names, else 0. */
+/* What name_of says a key is: a slot (CV_*), a flag or a kept field. */
+#define FLAG_NAME(f) (NSLOTS + 1 + (f))
+#define KEPT_NAME(k) (FLAG_NAME(NFLAGS) + (k))
+
+/* The slot, flag or kept field that key k names, else 0. */
 static int name_of(const conn_names *nm, lua_State *L, int k) {
   if (lua_type(L, k) != LUA_TSTRING) return 0;
   const char *s = lua_tostring(L, k);
   for (int i = 0; i < NSLOTS; i++)
     if (s == nm->slot[i]) return i + 1;
   for (int i = 0; i < NFLAGS; i++)
-    if (s == nm->flag[i]) return NSLOTS + 1 + i;
+    if (s == nm->flag[i]) return FLAG_NAME(i);
+  for (int i = 0; i < NKEPT; i++)
+    if (s == nm->kept[i]) return KEPT_NAME(i);
   return 0;
+}
+
+/* Push the table of the connection's other fields (made when make is set
+ * and it has none): 1, or 0 with nothing pushed. */
+static int push_fields(lua_State *L, conn *c, int idx, int make) {
+  if (c->has_fields) {
+    lua_getiuservalue(L, idx, CV_FIELDS);
+    return 1;
+  }
+  if (!make) return 0;
+  lua_createtable(L, 0, 4);
+  lua_pushvalue(L, -1);
+  lua_setiuservalue(L, idx, CV_FIELDS);
+  c->has_fields = 1;
+  return 1;
 }
 
 /* Push field k of the connection c at idx that is no slot and no flag:
@@ -114,22 +145,37 @@ static void push_other(lua_State *L, const conn *c, int idx, int k, int cls) {
 
 static const conn_names *names_up(lua_State *L) { return lua_touserdata(L, lua_upvalueindex(CU_NAMES)); }
 
-/* Push user value n of the connection at idx, made when first read (the
- * application's table, the request's from its string). */
+/* Push user value n of the connection at idx (the request made from its
+ * string when first read). */
 static void push_slot(lua_State *L, conn *c, int idx, int n) {
-  int t = lua_getiuservalue(L, idx, n);
-  if (t == LUA_TNIL && n == CV_DATA) {
-    lua_pop(L, 1);
-    lua_newtable(L);
-  } else if (n == CV_REQUEST && c->packed_request) {
-    dx_request_unpack(L, -1);
-    lua_remove(L, -2);
-    c->packed_request = 0;
-  } else {
-    return;
-  }
+  lua_getiuservalue(L, idx, n);
+  if (n != CV_REQUEST || !c->packed_request) return;
+  dx_request_unpack(L, -1);
+  lua_remove(L, -2);
+  c->packed_request = 0;
   lua_pushvalue(L, -1);
   lua_setiuservalue(L, idx, n);
+}
+
+/* Push kept field k of the connection at idx (its name at key). */
+static void push_kept(lua_State *L, conn *c, int idx, int k, int key, int cls) {
+  if (k == CK_REMOTE_PORT) {
+    if (c->has_port)
+      lua_pushinteger(L, c->port);
+    else
+      push_other(L, c, idx, key, cls);
+    return;
+  }
+  push_fields(L, c, idx, 1);
+  lua_pushvalue(L, key);
+  if (lua_rawget(L, -2) == LUA_TNIL) { /* made when first read */
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, key);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -4);
+  }
+  lua_remove(L, -2);
 }
 
 /* __index(ws, k) */
@@ -137,8 +183,10 @@ static int conn_index(lua_State *L) {
   conn *c = check_conn(L, 1);
   const conn_names *nm = names_up(L);
   int n = name_of(nm, L, 2);
-  if (n > NSLOTS) {
-    int f = n - NSLOTS - 1;
+  if (n >= KEPT_NAME(0)) {
+    push_kept(L, c, 1, n - KEPT_NAME(0), 2, lua_upvalueindex(CU_CLASS));
+  } else if (n > NSLOTS) {
+    int f = n - FLAG_NAME(0);
     if (f == CF_STATE)
       lua_pushvalue(L, lua_upvalueindex(CU_STATE + c->flag[CF_STATE]));
     else
@@ -166,26 +214,26 @@ static int conn_newindex(lua_State *L) {
   const conn_names *nm = names_up(L);
   lua_settop(L, 3);
   int n = name_of(nm, L, 2);
-  if (n > NSLOTS) {
-    int f = n - NSLOTS - 1;
+  if (n == KEPT_NAME(CK_REMOTE_PORT)) {
+    lua_Integer port = lua_isinteger(L, 3) ? lua_tointeger(L, 3) : -1;
+    c->has_port = port >= 0 && port <= 65535;
+    if (c->has_port) {
+      c->port = (uint16_t)port;
+      lua_pushnil(L); /* and no other value under the name */
+      lua_replace(L, 3);
+    }
+  } else if (n > NSLOTS && n < KEPT_NAME(0)) {
+    int f = n - FLAG_NAME(0);
     c->flag[f] = f == CF_STATE ? (uint8_t)state_of(nm, L, 3) : (uint8_t)lua_toboolean(L, 3);
     return 0;
-  }
-  if (n) {
+  } else if (n && n <= NSLOTS) {
     if (n == CV_SOCK) c->sock = luaL_testudata(L, 3, DX_SOCK_MT);
     if (n == CV_REQUEST) c->packed_request = 0;
     lua_setiuservalue(L, 1, n);
     return 0;
   }
-  if (c->has_fields) {
-    lua_getiuservalue(L, 1, CV_FIELDS);
-  } else {
-    if (lua_isnil(L, 3)) return 0; /* nothing to forget */
-    lua_createtable(L, 0, 4);
-    lua_pushvalue(L, -1);
-    lua_setiuservalue(L, 1, CV_FIELDS);
-    c->has_fields = 1;
-  }
+  /* nil where there is nothing: nothing to forget */
+  if (!push_fields(L, c, 1, !lua_isnil(L, 3))) return 0;
   lua_insert(L, 2); /* ws, fields, k, v */
   lua_rawset(L, 2);
   return 0;
@@ -229,6 +277,11 @@ static int conn_pairs(lua_State *L) {
     }
     lua_pushstring(L, nm->slot[i]);
     lua_insert(L, -2);
+    lua_rawset(L, t);
+  }
+  if (c->has_port) {
+    lua_pushstring(L, nm->kept[CK_REMOTE_PORT]);
+    lua_pushinteger(L, c->port);
     lua_rawset(L, t);
   }
   for (int i = 0; i < NFLAGS; i++) {
@@ -315,13 +368,16 @@ static int l_connection(lua_State *L) {
 /* The block of interned names, its strings in its user value. */
 static void push_names(lua_State *L) {
   conn_names *nm = lua_newuserdatauv(L, sizeof *nm, 1);
-  lua_createtable(L, NSLOTS + NFLAGS + NSTATES, 0);
+  lua_createtable(L, NSLOTS + NFLAGS + NKEPT + NSTATES, 0);
   int n = 0;
 #define NAME(name, word) lua_pushliteral(L, word), nm->slot[CV_##name - 1] = lua_tostring(L, -1), lua_rawseti(L, -2, ++n);
   SLOTS(NAME)
 #undef NAME
 #define NAME(name, word) lua_pushliteral(L, word), nm->flag[CF_##name] = lua_tostring(L, -1), lua_rawseti(L, -2, ++n);
   FLAGS(NAME)
+#undef NAME
+#define NAME(name, word) lua_pushliteral(L, word), nm->kept[CK_##name] = lua_tostring(L, -1), lua_rawseti(L, -2, ++n);
+  KEPT(NAME)
 #undef NAME
   for (int i = 0; i < NSTATES; i++) {
     lua_pushstring(L, state_words[i]);
