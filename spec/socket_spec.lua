@@ -253,6 +253,78 @@ describe("duplex.core sockets", function()
     end)
   end)
 
+  it("take_request parses what has come of a request, however it is cut, and never waits", function()
+    local request = "GET /chat?x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" ..
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    run(function()
+      local pieces = {}
+      local l, port = serve("127.0.0.1", function(s)
+        while #pieces == 0 do core.sleep(0.01) end
+        for _, piece in ipairs(pieces) do
+          s:write(piece)
+          s:flush()
+          core.sleep(0.01)
+        end
+        s:read() -- until the client closes
+        s:close()
+      end)
+      -- the request trickled in three pieces, the last with a frame behind it
+      local c = assert(core.connect{host = "127.0.0.1", port = port})
+      local hs = core.handshake_server()
+      assert.same({ nil, "again" }, { c:take_request(hs) })
+      pieces = { request:sub(1, 10), request:sub(11, 40), request:sub(41) .. "\x81\x00" }
+      local req, err
+      local t = core.now() + 5
+      repeat
+        req, err = c:take_request(hs)
+        if not req then
+          assert.equal("again", err)
+          core.sleep(0.005)
+        end
+      until req or core.now() > t
+      assert.equal("/chat", req.path)
+      assert.equal("h", req.host)
+      assert.equal("dGhlIHNhbXBsZSBub25jZQ==", req.key)
+      assert.is_true(req.websocket)
+      assert.equal("\x81\x00", hs:rest(), "what came after it is the parser's rest")
+      c:close()
+      assert.same({ nil, "closed" }, { c:take_request(core.handshake_server()) })
+      l:close()
+    end)
+    run(function()
+      -- a malformed request: its message and the status to answer it with;
+      -- a peer gone before its request is whole: closed
+      local l, port = serve("127.0.0.1", function(s)
+        s:write("GET / HTTP/1.1\r\nHost h\r\n\r\n")
+        s:flush()
+        s:close()
+      end)
+      local c = assert(core.connect{host = "127.0.0.1", port = port})
+      local req, err, status
+      local t = core.now() + 5
+      repeat req, err, status = c:take_request(core.handshake_server()); core.sleep(0.005)
+      until err ~= "again" or core.now() > t
+      assert.is_nil(req)
+      assert.equal(400, status)
+      assert.is_string(err)
+      c:close()
+      l:close()
+      l, port = serve("127.0.0.1", function(s)
+        s:write("GET / HTTP/1.1\r\nHo")
+        s:flush()
+        s:close()
+      end)
+      c = assert(core.connect{host = "127.0.0.1", port = port})
+      local hs = core.handshake_server()
+      repeat req, err, status = c:take_request(hs); core.sleep(0.005)
+      until err ~= "again" or core.now() > t
+      assert.same({ nil, "closed" }, { req, err, status })
+      assert.has_error(function() c:take_request("not a parser") end)
+      c:close()
+      l:close()
+    end)
+  end)
+
   it("binds the local end, sets nodelay, and names failed lookups", function()
     run(function()
       local l, port = serve("127.0.0.1", echo)

@@ -12,6 +12,7 @@
 #include "l_compat.h" /* the 5.4 API on LuaJIT */
 
 #define DX_ENGINE_MT "duplex.engine"
+#define DX_HANDSHAKE_SERVER_MT "duplex.handshake_server"
 
 void dx_open_engine(lua_State *L);    /* l_engine.c: engine objects, frame encoding */
 void dx_open_handshake(lua_State *L); /* l_handshake.c: HTTP upgrade, both roles */
@@ -25,6 +26,11 @@ void dx_open_fd(lua_State *L);        /* l_fd.c: reading stdin and other fds */
 void dx_open_watch(lua_State *L);     /* l_watch.c: connections served by callbacks */
 /* l_watch.c: a message handler for lua_pcall, the message with a traceback */
 int dx_lua_traceback(lua_State *L);
+/* l_handshake.c: feed n bytes to the request parser at idx
+ * (core.handshake_server): pushes nil while more is to come, the request
+ * once it is complete, or nil, status, message for a malformed one, and
+ * returns how many. What hs:feed and sock:take_request share. */
+int dx_handshake_feed(lua_State *L, int idx, const char *data, size_t n);
 /* l_handshake.c: a request table as one string (1 pushed), or 0 when it
  * holds the application's fields; and the table again */
 int dx_request_pack(lua_State *L, int idx);

@@ -14,7 +14,7 @@
 #include "dx_ws.h"
 #include "l_core.h"
 
-#define SERVER_MT "duplex.handshake_server"
+#define SERVER_MT DX_HANDSHAKE_SERVER_MT
 #define CLIENT_MT "duplex.handshake_client"
 #define TMPBUF_MT "duplex.handshake_buf"
 #define REQUEST_MT "duplex.request"
@@ -269,10 +269,11 @@ static void push_version(lua_State *L, const dx_http_msg *m) {
     lua_pushfstring(L, "%d.%d", m->version_major, m->version_minor);
 }
 
-/* Store bytes after the header block: they belong to the WebSocket stream. */
-static void keep_rest(lua_State *L, const char *data, size_t n, size_t used) {
+/* Store bytes after the header block in the parser at idx: they belong to
+ * the WebSocket stream. */
+static void keep_rest(lua_State *L, int idx, const char *data, size_t n, size_t used) {
   lua_pushlstring(L, data + used, n - used);
-  lua_setiuservalue(L, 1, UV_REST);
+  lua_setiuservalue(L, idx, UV_REST);
 }
 
 static int push_rest(lua_State *L) {
@@ -672,11 +673,11 @@ void dx_request_unpack(lua_State *L, int idx) {
   lua_rawsetp(L, -2, &HEADERS_KEY);
 }
 
-/* hs:feed(data) -> nil | req | nil, status, message */
-static int l_server_feed(lua_State *L) {
-  hs_server *s = check_server(L);
-  size_t n, used;
-  const char *data = luaL_checklstring(L, 2, &n);
+int dx_handshake_feed(lua_State *L, int idx, const char *data, size_t n) {
+  idx = lua_absindex(L, idx);
+  hs_server *s = luaL_checkudata(L, idx, SERVER_MT);
+  if (s->closed) return luaL_error(L, "handshake object is closed");
+  size_t used;
   if (s->p.result == DX_HTTP_COMPLETE) return luaL_error(L, "handshake request already complete");
   int r = dx_http_feed(&s->p, (const uint8_t *)data, n, &used);
   if (r == DX_HTTP_INCOMPLETE) {
@@ -689,10 +690,17 @@ static int l_server_feed(lua_State *L) {
     lua_pushstring(L, s->p.error);
     return 3;
   }
-  keep_rest(L, data, n, used);
+  keep_rest(L, idx, data, n, used);
   push_request(L, &s->p.msg);
   dx_http_parser_free(&s->p); /* the request is all in Lua strings now */
   return 1;
+}
+
+/* hs:feed(data) -> nil | req | nil, status, message */
+static int l_server_feed(lua_State *L) {
+  size_t n;
+  const char *data = luaL_checklstring(L, 2, &n);
+  return dx_handshake_feed(L, 1, data, n);
 }
 
 static int l_server_rest(lua_State *L) {
@@ -847,7 +855,7 @@ static int l_client_feed(lua_State *L) {
     lua_pushfstring(L, "invalid HTTP response: %s", c->p.error);
     return 2;
   }
-  keep_rest(L, data, n, used);
+  keep_rest(L, 1, data, n, used);
 
   lua_settop(L, 1);
   luaL_checkstack(L, 8, NULL);

@@ -560,6 +560,37 @@ static int sock_try_read(lua_State *L) {
   return r ? r : dx_lua_fail(L, "again");
 }
 
+/* sock:take_request(hs) -> request | nil, err[, status]: the upgrade
+ * request that hs (core.handshake_server) parses, from what has come, read
+ * now and never waiting (for the watcher's callbacks: the watcher queues
+ * the socket when more comes). err is "again" while more is to come,
+ * "closed" or a read error, or the message of a malformed request with the
+ * status to answer it with. The bytes go from the loop's receive buffer
+ * into the parser: no string for them. */
+static int sock_take_request(lua_State *L) {
+  lsock *s = dx_sock_check(L, 1);
+  luaL_checkudata(L, 2, DX_HANDSHAKE_SERVER_MT);
+  lua_settop(L, 2);
+  for (;;) {
+    if (s->closed) return dx_lua_fail(L, "closed");
+    if (s->handshaking) return dx_lua_fail(L, "tls handshake in progress");
+    char err[DX_ERR_MAX];
+    uint32_t want = 0;
+    dx_sock_rbuf_claim(s->loop);
+    ssize_t n = raw_read(s, s->loop->rbuf, s->loop->rbuf_size, &want, err, sizeof err);
+    if (n == 0) return dx_lua_fail(L, "closed");
+    if (n == RD_AGAIN) return dx_lua_fail(L, "again");
+    if (n < 0) return dx_lua_fail(L, err);
+    int k = dx_handshake_feed(L, 2, (const char *)s->loop->rbuf, (size_t)n);
+    if (!lua_isnil(L, 3)) return 1;
+    if (k == 3) {           /* nil, status, message */
+      lua_insert(L, 4);     /* nil, message, status */
+      return 3;
+    }
+    lua_settop(L, 2);
+  }
+}
+
 static void charge_pass(lsock *s) {
   if (s->pass != (uint32_t)s->loop->pass) {
     s->pass = (uint32_t)s->loop->pass;
@@ -848,7 +879,7 @@ static int sock_shutdown(lua_State *L) {
 void dx_open_socket(lua_State *L) {
   static const luaL_Reg sock_methods[] = {
       {"read", sock_read},         {"write", sock_write},       {"flush", sock_flush},
-      {"try_flush", sock_try_flush}, {"try_read", sock_try_read},
+      {"try_flush", sock_try_flush}, {"try_read", sock_try_read}, {"take_request", sock_take_request},
       {"drain", sock_drain},       {"buffered", sock_buffered}, {"shutdown", sock_shutdown},
       {"close", sock_close_m},     {"peer", sock_peer},         {"local_address", sock_local_address},
       {"fd", sock_fd},             {"setnodelay", sock_setnodelay}, {"attach", sock_attach},

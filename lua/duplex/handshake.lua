@@ -109,13 +109,6 @@ local function choose_protocol(route, req)
   return nil
 end
 
--- read_request's result for the bytes fed to hs, or nil while incomplete
-local function fed(hs, data)
-  local req, status, msg = hs:feed(data)
-  if req then return { request = req, parser = hs } end
-  if status then return { status = status, error = msg } end
-end
-
 --- Server side: read an upgrade request from src (anything with
 --- src:read(max, timeout): our sockets, duplex.transport streams) until
 --- deadline, after data, bytes of it already read. One result, whichever
@@ -134,33 +127,15 @@ function handshake.read_request(src, limits, deadline, data)
   local hs = core.handshake_server(limits)
   while true do
     if data then
-      local got = fed(hs, data)
-      if got then return got end
+      local req, status, msg = hs:feed(data)
+      if req then return { request = req, parser = hs } end
+      if status then return { status = status, error = msg } end
     end
     local left = deadline - now()
     if left <= 0 then return { error = "handshake timed out" } end
     local err
     data, err = src:read(READ_SIZE, left)
     if not data then return { error = err == "timeout" and "handshake timed out" or err } end
-  end
-end
-
---- Server side: read_request for a caller that cannot wait (a watcher's
---- callback): what has come of the request that hs (core.handshake_server)
---- parses, read from src now (src:try_read: our sockets). nil while more is
---- to come; read_request's results otherwise. The caller keeps the deadline.
----@param src duplex.core.Socket
----@param hs duplex.core.HandshakeServer
----@return duplex.RequestRead|nil
-function handshake.take_request(src, hs)
-  while true do
-    local data, err = src:try_read(READ_SIZE)
-    if not data then
-      if err == "again" then return nil end
-      return { error = err }
-    end
-    local got = fed(hs, data)
-    if got then return got end
   end
 end
 

@@ -207,14 +207,13 @@ end
 local function greet(self, sock)
   local hs = self.sockets[sock]
   if hs == true or hs == nil then return end -- one in a coroutine (TLS)
-  local got = handshake.take_request(sock, hs)
-  if not got then return end
+  local req, err, status = sock:take_request(hs)
+  if not req and err == "again" then return end
   self.sockets[sock], self.deadlines[sock] = true, nil
   sock:watch(nil)
-  local req = got.request
   if not req then
-    if not got.status then return release(self, sock) end -- closed, or a read error
-    return core.spawn(task, self, sock, respond, sock, got.status, nil, got.error)
+    if not status then return release(self, sock) end -- closed, or a read error
+    return core.spawn(task, self, sock, respond, sock, status, nil, err)
   end
   local route = route_of(self, req, sock)
   if may_wait(route, req) then return core.spawn(task, self, sock, answer, self, sock, req, hs, route) end

@@ -455,6 +455,12 @@ function Socket:read(max, timeout) end
 ---@return string|nil data, string|nil err "again" (nothing yet), "closed" or why
 function Socket:try_read(max) end
 
+--- The upgrade request that hs parses, from what has come, never waiting:
+--- the bytes go from the loop's receive buffer into the parser.
+---@param hs duplex.core.HandshakeServer
+---@return duplex.Request|nil request, string|nil err "again" (more is to come), "closed", why it failed, or a malformed request's message, integer|nil status for that message
+function Socket:take_request(hs) end
+
 --- Queue bytes; the loop writes them at the end of its pass.
 ---@param data string
 ---@return true|nil ok, string|nil err
