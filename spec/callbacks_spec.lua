@@ -302,6 +302,30 @@ describe("a callback route", function()
     assert.is_true(#assert(probe:receive(5)) > 0)
   end)
 
+  it("holds a connection to its own high_water, and its neighbours on the route to the route's", function()
+    -- the route's limits are read once for all its connections; one that
+    -- sets its own must be held to that, the others must not be
+    local srv, _, ends = recording_server { send_timeout = 0.3, high_water = 32 << 20, low_water = 1024,
+      max_buffered = 64 << 20,
+      on_open = function(ws, req) if req.query.own then ws.high_water = 65536 end end,
+      on_message = function(ws)
+        for _ = 1, 200 do ws:send(("z"):rep(65536)) end -- 12.5 MiB
+      end }
+    local go = require("support.frames").build { op = "text", payload = "go", key = "abcd" }
+    local route = run(raw.upgrade, srv.port, "/", 5)
+    run(function() route:write(go); core.sleep(0.1) end)
+    local own = run(raw.upgrade, srv.port, "/?own=1", 5)
+    run(function() own:write(go) end)
+    wait_for("the connection over its own high_water dropped", 5, function() return #ends >= 1 end)
+    run(function() core.sleep(0.5) end) -- past send_timeout again: the other is under the route's
+    assert.equal(1, #ends)
+    assert.equal("send timed out: the peer is not reading", ends[1].ws.error)
+    assert.equal(65536, ends[1].ws.high_water)
+    assert.equal(1, srv.count)
+    route:close()
+    own:close()
+  end)
+
   it("shuts down gracefully: every connection gets 1001, and the dispatcher ends", function()
     local srv, _, ends = recording_server()
     local a, b = assert(connect(srv:url("/"))), assert(connect(srv:url("/")))

@@ -76,6 +76,8 @@ typedef struct conn_names {
 /* In a connection's metatable: its class, at an integer key (an array-speed
  * lookup, where a light-userdata key costs a node-by-node comparison). */
 #define MT_CLASS 1
+/* ...and what the per-message path reads of the class (push_settings) */
+#define MT_SETTINGS 2
 static const char MTS_KEY = 0;   /* registry: class -> metatable, weak keys */
 
 /* Upvalues of the object's metamethods: the names, the class, the state
@@ -456,6 +458,58 @@ static int push_class(lua_State *L) {
   return lua_gettop(L);
 }
 
+/* What the per-message path reads of a class -- its connections' high and
+ * low water, its route's on_message (the block's user value) -- read once
+ * and kept in their metatable: a class's settings are made with it
+ * (WebSocket._route_class), and every connection with no fields of its
+ * own reads them through it. (One that has some reads them each time: one
+ * of them may be its own.) */
+typedef struct class_settings {
+  lua_Integer high, low;
+} class_settings;
+
+/* Push the block of the class at cls, or false when its limits are not
+ * integers in range (the slow paths decide what those mean). */
+static void make_settings(lua_State *L, int cls) {
+  lua_getfield(L, cls, "high_water");
+  lua_getfield(L, cls, "low_water");
+  lua_Integer high = lua_tointeger(L, -2), low = lua_tointeger(L, -1);
+  int ok = lua_isinteger(L, -2) && lua_isinteger(L, -1) && high >= 0 && low >= 0 && low <= UINT32_MAX;
+  lua_pop(L, 2);
+  if (!ok) {
+    lua_pushboolean(L, 0);
+    return;
+  }
+  class_settings *cs = lua_newuserdatauv(L, sizeof *cs, 1);
+  cs->high = high;
+  cs->low = low;
+  if (lua_getfield(L, cls, "_route") == LUA_TTABLE) {
+    lua_getfield(L, -1, "on_message");
+    lua_setiuservalue(L, -3, 1);
+  }
+  lua_pop(L, 1);
+}
+
+/* The settings of the class at cls of the connection c at index 1, the
+ * block pushed; NULL, nothing pushed, when c has fields of its own or the
+ * class's limits are not plain integers. */
+static const class_settings *push_settings(lua_State *L, const conn *c, int cls) {
+  if (c->has_fields) return NULL;
+  lua_getmetatable(L, 1);
+  if (lua_rawgeti(L, -1, MT_SETTINGS) == LUA_TNIL) {
+    lua_pop(L, 1);
+    make_settings(L, cls);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, MT_SETTINGS);
+  }
+  lua_remove(L, -2);
+  if (lua_type(L, -1) != LUA_TUSERDATA) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  return lua_touserdata(L, -1);
+}
+
 /* Call ws's method with the values on top (n of them). */
 static int call_method(lua_State *L, int up, int n) {
   lua_pushvalue(L, UP(up));
@@ -513,7 +567,11 @@ static int conn_send(lua_State *L) {
     if (!field_integer(L, UP_THRESHOLD, cls, &threshold)) return fallback_at(L, 3);
     compress = (lua_Integer)lua_rawlen(L, 2) >= threshold;
   }
-  if (!field_integer(L, UP_HIGH_WATER, cls, &high)) return fallback_at(L, 3);
+  const class_settings *cs = push_settings(L, c, cls);
+  if (cs)
+    high = cs->high;
+  else if (!field_integer(L, UP_HIGH_WATER, cls, &high))
+    return fallback_at(L, 3);
   int rc = dx_engine_send(L, 5, 2, binary, compress);
   if (rc) {
     dx_engine_push_result(L, rc); /* fail, why */
@@ -587,18 +645,28 @@ static int l_pump(lua_State *L) {
   lua_getiuservalue(L, 2, UV_ENGINE); /* 3 */
   if (!dx_live_engine(L, 3)) return dx_lua_fail(L, "closed"); /* as the pump says it */
   int cls = push_class(L); /* 4 */
-  lua_Integer high = pump_limit(L, PU_HIGH, cls, LUA_MAXINTEGER), low = pump_limit(L, PU_LOW, cls, UINT32_MAX);
-  push_other(L, c, 1, lua_upvalueindex(PU_ROUTE), cls);
-  if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "pump: ws._route must be a route table");
-  lua_pushvalue(L, lua_upvalueindex(PU_ON_MESSAGE));
-  lua_rawget(L, -2);
-  luaL_checktype(L, -1, LUA_TFUNCTION);
-  lua_replace(L, cls); /* ws, sock, engine, on_message, route */
+  lua_Integer high, low;
+  const class_settings *cs = push_settings(L, c, cls); /* 5 */
+  if (cs) {
+    high = cs->high;
+    low = cs->low;
+    lua_getiuservalue(L, 5, 1);
+    if (lua_type(L, -1) != LUA_TFUNCTION) luaL_error(L, "pump: ws._route must be a route with on_message");
+  } else {
+    high = pump_limit(L, PU_HIGH, cls, LUA_MAXINTEGER);
+    low = pump_limit(L, PU_LOW, cls, UINT32_MAX);
+    push_other(L, c, 1, lua_upvalueindex(PU_ROUTE), cls);
+    if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "pump: ws._route must be a route table");
+    lua_pushvalue(L, lua_upvalueindex(PU_ON_MESSAGE));
+    lua_rawget(L, -2);
+    luaL_checktype(L, -1, LUA_TFUNCTION);
+  }
+  lua_replace(L, cls);
+  lua_settop(L, cls); /* ws, sock, engine, on_message */
   lua_pushinteger(L, high);
-  lua_replace(L, -2);
-  lua_pushinteger(L, low); /* ws, sock, engine, on_message, high, low */
-  lua_rotate(L, 4, 2);     /* ws, sock, engine, high, low, on_message */
-  lua_rotate(L, 1, -1);    /* sock, engine, high, low, on_message, ws */
+  lua_pushinteger(L, low);
+  lua_rotate(L, 4, 2);  /* ws, sock, engine, high, low, on_message */
+  lua_rotate(L, 1, -1); /* sock, engine, high, low, on_message, ws */
   return dx_sock_pump(L, s, high, (uint32_t)low, 1);
 }
 
