@@ -183,6 +183,42 @@ describe("handshake_server", function()
     assert.same({ "chat", "superchat" }, req.protocols)
   end)
 
+  it("keeps every header, a common name or not, however cased or repeated, as it came", function()
+    -- the headers wait packed (common names as one byte each): what comes
+    -- out of req.headers and the fields read off them must be what went in
+    local common = { "Host", "Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-WebSocket-Version",
+      "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol", "Origin", "User-Agent", "Accept-Encoding",
+      "Accept-Language", "Cache-Control", "Pragma", "Cookie", "Authorization", "X-Forwarded-For",
+      "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP", "Forwarded", "Accept", "Referer",
+      "Sec-Fetch-Dest", "Sec-Fetch-Mode", "Sec-Fetch-Site" }
+    local others = { "Hos", "Hosts", "X-Forwarded-Fo", "Origin2", "X-Custom", "A", "Sec-WebSocket-Keys" }
+    local rng = 20261208
+    local function rand(n)
+      rng = (rng * 1103515245 + 12345) % 2147483648
+      return rng % n
+    end
+    local function casing(name)
+      return (name:gsub("%a", function(c) return rand(2) == 0 and c:upper() or c:lower() end))
+    end
+    for _ = 1, 200 do
+      local lines, want, first = {}, {}, {}
+      for _ = 1, rand(12) + 1 do
+        local list = rand(3) == 0 and others or common
+        local name = list[rand(#list) + 1]
+        local value = ({ "", "v", "a, b", "x=1; y=2", ("z"):rep(rand(60)) })[rand(5) + 1] .. rand(100)
+        lines[#lines + 1] = casing(name) .. ": " .. value .. "\r\n"
+        local lname = name:lower()
+        want[lname] = want[lname] and want[lname] .. ", " .. value or value
+        if first[lname] == nil then first[lname] = value end
+      end
+      local req = assert(core.handshake_server():feed("GET /x HTTP/1.1\r\n" .. table.concat(lines) .. "\r\n"))
+      assert.equal(first.host, req.host)
+      assert.equal(first.origin, req.origin)
+      assert.equal(first["sec-websocket-key"], req.key)
+      assert.same(want, req.headers)
+    end
+  end)
+
   it("compares names and tokens case-insensitively", function()
     local req = feed(TRICKY)
     assert.is_true(req.websocket)

@@ -10,6 +10,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "dx_ws.h"
 #include "l_core.h"
@@ -386,16 +387,62 @@ static void push_list(lua_State *L, dx_str v) {
  * the header bytes is about half the size of a table holding them. */
 static const char HEADERS_KEY = 0;
 
+/* Names most upgrade requests carry, packed as one byte each, their index
+ * here (below ' ', so no name's first byte: the parser took only token
+ * characters): a browser's request names a dozen of them, some 200 bytes
+ * that every connection would keep. */
+#define COMMON(name) {name, sizeof name - 1}
+static const dx_str common_names[] = {
+    {NULL, 0}, COMMON("host"), COMMON("upgrade"), COMMON("connection"), COMMON("sec-websocket-key"),
+    COMMON("sec-websocket-version"), COMMON("sec-websocket-extensions"), COMMON("sec-websocket-protocol"),
+    COMMON("origin"), COMMON("user-agent"), COMMON("accept-encoding"), COMMON("accept-language"),
+    COMMON("cache-control"), COMMON("pragma"), COMMON("cookie"), COMMON("authorization"),
+    COMMON("x-forwarded-for"), COMMON("x-forwarded-proto"), COMMON("x-forwarded-host"), COMMON("x-real-ip"),
+    COMMON("forwarded"), COMMON("accept"), COMMON("referer"), COMMON("sec-fetch-dest"),
+    COMMON("sec-fetch-mode"), COMMON("sec-fetch-site")};
+#undef COMMON
+#define NCOMMON (sizeof common_names / sizeof common_names[0])
+
+/* The code of name (n bytes, any case), 0 when it has none. */
+static unsigned name_code(const char *name, size_t n) {
+  for (unsigned i = 1; i < NCOMMON; i++)
+    if (common_names[i].n == n && strncasecmp(common_names[i].p, name, n) == 0) return i;
+  return 0;
+}
+
+/* The name of the packed header at p, however it was packed, and its
+ * length in *n. */
+static const char *packed_name(const char *p, size_t *n) {
+  unsigned char c = (unsigned char)p[0];
+  if (c > 0 && c < NCOMMON && p[1] == '\0') {
+    *n = common_names[c].n;
+    return common_names[c].p;
+  }
+  *n = strlen(p);
+  return p;
+}
+
+/* The value of the packed header whose name is at p. */
+static const char *packed_value(const char *p) { return p + strlen(p) + 1; }
+
 static void push_packed_headers(lua_State *L, const dx_http_msg *m) {
   size_t total = 0;
-  for (size_t i = 0; i < m->nheaders; i++) total += m->headers[i].name.n + m->headers[i].value.n + 2;
+  for (size_t i = 0; i < m->nheaders; i++) {
+    const dx_http_header *h = &m->headers[i];
+    total += (name_code(h->name.p, h->name.n) ? 1 : h->name.n) + h->value.n + 2;
+  }
   luaL_Buffer b;
   char *s = luaL_buffinitsize(L, &b, total);
   for (size_t i = 0; i < m->nheaders; i++) {
     const dx_http_header *h = &m->headers[i];
-    for (size_t j = 0; j < h->name.n; j++) {
-      char c = h->name.p[j];
-      *s++ = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+    unsigned code = name_code(h->name.p, h->name.n);
+    if (code) {
+      *s++ = (char)code;
+    } else {
+      for (size_t j = 0; j < h->name.n; j++) {
+        char c = h->name.p[j];
+        *s++ = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+      }
     }
     *s++ = '\0';
     if (h->value.n) memcpy(s, h->value.p, h->value.n);
@@ -412,10 +459,10 @@ static void unpack_headers(lua_State *L, const char *p, size_t n) {
   lua_newtable(L);
   int t = lua_gettop(L);
   while (p < end) {
-    size_t nl = strlen(p);
-    const char *v = p + nl + 1;
+    size_t nl;
+    const char *name = packed_name(p, &nl), *v = packed_value(p);
     size_t vl = strlen(v);
-    lua_pushlstring(L, p, nl);
+    lua_pushlstring(L, name, nl);
     lua_pushvalue(L, -1);
     if (lua_rawget(L, t) == LUA_TNIL) {
       lua_pop(L, 1);
@@ -437,9 +484,10 @@ static int push_first_header(lua_State *L, const char *name) {
     size_t n;
     const char *p = lua_tolstring(L, -1, &n), *end = p + n;
     while (p < end) {
-      const char *v = p + strlen(p) + 1;
+      size_t nl;
+      const char *v = packed_value(p);
       size_t vl = strlen(v);
-      if (strcmp(p, name) == 0) {
+      if (strcmp(packed_name(p, &nl), name) == 0) {
         lua_pushlstring(L, v, vl);
         return 1;
       }
