@@ -302,6 +302,42 @@ describe("a callback route", function()
     assert.is_true(#assert(probe:receive(5)) > 0)
   end)
 
+  it("ends a connection whose peer closes with no coroutine when the answer leaves at once", function()
+    local srv, _, ends = recording_server { close_timeout = 0.5, high_water = 32 << 20, max_buffered = 64 << 20,
+      on_message = function(ws, m)
+        if m == "flood" then ws:send(("x"):rep(8 << 20)) end -- more than the kernel takes at once
+      end }
+    -- what callbacks.after spawns for an event that may wait
+    local event = require("duplex.callbacks").WebSocket._event
+    local spawned, spawn = 0, core.spawn
+    core.spawn = function(f, ...)
+      if f == event then spawned = spawned + 1 end
+      return spawn(f, ...)
+    end
+    local ok, err = pcall(function()
+      local ws = assert(connect(srv:url("/")))
+      assert.same({ true }, { ws:close(4001, "done") })
+      wait_for("on_close", 5, function() return #ends == 1 end)
+      assert.equal(0, spawned, "a coroutine for the close")
+      assert.same({ 4001, "done" }, { ends[1].code, ends[1].reason })
+      -- with its answer stuck behind 8 MiB the peer does not read (under
+      -- high_water: its close is read), the rest of the closing handshake
+      -- waits in a coroutine of its own
+      local sock = run(raw.upgrade, srv.port, "/", 5)
+      local frames = require("support.frames")
+      run(function()
+        sock:write(frames.build { op = "text", payload = "flood", key = "abcd" })
+        core.sleep(0.2)
+        sock:write(frames.build { op = "close", payload = "\15\162", key = "abcd" })
+      end)
+      wait_for("the second on_close", 5, function() return #ends == 2 end)
+      assert.equal(1, spawned)
+      sock:close()
+    end)
+    core.spawn = spawn
+    assert(ok, err)
+  end)
+
   it("holds a connection to its own high_water, and its neighbours on the route to the route's", function()
     -- the route's limits are read once for all its connections; one that
     -- sets its own must be held to that, the others must not be

@@ -96,10 +96,17 @@ function callbacks.after(ws, kind, data, a, b, c)
   elseif kind == "ping" or kind == "pong" then
     ok, err = call_nowait(ws._event, ws, kind, data, a, b, c) -- on_pong may raise
     if ok then return true end
+  elseif kind == "close" and ws.sock:try_flush() == 0 then
+    -- the peer's close answered, and the answer written: what is left of
+    -- the closing handshake (the server drops TCP, on_close) cannot wait,
+    -- so it needs no coroutine
+    ws.sock:watch(nil)
+    ok, err = call_nowait(ws._event, ws, kind, data, a, b, c)
+    if ok then return false end
   elseif kind then
-    -- the closing handshake, a protocol error, an overflow: they may
-    -- wait (a flush, a linger), so they go on in a coroutine of their
-    -- own, the socket no longer watched
+    -- the closing handshake with output still to write, a protocol error,
+    -- an overflow: they may wait (a flush, a linger), so they go on in a
+    -- coroutine of their own, the socket no longer watched
     ws.sock:watch(nil)
     core.spawn(ws._event, ws, kind, data, a, b, c)
     return false
