@@ -54,6 +54,24 @@ describe("core.connection", function()
     assert.equal("yes", c[true])
   end)
 
+  it("takes the fields it is made with that are not its class's", function()
+    local class = class_of { x = 1, high_water = 10 }
+    local req = { path = "/" }
+    local c = core.connection(class, "S", "E", { x = 1, high_water = 11, request = req, remote_address = "::1",
+      remote_port = 4242, state = "closing", mine = "m" })
+    assert.equal(req, c.request)
+    assert.equal("::1", c.remote_address)
+    assert.equal(4242, c.remote_port)
+    assert.equal("closing", c.state)
+    assert.equal(11, c.high_water)
+    local got = {}
+    for k, v in pairs(c) do got[k] = v end
+    assert.same({ sock = "S", engine = "E", request = req, remote_address = "::1", remote_port = 4242,
+      state = "closing", high_water = 11, mine = "m" }, got, "x is the class's, not its own")
+    assert.has_error(function() core.connection(class, "S", "E", "not a table") end)
+    assert.has_error(function() core.connection(class, "S", "E", { state = "bogus" }) end)
+  end)
+
   it("makes data when it is first read, one table for good", function()
     local c = core.connection(class_of())
     local seen = {}

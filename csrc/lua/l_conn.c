@@ -211,33 +211,42 @@ static int state_of(const conn_names *nm, lua_State *L, int v) {
 }
 
 /* __newindex(ws, k, v) */
-static int conn_newindex(lua_State *L) {
-  conn *c = check_conn(L, 1);
-  const conn_names *nm = names_up(L);
-  lua_settop(L, 3);
-  int n = name_of(nm, L, 2);
+/* ws[k] = v for the connection c at obj (k and v stack indices). */
+static void conn_set(lua_State *L, conn *c, const conn_names *nm, int obj, int k, int v) {
+  int n = name_of(nm, L, k), none = lua_isnil(L, v);
   if (n == KEPT_NAME(CK_REMOTE_PORT)) {
-    lua_Integer port = lua_isinteger(L, 3) ? lua_tointeger(L, 3) : -1;
+    lua_Integer port = lua_isinteger(L, v) ? lua_tointeger(L, v) : -1;
     c->has_port = port >= 0 && port <= 65535;
     if (c->has_port) {
       c->port = (uint16_t)port;
-      lua_pushnil(L); /* and no other value under the name */
-      lua_replace(L, 3);
+      none = 1; /* and no other value under the name */
     }
   } else if (n > NSLOTS && n < KEPT_NAME(0)) {
     int f = n - FLAG_NAME(0);
-    c->flag[f] = f == CF_STATE ? (uint8_t)state_of(nm, L, 3) : (uint8_t)lua_toboolean(L, 3);
-    return 0;
+    c->flag[f] = f == CF_STATE ? (uint8_t)state_of(nm, L, v) : (uint8_t)lua_toboolean(L, v);
+    return;
   } else if (n && n <= NSLOTS) {
-    if (n == CV_SOCK) c->sock = luaL_testudata(L, 3, DX_SOCK_MT);
+    if (n == CV_SOCK) c->sock = luaL_testudata(L, v, DX_SOCK_MT);
     if (n == CV_REQUEST) c->packed_request = 0;
-    lua_setiuservalue(L, 1, n);
-    return 0;
+    lua_pushvalue(L, v);
+    lua_setiuservalue(L, obj, n);
+    return;
   }
   /* nil where there is nothing: nothing to forget */
-  if (!push_fields(L, c, 1, !lua_isnil(L, 3))) return 0;
-  lua_insert(L, 2); /* ws, fields, k, v */
-  lua_rawset(L, 2);
+  if (!push_fields(L, c, obj, !none)) return;
+  lua_pushvalue(L, k);
+  if (none)
+    lua_pushnil(L);
+  else
+    lua_pushvalue(L, v);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
+static int conn_newindex(lua_State *L) {
+  conn *c = check_conn(L, 1);
+  lua_settop(L, 3);
+  conn_set(L, c, names_up(L), 1, 2, 3);
   return 0;
 }
 
@@ -348,22 +357,35 @@ static void push_conn_mt(lua_State *L, int cls) {
   lua_remove(L, mts);
 }
 
-/* core.connection(class, sock, engine) -> a connection of class (a table
- * of methods and defaults, as for setmetatable) on sock and engine */
+/* core.connection(class, sock, engine[, fields]) -> a connection of
+ * class (a table of methods and defaults, as for setmetatable) on sock
+ * and engine, with those of fields whose values are not its class's */
 static int l_connection(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
-  lua_settop(L, 3);
-  conn *c = lua_newuserdatauv(L, sizeof *c, CV_COUNT);
+  if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
+  lua_settop(L, 4);
+  conn *c = lua_newuserdatauv(L, sizeof *c, CV_COUNT); /* 5 */
   memset(c, 0, sizeof *c);
   c->magic = CONN_MAGIC;
   c->flag[CF_STATE] = STATE_OPEN;
   c->sock = luaL_testudata(L, 2, DX_SOCK_MT);
   lua_pushvalue(L, 2);
-  lua_setiuservalue(L, 4, CV_SOCK);
+  lua_setiuservalue(L, 5, CV_SOCK);
   lua_pushvalue(L, 3);
-  lua_setiuservalue(L, 4, CV_ENGINE);
+  lua_setiuservalue(L, 5, CV_ENGINE);
   push_conn_mt(L, 1);
-  lua_setmetatable(L, 4);
+  lua_setmetatable(L, 5);
+  if (lua_isnil(L, 4)) return 1;
+  const conn_names *nm = names_up(L);
+  lua_pushnil(L);
+  while (lua_next(L, 4)) { /* 6: key, 7: value */
+    lua_pushvalue(L, 6);
+    lua_gettable(L, 1);
+    int same = lua_compare(L, 7, 8, LUA_OPEQ);
+    lua_settop(L, 7);
+    if (!same) conn_set(L, c, nm, 5, 6, 7);
+    lua_pop(L, 1);
+  }
   return 1;
 }
 

@@ -71,8 +71,12 @@ for k, v in pairs(shared) do WebSocket[k] = v end
 -- The object: core.connection's userdata (its fields in C, a table only
 -- for what most connections never have, ws.data made when first read);
 -- a table of the class where the core has none (LuaJIT's).
-local new_object = core.connection or function(class, sock, engine)
-  return setmetatable({ sock = sock, engine = engine, data = {} }, class)
+local new_object = core.connection or function(class, sock, engine, fields)
+  local self = setmetatable({ sock = sock, engine = engine, data = {} }, class)
+  for k, v in pairs(fields) do
+    if v ~= class[k] then self[k] = v end
+  end
+  return self
 end
 
 --- Wrap an engine attached to a socket. Used by duplex.server and
@@ -86,7 +90,8 @@ end
 ---@return duplex.WebSocket
 function WebSocket.new(sock, engine, opts, info, class)
   class = class or WebSocket
-  local self = new_object(class, sock, engine)
+  -- info's fields, those that are not the class's
+  local self = new_object(class, sock, engine, info)
   local role = engine:role()
   if role ~= class.role then self.role = role end
   -- a route's class holds the route's settings already (_route_class)
@@ -96,9 +101,6 @@ function WebSocket.new(sock, engine, opts, info, class)
       local o = opts[k]
       if o ~= nil and o ~= class[k] then self[k] = o end
     end
-  end
-  for k, v in pairs(info) do
-    if v ~= class[k] then self[k] = v end
   end
   -- a route's connection has the route's settings, which its class holds
   -- (and read from there, a table, they cost no lookup through the object)

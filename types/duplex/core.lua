@@ -57,15 +57,17 @@ function core.call_nowait(fn, ...) end
 --- A connection object of class (duplex.websocket's WebSocket or a kind
 --- of it) on sock and engine: a userdata whose every field reads and
 --- writes as a table's with the class as its metatable would. sock,
---- engine, request, data, remote_address, remote_port and the flags
---- state, _reading and _sending are kept in the object itself; any other
---- field in a table made when the first one is set. data, the
---- application's table, is made when first read.
+--- engine, request, remote_address, remote_port (while it is a port
+--- number) and the flags state, _reading and _sending are kept in the
+--- object itself; any other field in a table made when the first one is
+--- set. data, the application's table, is made there when first read.
+--- It starts with those of fields whose values are not the class's.
 ---@param class table
 ---@param sock any
 ---@param engine duplex.core.Engine
+---@param fields table|nil
 ---@return duplex.WebSocket
-function core.connection(class, sock, engine) end
+function core.connection(class, sock, engine, fields) end
 
 --- Keep ws.request as one string until it is read (then the table is made
 --- again, field for field); false when the request holds more than it
