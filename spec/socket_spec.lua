@@ -325,6 +325,34 @@ describe("duplex.core sockets", function()
     end)
   end)
 
+  it("write_accept queues the bytes core.handshake_response makes, and nothing for bad options", function()
+    local opts = { key = "dGhlIHNhbXBsZSBub25jZQ==", protocol = "chat",
+      extensions = "permessage-deflate; server_no_context_takeover", headers = { ["X-Served-By"] = "a" } }
+    run(function()
+      local got = {}
+      local l, port = serve("127.0.0.1", function(s)
+        got[#got + 1] = read_n(s, #core.handshake_response(opts) * 2, 5)
+        s:close()
+      end)
+      local c = assert(core.connect{host = "127.0.0.1", port = port})
+      assert.same({ true }, { c:write_accept(opts) })
+      for _, bad in ipairs { { key = "short" }, { key = opts.key, protocol = "a b" }, {} } do
+        local ok, err = pcall(c.write_accept, c, bad)
+        assert.is_false(ok)
+        assert.equal(select(2, pcall(core.handshake_response, bad)), err, "the same refusal")
+      end
+      assert.equal(#core.handshake_response(opts), c:buffered(), "a refused build queues nothing")
+      assert.same({ true }, { c:write_accept(opts) })
+      assert(c:flush(5))
+      local t = core.now() + 5
+      while #got == 0 and core.now() < t do core.sleep(0.01) end
+      assert.equal(core.handshake_response(opts):rep(2), got[1])
+      c:close()
+      assert.same({ nil, "closed" }, { c:write_accept(opts) })
+      l:close()
+    end)
+  end)
+
   it("binds the local end, sets nodelay, and names failed lookups", function()
     run(function()
       local l, port = serve("127.0.0.1", echo)

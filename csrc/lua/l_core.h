@@ -31,6 +31,10 @@ int dx_lua_traceback(lua_State *L);
  * once it is complete, or nil, status, message for a malformed one, and
  * returns how many. What hs:feed and sock:take_request share. */
 int dx_handshake_feed(lua_State *L, int idx, const char *data, size_t n);
+/* l_handshake.c: append to out the 101 that the options at idx ask for
+ * (core.handshake_response's); raises on a bad option or when memory runs
+ * out, out then as it was. */
+void dx_handshake_build_accept(lua_State *L, int idx, dx_buf *out);
 /* l_handshake.c: a request table as one string (1 pushed), or 0 when it
  * holds the application's fields; and the table again */
 int dx_request_pack(lua_State *L, int idx);

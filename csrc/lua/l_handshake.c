@@ -962,20 +962,32 @@ static int l_accept_key(lua_State *L) {
   return 1;
 }
 
+void dx_handshake_build_accept(lua_State *L, int idx, dx_buf *out) {
+  idx = lua_absindex(L, idx);
+  luaL_checktype(L, idx, LUA_TTABLE);
+  int top = lua_gettop(L);
+  dx_str key = opt_string(L, idx, "key");
+  if (!key.p) luaL_error(L, "option 'key' is required");
+  dx_str protocol = opt_string(L, idx, "protocol");
+  dx_str extensions = opt_string(L, idx, "extensions");
+  size_t nh;
+  lua_getfield(L, idx, "headers");
+  dx_http_header *h = check_headers_arg(L, -1, &nh);
+  char err[160];
+  size_t before = out->len;
+  int rc = dx_ws_build_accept(out, key, protocol, extensions, h, nh, err, sizeof err);
+  if (rc) {
+    out->len = before; /* what a failed build wrote */
+    build_failed(L, rc, err);
+  }
+  lua_settop(L, top);
+}
+
 /* core.handshake_response{ key=, protocol=, extensions=, headers= } */
 static int l_handshake_response(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
-  dx_str key = opt_string(L, 1, "key");
-  if (!key.p) luaL_error(L, "option 'key' is required");
-  dx_str protocol = opt_string(L, 1, "protocol");
-  dx_str extensions = opt_string(L, 1, "extensions");
-  size_t nh;
-  lua_getfield(L, 1, "headers");
-  dx_http_header *h = check_headers_arg(L, -1, &nh);
-  char err[160];
   dx_buf *b = new_tmpbuf(L);
-  int rc = dx_ws_build_accept(b, key, protocol, extensions, h, nh, err, sizeof err);
-  if (rc) build_failed(L, rc, err);
+  dx_handshake_build_accept(L, 1, b);
   push_tmpbuf(L, b);
   return 1;
 }

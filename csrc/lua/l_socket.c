@@ -459,6 +459,20 @@ static int sock_write(lua_State *L) {
   return 1;
 }
 
+/* sock:write_accept(opts): queue the 101 that core.handshake_response(opts)
+ * makes, built in the socket's output: no string for it. */
+static int sock_write_accept(lua_State *L) {
+  lsock *s = dx_sock_check(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (s->closed || s->wr_shut) return dx_lua_fail(L, "closed");
+  if (s->werr) return dx_lua_fail_errno(L, s->werr);
+  if (dx_buf_size(&s->out) > SOCK_MAX_OUTPUT) return dx_lua_fail(L, "output buffer full");
+  dx_handshake_build_accept(L, 2, &s->out);
+  dx_dirty_mark(s->loop, &s->dirty);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* ---- input ---- */
 
 enum { RD_AGAIN = -1, RD_ERROR = -2 };
@@ -879,7 +893,7 @@ static int sock_shutdown(lua_State *L) {
 void dx_open_socket(lua_State *L) {
   static const luaL_Reg sock_methods[] = {
       {"read", sock_read},         {"write", sock_write},       {"flush", sock_flush},
-      {"try_flush", sock_try_flush}, {"try_read", sock_try_read}, {"take_request", sock_take_request},
+      {"try_flush", sock_try_flush}, {"try_read", sock_try_read}, {"take_request", sock_take_request}, {"write_accept", sock_write_accept},
       {"drain", sock_drain},       {"buffered", sock_buffered}, {"shutdown", sock_shutdown},
       {"close", sock_close_m},     {"peer", sock_peer},         {"local_address", sock_local_address},
       {"fd", sock_fd},             {"setnodelay", sock_setnodelay}, {"attach", sock_attach},

@@ -23,7 +23,7 @@ local handshake = {}
 ---@field error string|nil             why there is no request
 
 ---@class duplex.Answer
----@field response string|nil          the 101 to send, with
+---@field response string|true|nil     the 101 to send (true: queued on the socket already), with
 ---@field engine duplex.core.Engine|nil the connection's engine and
 ---@field info table|nil               the fields its connection object carries
 ---@field status integer|nil           or a refusal's status,
@@ -153,11 +153,13 @@ end
 --- on a route. One result: { response =, engine =, info = } (the 101's
 --- bytes, the engine, the fields the connection object carries), or a
 --- refusal { status =, headers =, body = } (403 for a foreign origin, or
---- whatever on_request decided).
+--- whatever on_request decided). Given sock, one of our sockets, the 101
+--- is queued on it instead of made into a string (response is true).
 ---@param route table from handshake.route
 ---@param req duplex.Request
+---@param sock duplex.core.Socket|nil
 ---@return duplex.Answer
-function handshake.accept(route, req)
+function handshake.accept(route, req, sock)
   if route.origin_set and not (req.origin and route.origin_set[req.origin:lower()]) then
     return { status = 403, body = "origin not allowed" }
   end
@@ -175,7 +177,12 @@ function handshake.accept(route, req)
   -- keep nothing.
   response_opts.key, response_opts.protocol, response_opts.extensions, response_opts.headers =
     req.key, protocol, ext, route.headers
-  local response = core.handshake_response(response_opts)
+  local response = true
+  if sock then
+    sock:write_accept(response_opts) -- a closed socket: the connection finds out next
+  else
+    response = core.handshake_response(response_opts)
+  end
   response_opts.key, response_opts.headers = nil, nil
   local engine = core.engine(route.engine_options or engine_options(route))
   if pmd_params then core.pmd_attach(engine, "server", pmd_params, route.deflate_policy) end

@@ -82,10 +82,9 @@ end
 -- answer, the response's bytes) dies with this frame instead of staying on
 -- the stack of every idle connection's coroutine.
 local function open(sock, req, hs, route)
-  local answer = handshake.accept(route, req)
+  local answer = handshake.accept(route, req, sock) -- the 101 queued on sock
   if not answer.response then return nil, answer end
   local engine, info = answer.engine, answer.info
-  sock:write(answer.response)
   sock:attach(engine)
   local rest = hs:rest()
   if #rest > 0 then engine:feed(rest) end

@@ -463,6 +463,12 @@ function Socket:try_read(max) end
 ---@return duplex.Request|nil request, string|nil err "again" (more is to come), "closed", why it failed, or a malformed request's message, integer|nil status for that message
 function Socket:take_request(hs) end
 
+--- Queue the 101 that core.handshake_response(opts) makes, built in the
+--- socket's output.
+---@param opts table key, protocol, extensions, headers
+---@return true|nil ok, string|nil err
+function Socket:write_accept(opts) end
+
 --- Queue bytes; the loop writes them at the end of its pass.
 ---@param data string
 ---@return true|nil ok, string|nil err
