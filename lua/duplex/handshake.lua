@@ -25,7 +25,7 @@ local handshake = {}
 ---@class duplex.Answer
 ---@field response string|true|nil     the 101 to send (true: queued on the socket already), with
 ---@field engine duplex.core.Engine|nil the connection's engine and
----@field info table|nil               the fields its connection object carries
+---@field info table|nil               the fields its connection object carries (request, remote_address, remote_port; protocol, extensions, deflate, deflate_params when there are)
 ---@field status integer|nil           or a refusal's status,
 ---@field headers table|nil            headers
 ---@field body string|nil              and body
@@ -186,10 +186,13 @@ function handshake.accept(route, req, sock)
   response_opts.key, response_opts.headers = nil, nil
   local engine = core.engine(route.engine_options or engine_options(route))
   if pmd_params then core.pmd_attach(engine, "server", pmd_params, route.deflate_policy) end
-  return { response = response, engine = engine, info = {
-    request = req, protocol = protocol, extensions = ext, deflate = pmd_params ~= nil,
-    deflate_params = pmd_params,
-  } }
+  -- what the connection carries, each field only when it is there: a
+  -- plain connection's three fit the smallest table
+  local info = { request = req, remote_address = req.remote_address, remote_port = req.peer_port }
+  if protocol then info.protocol = protocol end
+  if ext then info.extensions = ext end
+  if pmd_params then info.deflate, info.deflate_params = true, pmd_params end
+  return { response = response, engine = engine, info = info }
 end
 
 --- Client side: the request for URL u (from duplex.url) and opts. Returns

@@ -170,7 +170,6 @@ function M.accept(opts)
   if not ok then engine:release(); return nil, "sending the 101 failed: " .. tostring(err) end
   local sock, serr = ngx.req.socket(true)
   if not sock then engine:release(); return nil, "no raw request socket: " .. tostring(serr) end
-  info.remote_address, info.remote_port = req.remote_address, req.peer_port
   return transport.connection(M.stream(sock), engine, route, info), req
 end
 

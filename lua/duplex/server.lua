@@ -88,7 +88,6 @@ local function open(sock, req, hs, route)
   sock:attach(engine)
   local rest = hs:rest()
   if #rest > 0 then engine:feed(rest) end
-  info.remote_address, info.remote_port = req.remote_address, req.peer_port
   return WebSocket.new(sock, engine, route, info, route.class)
 end
 
