@@ -71,8 +71,26 @@ void dx_lua_new_class(lua_State *L, const char *name, const luaL_Reg *methods, c
 
 /* ---- output ---- */
 
+/* The socket's own bytes (a 101, an HTTP answer) come once or rarely, and
+ * then the engine's frames follow: their buffer is made for them and given
+ * back once they are written, not kept by every idle connection. */
+static size_t own_size(const lsock *s) { return s->out ? dx_buf_size(s->out) : 0; }
+
+/* The buffer for the socket's own bytes; NULL when memory runs out. */
+static dx_buf *own_buf(lsock *s) {
+  if (!s->out) s->out = calloc(1, sizeof *s->out);
+  return s->out;
+}
+
+static void free_own(lsock *s) {
+  if (!s->out) return;
+  dx_buf_free(s->out);
+  free(s->out);
+  s->out = NULL;
+}
+
 size_t dx_sock_buffered(const lsock *s) {
-  return dx_buf_size(&s->out) + (s->engine ? dx_proto_pending(s->engine) : 0);
+  return own_size(s) + (s->engine ? dx_proto_pending(s->engine) : 0);
 }
 
 static void set_blocked(lsock *s, int blocked) {
@@ -84,16 +102,13 @@ static void set_blocked(lsock *s, int blocked) {
     s->loop->nblocked--;
 }
 
-/* The socket's own bytes (a 101, an HTTP answer) come once or rarely, and
- * then the engine's frames follow: an emptied buffer gives its memory back
- * rather than keep it for every idle connection. */
 static void consume_own(lsock *s, size_t n) {
-  dx_buf_consume(&s->out, n);
-  if (dx_buf_size(&s->out) == 0) dx_buf_free(&s->out);
+  dx_buf_consume(s->out, n);
+  if (dx_buf_size(s->out) == 0) free_own(s);
 }
 
 static void consume2(lsock *s, size_t n) {
-  size_t own = dx_buf_size(&s->out);
+  size_t own = own_size(s);
   if (own > 0) {
     size_t k = n < own ? n : own;
     consume_own(s, k);
@@ -109,7 +124,7 @@ static int flush_plain(lsock *s) {
   for (;;) {
     struct iovec iov[FLUSH_IOV];
     int n = 0;
-    if (dx_buf_size(&s->out)) iov[n++] = (struct iovec){dx_buf_head(&s->out), dx_buf_size(&s->out)};
+    if (own_size(s)) iov[n++] = (struct iovec){dx_buf_head(s->out), dx_buf_size(s->out)};
     if (s->engine && dx_proto_pending(s->engine)) {
       dx_span sp[FLUSH_IOV];
       size_t k = dx_out_spans(&s->engine->out, sp, (size_t)(FLUSH_IOV - n));
@@ -146,10 +161,10 @@ static int flush_tls(lsock *s) {
   for (;;) {
     int src = s->tls_wsrc;
     if (src == 2 && !s->engine) src = 0; /* detached meanwhile */
-    if (!src) src = dx_buf_size(&s->out) ? 1 : (s->engine && dx_proto_pending(s->engine)) ? 2 : 0;
+    if (!src) src = own_size(s) ? 1 : (s->engine && dx_proto_pending(s->engine)) ? 2 : 0;
     if (!src) return 0;
     dx_span sp;
-    if (src == 1) sp = (dx_span){dx_buf_head(&s->out), dx_buf_size(&s->out)};
+    if (src == 1) sp = (dx_span){dx_buf_head(s->out), dx_buf_size(s->out)};
     else if (dx_out_spans(&s->engine->out, &sp, 1) == 0) return retry_lost(s);
     size_t put;
     int rc = dx_tls_write(s->ssl, sp.p, sp.n, &put, err, sizeof err);
@@ -180,7 +195,7 @@ static int flush_step(lsock *s) {
   set_blocked(s, rc == 1);
   if (rc < 0) {
     /* nobody will ever read it */
-    dx_buf_free(&s->out);
+    free_own(s);
     if (s->engine) dx_out_consume(&s->engine->out, dx_proto_pending(s->engine));
   }
   size_t left = rc < 0 ? 0 : dx_sock_buffered(s);
@@ -351,7 +366,7 @@ void dx_sock_close(lsock *s, int abort, int with_engine) {
   set_blocked(s, 0);
   if (s->ssl) SSL_free(s->ssl);
   s->ssl = NULL;
-  dx_buf_free(&s->out);
+  free_own(s);
   int fd = s->io.fd;
   s->closed = 1;
   s->loop->nsockets--;
@@ -451,10 +466,13 @@ static int sock_write(lua_State *L) {
   const char *data = luaL_checklstring(L, 2, &n);
   if (s->closed || s->wr_shut) return dx_lua_fail(L, "closed");
   if (s->werr) return dx_lua_fail_errno(L, s->werr);
-  if (dx_buf_size(&s->out) > SOCK_MAX_OUTPUT || n > SOCK_MAX_OUTPUT - dx_buf_size(&s->out))
-    return dx_lua_fail(L, "output buffer full");
-  if (dx_buf_append(&s->out, data, n) < 0) return dx_lua_fail(L, "not enough memory");
-  if (n > 0) dx_dirty_mark(s->loop, &s->dirty);
+  size_t own = own_size(s);
+  if (own > SOCK_MAX_OUTPUT || n > SOCK_MAX_OUTPUT - own) return dx_lua_fail(L, "output buffer full");
+  if (n > 0) {
+    dx_buf *b = own_buf(s);
+    if (!b || dx_buf_append(b, data, n) < 0) return dx_lua_fail(L, "not enough memory");
+    dx_dirty_mark(s->loop, &s->dirty);
+  }
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -466,8 +484,10 @@ static int sock_write_accept(lua_State *L) {
   luaL_checktype(L, 2, LUA_TTABLE);
   if (s->closed || s->wr_shut) return dx_lua_fail(L, "closed");
   if (s->werr) return dx_lua_fail_errno(L, s->werr);
-  if (dx_buf_size(&s->out) > SOCK_MAX_OUTPUT) return dx_lua_fail(L, "output buffer full");
-  dx_handshake_build_accept(L, 2, &s->out);
+  if (own_size(s) > SOCK_MAX_OUTPUT) return dx_lua_fail(L, "output buffer full");
+  dx_buf *b = own_buf(s);
+  if (!b) return dx_lua_fail(L, "not enough memory");
+  dx_handshake_build_accept(L, 2, b);
   dx_dirty_mark(s->loop, &s->dirty);
   lua_pushboolean(L, 1);
   return 1;

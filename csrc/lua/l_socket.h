@@ -25,7 +25,7 @@ typedef struct lsock {
   dx_io io;
   dx_dirty dirty;
   dx_loop *loop;
-  dx_buf out;
+  dx_buf *out;      /* the socket's own bytes not written yet, or NULL (own_buf) */
   dx_proto *engine; /* attached engine (kept alive by UV_ENGINE) */
   SSL *ssl;
   uint32_t flush_want; /* readiness a blocked flush waits for */
