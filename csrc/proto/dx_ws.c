@@ -173,7 +173,34 @@ static int extensions_valid(const dx_http_msg *m) {
   return 1;
 }
 
-static int check_request(const dx_http_msg *m, dx_ws_request *r) {
+/* The header lines a request's checks count or read: how many of each and
+ * the first one's value, from one pass over the lines instead of a pass
+ * per question (a dozen of them on every handshake). */
+enum { RH_HOST, RH_ORIGIN, RH_KEY, RH_VERSION, RH_LENGTH, RH_TE, RH_N };
+
+typedef struct request_heads {
+  size_t count[RH_N];
+  dx_str first[RH_N]; /* p NULL when there is none */
+} request_heads;
+
+static void tally(const dx_http_msg *m, request_heads *t) {
+#define NAME(s) {s, sizeof s - 1}
+  static const dx_str names[RH_N] = {NAME("host"), NAME("origin"), NAME("sec-websocket-key"),
+                                     NAME("sec-websocket-version"), NAME("content-length"),
+                                     NAME("transfer-encoding")};
+#undef NAME
+  memset(t, 0, sizeof *t);
+  for (size_t i = 0; i < m->nheaders; i++) {
+    const dx_http_header *h = &m->headers[i];
+    for (int k = 0; k < RH_N; k++) {
+      if (h->name.n != names[k].n || !dx_str_ieq_str(h->name, names[k])) continue;
+      if (t->count[k]++ == 0) t->first[k] = h->value;
+      break;
+    }
+  }
+}
+
+static int check_request(const dx_http_msg *m, const request_heads *t, dx_ws_request *r) {
   static const dx_str none = {NULL, 0};
   if (m->method.n != 3 || memcmp(m->method.p, "GET", 3) != 0) {
     reject(r, 405, "method %s not allowed (a WebSocket handshake is a GET)", m->method);
@@ -189,13 +216,13 @@ static int check_request(const dx_http_msg *m, dx_ws_request *r) {
   }
   /* A GET that upgrades has no body (RFC 6455 §4.1): bytes announced as one
    * would be read as frames. */
-  dx_str length = dx_http_first(m, "content-length");
-  if (dx_http_count(m, "transfer-encoding") > 0 || dx_http_count(m, "content-length") > 1 ||
+  dx_str length = t->first[RH_LENGTH];
+  if (t->count[RH_TE] > 0 || t->count[RH_LENGTH] > 1 ||
       (length.p && !(length.n == 1 && length.p[0] == '0'))) {
     reject(r, 400, "an upgrade request must not have a body%s", none);
     return 0;
   }
-  size_t hosts = dx_http_count(m, "host");
+  size_t hosts = t->count[RH_HOST];
   if (hosts != 1) {
     reject(r, 400, hosts ? "duplicate Host header%s" : "missing Host header%s", none);
     return 0;
@@ -208,7 +235,7 @@ static int check_request(const dx_http_msg *m, dx_ws_request *r) {
     reject(r, 400, "missing Connection: Upgrade%s", none);
     return 0;
   }
-  size_t keys = dx_http_count(m, "sec-websocket-key");
+  size_t keys = t->count[RH_KEY];
   if (keys != 1) {
     reject(r, 400, keys ? "duplicate Sec-WebSocket-Key%s" : "missing Sec-WebSocket-Key%s", none);
     return 0;
@@ -217,8 +244,8 @@ static int check_request(const dx_http_msg *m, dx_ws_request *r) {
     reject(r, 400, "invalid Sec-WebSocket-Key (not 16 bytes in base64): %s", r->key);
     return 0;
   }
-  size_t versions = dx_http_count(m, "sec-websocket-version");
-  dx_str v = dx_http_first(m, "sec-websocket-version");
+  size_t versions = t->count[RH_VERSION];
+  dx_str v = t->first[RH_VERSION];
   if (versions == 0) {
     reject(r, 426, "missing Sec-WebSocket-Version%s", none);
     return 0;
@@ -227,7 +254,7 @@ static int check_request(const dx_http_msg *m, dx_ws_request *r) {
     reject(r, 426, "unsupported Sec-WebSocket-Version: %s (only 13 is supported)", v);
     return 0;
   }
-  if (dx_http_count(m, "origin") > 1) {
+  if (t->count[RH_ORIGIN] > 1) {
     reject(r, 400, "duplicate Origin header%s", none);
     return 0;
   }
@@ -243,12 +270,14 @@ static int check_request(const dx_http_msg *m, dx_ws_request *r) {
 }
 
 void dx_ws_check_request(const dx_http_msg *m, dx_ws_request *r) {
+  request_heads t;
+  tally(m, &t);
   memset(r, 0, sizeof *r);
-  r->host = dx_http_first(m, "host");
-  r->origin = dx_http_first(m, "origin");
-  r->key = dx_http_first(m, "sec-websocket-key");
+  r->host = t.first[RH_HOST];
+  r->origin = t.first[RH_ORIGIN];
+  r->key = t.first[RH_KEY];
   r->upgrade = dx_http_has_token(m, "upgrade", "websocket");
-  r->websocket = check_request(m, r);
+  r->websocket = check_request(m, &t, r);
 }
 
 /* ---------------------------------------------------------------------- */
