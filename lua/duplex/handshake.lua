@@ -25,7 +25,9 @@ local handshake = {}
 ---@class duplex.Answer
 ---@field response string|true|nil     the 101 to send (true: queued on the socket already), with
 ---@field engine duplex.core.Engine|nil the connection's engine and
----@field info table|nil               the fields its connection object carries (request, remote_address, remote_port; protocol, extensions, deflate, deflate_params when there are)
+---@field info table|nil               the fields its connection object carries: request,
+---                                    remote_address, remote_port; protocol, extensions,
+---                                    deflate, deflate_params when there are
 ---@field status integer|nil           or a refusal's status,
 ---@field headers table|nil            headers
 ---@field body string|nil              and body
