@@ -634,6 +634,19 @@ describe("handshake_response", function()
       .. "Sec-WebSocket-Accept: " .. RFC_ACCEPT .. "\r\n\r\n", res)
   end)
 
+  it("reads the key of a request it is given, however the request holds it", function()
+    local want = core.handshake_response{ key = RFC_KEY }
+    local req = feed(request("GET / HTTP/1.1", base_headers()))
+    assert.equal(want, core.handshake_response{ request = req }, "from its packed headers")
+    local _ = req.headers
+    assert.equal(want, core.handshake_response{ request = req }, "from its headers table")
+    req.key = "x3JJHMbDL1EzLkh9GBhXDw=="
+    assert.equal(core.handshake_response{ key = req.key }, core.handshake_response{ request = req },
+      "its own key field first")
+    assert.equal(want, core.handshake_response{ key = RFC_KEY, request = feed(CHROME) }, "key wins")
+    assert.has_error(function() core.handshake_response{ request = {} } end, "option 'key' is required")
+  end)
+
   it("adds protocol, extensions and headers (a map sorted by name, or pairs in order)", function()
     local res = core.handshake_response{ key = RFC_KEY, protocol = "chat",
       extensions = "permessage-deflate; server_max_window_bits=10",

@@ -477,31 +477,49 @@ static void unpack_headers(lua_State *L, const char *p, size_t n) {
   }
 }
 
-/* Push the first value of header name (lower case) of the request at
- * index 1, from its packed bytes or, once made, its headers table. */
-static int push_first_header(lua_State *L, const char *name) {
-  if (lua_rawgetp(L, 1, &HEADERS_KEY) == LUA_TSTRING) {
+/* The first value of header name (lower case) of the request at idx,
+ * read where it waits: its packed bytes or, once made, its headers table
+ * (what holds it is left on the stack); p NULL when there is none. */
+static dx_str first_header(lua_State *L, int idx, const char *name) {
+  static const dx_str none = {NULL, 0};
+  if (lua_rawgetp(L, idx, &HEADERS_KEY) == LUA_TSTRING) {
     size_t n;
     const char *p = lua_tolstring(L, -1, &n), *end = p + n;
     while (p < end) {
       size_t nl;
       const char *v = packed_value(p);
       size_t vl = strlen(v);
-      if (strcmp(packed_name(p, &nl), name) == 0) {
-        lua_pushlstring(L, v, vl);
-        return 1;
-      }
+      if (strcmp(packed_name(p, &nl), name) == 0) return (dx_str){v, vl};
       p = v + vl + 1;
     }
-    lua_pushnil(L);
-    return 1;
+    return none;
   }
-  if (lua_getfield(L, 1, "headers") != LUA_TTABLE) {
+  if (lua_getfield(L, idx, "headers") != LUA_TTABLE || lua_getfield(L, -1, name) != LUA_TSTRING) return none;
+  dx_str v;
+  v.p = lua_tolstring(L, -1, &v.n);
+  return v;
+}
+
+/* Push the first value of header name of the request at index 1. */
+static int push_first_header(lua_State *L, const char *name) {
+  dx_str v = first_header(L, 1, name);
+  if (v.p)
+    lua_pushlstring(L, v.p, v.n);
+  else
     lua_pushnil(L);
-    return 1;
-  }
-  lua_getfield(L, -1, name);
   return 1;
+}
+
+/* request.key of the request table at idx, with no string made for it:
+ * its own field when the application set one, else the header's. */
+static dx_str request_key(lua_State *L, int idx) {
+  lua_pushliteral(L, "key");
+  if (lua_rawget(L, idx) == LUA_TSTRING) {
+    dx_str v;
+    v.p = lua_tolstring(L, -1, &v.n);
+    return v;
+  }
+  return first_header(L, idx, "sec-websocket-key");
 }
 
 /* Fields read off others each time rather than stored: storing one would
@@ -967,6 +985,7 @@ void dx_handshake_build_accept(lua_State *L, int idx, dx_buf *out) {
   luaL_checktype(L, idx, LUA_TTABLE);
   int top = lua_gettop(L);
   dx_str key = opt_string(L, idx, "key");
+  if (!key.p && lua_getfield(L, idx, "request") == LUA_TTABLE) key = request_key(L, lua_gettop(L));
   if (!key.p) luaL_error(L, "option 'key' is required");
   dx_str protocol = opt_string(L, idx, "protocol");
   dx_str extensions = opt_string(L, idx, "extensions");
@@ -983,7 +1002,8 @@ void dx_handshake_build_accept(lua_State *L, int idx, dx_buf *out) {
   lua_settop(L, top);
 }
 
-/* core.handshake_response{ key=, protocol=, extensions=, headers= } */
+/* core.handshake_response{ key= (or request=, whose key it reads),
+ *                          protocol=, extensions=, headers= } */
 static int l_handshake_response(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   dx_buf *b = new_tmpbuf(L);

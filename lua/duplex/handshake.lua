@@ -177,15 +177,16 @@ function handshake.accept(route, req, sock)
   end
   -- Options tables made once, not per handshake: the C calls read them and
   -- keep nothing.
-  response_opts.key, response_opts.protocol, response_opts.extensions, response_opts.headers =
-    req.key, protocol, ext, route.headers
+  -- (the request, whose key is read in C: no string for it)
+  response_opts.request, response_opts.protocol, response_opts.extensions, response_opts.headers =
+    req, protocol, ext, route.headers
   local response = true
   if sock then
     sock:write_accept(response_opts) -- a closed socket: the connection finds out next
   else
     response = core.handshake_response(response_opts)
   end
-  response_opts.key, response_opts.headers = nil, nil
+  response_opts.request, response_opts.headers = nil, nil
   local engine = core.engine(route.engine_options or engine_options(route))
   if pmd_params then core.pmd_attach(engine, "server", pmd_params, route.deflate_policy) end
   -- what the connection carries, each field only when it is there: a

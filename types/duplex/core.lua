@@ -177,8 +177,9 @@ function core.handshake_server(opts) end
 ---@return duplex.core.HandshakeClient
 function core.handshake_client(opts) end
 
---- The 101 response to a request with this key.
----@param opts {key: string, protocol: string|nil, extensions: string|nil, headers: table|nil}
+--- The 101 response to a request with this key (or to request, whose key
+--- is read where it waits).
+---@param opts {key: string|nil, request: duplex.Request|nil, protocol: string|nil, extensions: string|nil, headers: table|nil}
 ---@return string
 function core.handshake_response(opts) end
 
