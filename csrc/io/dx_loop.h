@@ -147,11 +147,12 @@ struct dx_task {
   dx_timer timer;    /* the deadline of the current wait */
   dx_io *io;         /* fd waited on, or NULL */
   uint32_t events;   /* what the task waits for on io */
+  /* bytes, beside events: every handler connection holds a task */
+  uint8_t state;     /* enum dx_task_state */
+  uint8_t wake;      /* enum dx_wake: why it was last woken */
+  uint8_t counted;   /* in loop->nwait */
   size_t low_water;  /* DX_WANT_DRAIN threshold */
   double deadline;   /* of the current operation, DX_NO_DEADLINE: none */
-  int state;         /* enum dx_task_state */
-  int wake;          /* enum dx_wake: why it was last woken */
-  int counted;       /* in loop->nwait */
   /* Outside work that will wake this task (a dx_work) is told here when the
    * task ends without waiting for it (its coroutine resumed or closed by
    * someone else, or collected): detach(detach_ud) makes the work forget
