@@ -548,22 +548,31 @@ void dx_sock_rbuf_claim(dx_loop *loop) {
   if (p->cfg.max_message) dx_proto_keep(p); /* a released engine keeps nothing */
 }
 
-/* Read up to max bytes at once: 1 with them pushed, 1 with nil, reason
+/* Read up to max bytes at once into the loop's receive buffer: how many
+ * (> 0); 0 when the read must wait for *want; -1 with nil, reason pushed
+ * (closed, an error). What read, try_read and take_request share. */
+static ssize_t read_rbuf(lua_State *L, lsock *s, size_t max, uint32_t *want) {
+  const char *why = s->closed ? "closed" : s->handshaking ? "tls handshake in progress" : NULL;
+  char err[DX_ERR_MAX];
+  if (!why) {
+    if (max > s->loop->rbuf_size) max = s->loop->rbuf_size;
+    dx_sock_rbuf_claim(s->loop);
+    ssize_t n = raw_read(s, s->loop->rbuf, max, want, err, sizeof err);
+    if (n > 0) return n;
+    if (n == RD_AGAIN) return 0;
+    why = n == 0 ? "closed" : err;
+  }
+  dx_lua_fail(L, why);
+  return -1;
+}
+
+/* Read up to max bytes at once: 1 with them pushed, 2 with nil, reason
  * pushed (closed, an error), or 0 when the read must wait for *want. */
 static int read_now(lua_State *L, lsock *s, size_t max, uint32_t *want) {
-  if (s->closed) return dx_lua_fail(L, "closed");
-  if (s->handshaking) return dx_lua_fail(L, "tls handshake in progress");
-  if (max > s->loop->rbuf_size) max = s->loop->rbuf_size;
-  char err[DX_ERR_MAX];
-  dx_sock_rbuf_claim(s->loop);
-  ssize_t n = raw_read(s, s->loop->rbuf, max, want, err, sizeof err);
-  if (n > 0) {
-    lua_pushlstring(L, (const char *)s->loop->rbuf, (size_t)n);
-    return 1;
-  }
-  if (n == 0) return dx_lua_fail(L, "closed");
-  if (n == RD_AGAIN) return 0;
-  return dx_lua_fail(L, err);
+  ssize_t n = read_rbuf(L, s, max, want);
+  if (n <= 0) return n < 0 ? 2 : 0;
+  lua_pushlstring(L, (const char *)s->loop->rbuf, (size_t)n);
+  return 1;
 }
 
 static int read_k(lua_State *L, int status, lua_KContext ctx) {
@@ -606,15 +615,10 @@ static int sock_take_request(lua_State *L) {
   luaL_checkudata(L, 2, DX_HANDSHAKE_SERVER_MT);
   lua_settop(L, 2);
   for (;;) {
-    if (s->closed) return dx_lua_fail(L, "closed");
-    if (s->handshaking) return dx_lua_fail(L, "tls handshake in progress");
-    char err[DX_ERR_MAX];
     uint32_t want = 0;
-    dx_sock_rbuf_claim(s->loop);
-    ssize_t n = raw_read(s, s->loop->rbuf, s->loop->rbuf_size, &want, err, sizeof err);
-    if (n == 0) return dx_lua_fail(L, "closed");
-    if (n == RD_AGAIN) return dx_lua_fail(L, "again");
-    if (n < 0) return dx_lua_fail(L, err);
+    ssize_t n = read_rbuf(L, s, s->loop->rbuf_size, &want);
+    if (n < 0) return 2;
+    if (n == 0) return dx_lua_fail(L, "again");
     int k = dx_handshake_feed(L, 2, (const char *)s->loop->rbuf, (size_t)n);
     if (!lua_isnil(L, 3)) return 1;
     if (k == 3) {           /* nil, status, message */
