@@ -37,6 +37,21 @@ local function with(name, value, start)
   return request(start or "GET /chat HTTP/1.1", h)
 end
 
+-- rand(n) -> 0..n-1, the same sequence for the same seed (a failure names
+-- the request it failed on, and the next run finds it again)
+local function seeded(seed)
+  local rng = seed
+  return function(n)
+    rng = (rng * 1103515245 + 12345) % 2147483648
+    return rng % n
+  end
+end
+
+-- name with each letter's case picked by rand
+local function random_case(name, rand)
+  return (name:gsub("%a", function(c) return rand(2) == 0 and c:upper() or c:lower() end))
+end
+
 local function feed(data, opts)
   local hs = core.handshake_server(opts)
   return hs:feed(data)
@@ -192,14 +207,8 @@ describe("handshake_server", function()
       "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP", "Forwarded", "Accept", "Referer",
       "Sec-Fetch-Dest", "Sec-Fetch-Mode", "Sec-Fetch-Site" }
     local others = { "Hos", "Hosts", "X-Forwarded-Fo", "Origin2", "X-Custom", "A", "Sec-WebSocket-Keys" }
-    local rng = 20261208
-    local function rand(n)
-      rng = (rng * 1103515245 + 12345) % 2147483648
-      return rng % n
-    end
-    local function casing(name)
-      return (name:gsub("%a", function(c) return rand(2) == 0 and c:upper() or c:lower() end))
-    end
+    local rand = seeded(20261208)
+    local function casing(name) return random_case(name, rand) end
     for _ = 1, 200 do
       local lines, want, first = {}, {}, {}
       for _ = 1, rand(12) + 1 do
@@ -489,15 +498,9 @@ describe("handshake_server", function()
     -- answer (the request, or the status and message of a refusal) and the
     -- bytes it leaves in rest() must not depend on where reads end.
     it("gives the same answer for random requests cut at random places", function()
-      local rng = 20261201
-      local function rand(n)
-        rng = (rng * 1103515245 + 12345) % 2147483648
-        return rng % n
-      end
+      local rand = seeded(20261201)
       local function pick(list) return list[rand(#list) + 1] end
-      local function casing(name)
-        return (name:gsub("%a", function(c) return rand(2) == 0 and c:upper() or c:lower() end))
-      end
+      local function casing(name) return random_case(name, rand) end
       local SPACE = { "", " ", "  ", "\t", " \t " }
       local function header(name, value)
         return casing(name) .. ":" .. pick(SPACE) .. value .. pick(SPACE) .. "\r\n"
